@@ -1,0 +1,142 @@
+"""SimEngine: a simulated vLLM replica that streams on the wall clock.
+
+It runs `SimCore` (continuous batching, paged KV with prefix cache, the
+profile's step time) in one background task per engine and sleeps each
+step's predicted duration, so tokens arrive at the pace a real replica of
+that profile would deliver them. It reports vLLM's counters in its snapshot.
+Closing the `generate` iterator (a client went away) aborts the request.
+`kill()` makes it fail like a crashed replica, for failover tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import AsyncIterator, Callable
+
+import xxhash
+
+from serving.engines.base import Chunk, GenerateRequest
+from serving.engines.profiles import EngineProfile, get_profile
+from serving.engines.sim_core import Seq, SimCore
+from serving.engines.tokenizer import WORDS, encode
+from serving.errors import ContextLengthExceeded, EngineError
+from serving.prefix.hashing import block_hashes
+from serving.types import Health, ReplicaSnapshot
+
+
+class SimEngine:
+    def __init__(self, replica_id: str, region: str = "local", model: str = "sim",
+                 profile: str | EngineProfile = "llama3-8b-h100", kv_capacity_tokens: int = 200_000,
+                 time_scale: float = 1.0, clock: Callable[[], float] = time.monotonic):
+        self.replica_id, self.region, self.model = replica_id, region, model
+        self.profile = profile if isinstance(profile, EngineProfile) else get_profile(profile)
+        self.core = SimCore(self.profile, kv_capacity_tokens)
+        self.time_scale = time_scale
+        self.clock = clock
+        self.health = Health.UP
+        self._task: asyncio.Task | None = None
+        self._wake: asyncio.Event | None = None
+
+    # --- protocol ---------------------------------------------------------
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        if self.health is Health.DOWN:
+            raise EngineError(f"replica {self.replica_id} is down")
+        tokens = request.prompt_token_ids or tuple(encode(request.prompt or ""))
+        prompt_len = request.prompt_len or len(tokens)
+        limit = min(self.profile.max_model_len, self.core.kv_capacity_tokens)
+        if prompt_len + request.max_tokens > limit:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {limit} tokens; the request has "
+                f"{prompt_len} prompt tokens and max_tokens {request.max_tokens}.", param="messages")
+        hashes = request.block_hashes
+        if hashes is None:
+            hashes = block_hashes(tokens, self.profile.block_size, self.model, request.cache_salt)
+        queue: asyncio.Queue = asyncio.Queue()
+        seq = Seq(request.request_id, max(1, prompt_len), tuple(hashes), request.max_tokens, tag=queue)
+        self.core.add(seq)
+        self._ensure_loop()
+        seed = xxhash.xxh64_intdigest(request.request_id.encode()) if request.seed is None else request.seed
+        done = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    done = True
+                    raise item
+                n, finished = item
+                ids = tuple((seed + seq.out - n + k) % 32000 for k in range(n))
+                done = finished
+                yield Chunk(request.request_id, ids, "".join(" " + WORDS[t % len(WORDS)] for t in ids),
+                            "length" if finished else None, seq.prompt_len, seq.cached, seq.out)
+                if finished:
+                    return
+        finally:
+            if not done:
+                self.core.abort(request.request_id)
+
+    async def abort(self, request_id: str) -> None:
+        seq = self.core.abort(request_id)
+        if seq is not None and isinstance(seq.tag, asyncio.Queue):
+            seq.tag.put_nowait(asyncio.CancelledError(f"request {request_id} aborted"))
+
+    def snapshot(self) -> ReplicaSnapshot:
+        c = self.core
+        return ReplicaSnapshot(
+            self.replica_id, self.region, self.model, num_running=len(c.running),
+            num_waiting=len(c.waiting), waiting_prefill_tokens=c.pending_prefill,
+            running_tokens=sum(s.computed + s.out for s in c.running),
+            kv_capacity_tokens=c.kv_capacity_tokens, kv_usage=c.pool.usage,
+            prefix_cache_queries=c.queries, prefix_cache_hits=c.hits, health=self.health,
+            profile=self.profile.name, timestamp=self.clock())
+
+    # --- operations ---------------------------------------------------------
+    def reset_prefix_cache(self) -> None:
+        self.core.pool.reset()
+
+    def kill(self) -> None:
+        """Crash: every in-flight request fails and new ones are refused."""
+        self.health = Health.DOWN
+        c = self.core
+        for s in list(c.waiting) + list(c.running):
+            c.abort(s.request_id)
+            s.tag.put_nowait(EngineError(f"replica {self.replica_id} failed"))
+
+    def revive(self) -> None:
+        self.health = Health.UP
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    # --- the step loop ------------------------------------------------------
+    def _ensure_loop(self) -> None:
+        if self._wake is None:
+            self._wake = asyncio.Event()
+        self._wake.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        core, wake = self.core, self._wake
+        assert wake is not None
+        while True:
+            if core.idle:
+                wake.clear()
+                await wake.wait()
+                continue
+            try:
+                res = core.step()
+            except ValueError as e:  # a request can never fit; fail it, keep serving
+                s = core.waiting.popleft()
+                core.pending_prefill -= s.prompt_len - s.computed
+                s.tag.put_nowait(ContextLengthExceeded(str(e)))
+                continue
+            await asyncio.sleep(res.duration_ms * self.time_scale / 1000.0)
+            for s, n in res.emitted:
+                s.tag.put_nowait((n, s.out >= s.max_tokens))

@@ -1,0 +1,107 @@
+"""The one error tree. Every error knows its HTTP status and OpenAI-style body.
+
+    ProximaError (500, server_error)
+    ├── InvalidRequest (400, invalid_request_error)
+    │   └── ContextLengthExceeded (400, code=context_length_exceeded)
+    ├── AuthenticationError (401, authentication_error)
+    ├── PermissionDenied (403, permission_error)
+    ├── NotFound (404, not_found_error)
+    │   └── ModelNotFound (404, code=model_not_found)
+    ├── BudgetExceeded (429, code=budget_exceeded, Retry-After)
+    ├── RateLimited (429, rate_limit_error, Retry-After)
+    ├── NoReplicaAvailable (503, code=no_replica_available)
+    │   └── ResidencyUnavailable (503, code=residency_unavailable)
+    ├── EngineError (502, code=engine_error)  # an engine failed; retriable
+    └── Timeout (504, code=timeout)
+
+Third-party exceptions are translated into these at the boundary (ingress,
+engines); nothing else leaves a handler.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ProximaError(Exception):
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type,
+                          "param": self.param, "code": self.code}}
+
+    @property
+    def retriable(self) -> bool:
+        return False
+
+
+class InvalidRequest(ProximaError):
+    status, type = 400, "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class AuthenticationError(ProximaError):
+    status, type, code = 401, "authentication_error", "invalid_api_key"
+
+
+class PermissionDenied(ProximaError):
+    status, type = 403, "permission_error"
+
+
+class NotFound(ProximaError):
+    status, type = 404, "not_found_error"
+
+
+class ModelNotFound(NotFound):
+    type, code = "invalid_request_error", "model_not_found"
+
+
+class _RetryAfter(ProximaError):
+    status, type = 429, "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0, **kw: Any):
+        super().__init__(message, **kw)
+        self.retry_after_s = max(0.0, retry_after_s)
+        self.headers.setdefault("Retry-After", str(max(1, int(round(self.retry_after_s + 0.499)))))
+
+
+class BudgetExceeded(_RetryAfter):
+    code = "budget_exceeded"
+
+
+class RateLimited(_RetryAfter):
+    code = "rate_limit_exceeded"
+
+
+class NoReplicaAvailable(ProximaError):
+    status, type, code = 503, "service_unavailable", "no_replica_available"
+
+
+class ResidencyUnavailable(NoReplicaAvailable):
+    code = "residency_unavailable"
+
+
+class EngineError(ProximaError):
+    status, type, code = 502, "server_error", "engine_error"
+
+    @property
+    def retriable(self) -> bool:
+        return True
+
+
+class Timeout(ProximaError):
+    status, type, code = 504, "server_error", "timeout"

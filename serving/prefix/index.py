@@ -1,0 +1,177 @@
+"""Which replicas probably hold which prefix blocks.
+
+One owner (the router) mutates it. Layout, chosen for memory and speed:
+
+- each replica gets a small integer slot; `_holders[h]` is a bitmask of the
+  slots that probably hold block h (one dict entry per block, not per pair);
+- each replica has an LRU of its blocks: a plain dict in recency order
+  (re-inserting moves a key to the end; the first key is the oldest), bounded
+  by the replica's KV capacity in blocks, as vLLM evicts least recently used
+  free blocks first;
+- a "booking" records the blocks a routed-but-unfinished request added, so a
+  burst sees them at once, and a failed request's guesses are taken back.
+
+Matching walks the prompt's chained hashes once, AND-ing the bitmasks: the
+slots still set after block i hold the first i+1 blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+
+@dataclass(slots=True)
+class _Replica:
+    slot: int
+    capacity_blocks: int
+    lru: dict  # BlockHash -> None, oldest first
+
+
+class PrefixIndex:
+    def __init__(self, block_size: int):
+        if block_size < 1:
+            raise ValueError("block_size must be >= 1")
+        self.block_size = block_size
+        self._holders: dict[int, int] = {}
+        self._replicas: dict[str, _Replica] = {}
+        self._slot_owner: dict[int, str] = {}
+        self._bookings: dict[str, tuple[str, list[int]]] = {}
+        self.evictions = 0
+
+    # --- membership -------------------------------------------------------
+    def add_replica(self, replica_id: str, capacity_tokens: int) -> None:
+        if replica_id in self._replicas:
+            self.set_capacity(replica_id, capacity_tokens)
+            return
+        slot = next(i for i in range(len(self._slot_owner) + 1) if i not in self._slot_owner)
+        self._replicas[replica_id] = _Replica(slot, max(0, capacity_tokens // self.block_size), {})
+        self._slot_owner[slot] = replica_id
+
+    def set_capacity(self, replica_id: str, capacity_tokens: int) -> None:
+        rep = self._replicas[replica_id]
+        rep.capacity_blocks = max(0, capacity_tokens // self.block_size)
+        self._evict_to(rep, rep.capacity_blocks)
+
+    def remove_replica(self, replica_id: str) -> None:
+        rep = self._replicas.pop(replica_id, None)
+        if rep is None:
+            return
+        bit = 1 << rep.slot
+        holders = self._holders
+        for h in rep.lru:
+            mask = holders[h] & ~bit
+            if mask:
+                holders[h] = mask
+            else:
+                del holders[h]
+        del self._slot_owner[rep.slot]
+        for rid in [r for r, (rep_id, _) in self._bookings.items() if rep_id == replica_id]:
+            del self._bookings[rid]
+
+    def reset_replica(self, replica_id: str) -> None:
+        """Forget a replica's blocks (its engine restarted or reset its cache)."""
+        rep = self._replicas.get(replica_id)
+        if rep is not None:
+            cap = rep.capacity_blocks * self.block_size
+            self.remove_replica(replica_id)
+            self.add_replica(replica_id, cap)
+
+    def __contains__(self, replica_id: str) -> bool:
+        return replica_id in self._replicas
+
+    @property
+    def replicas(self) -> list[str]:
+        return list(self._replicas)
+
+    # --- queries ----------------------------------------------------------
+    def match(self, hashes: Sequence[int]) -> dict[str, int]:
+        """Longest cached prefix, in blocks, per replica that holds at least one."""
+        get = self._holders.get
+        live = get(hashes[0], 0) if hashes else 0
+        if not live:
+            return {}
+        out: dict[str, int] = {}
+        owner = self._slot_owner
+        i = 1
+        n = len(hashes)
+        while live and i < n:
+            nxt = live & get(hashes[i], 0)
+            dropped = live & ~nxt
+            while dropped:
+                low = dropped & -dropped
+                out[owner[low.bit_length() - 1]] = i
+                dropped ^= low
+            live = nxt
+            i += 1
+        while live:
+            low = live & -live
+            out[owner[low.bit_length() - 1]] = i
+            live ^= low
+        return out
+
+    def blocks(self, replica_id: str) -> list[int]:
+        """A replica's blocks, least recently used first."""
+        return list(self._replicas[replica_id].lru)
+
+    def __len__(self) -> int:
+        """Indexed (block, replica) pairs."""
+        return sum(len(r.lru) for r in self._replicas.values())
+
+    # --- updates ----------------------------------------------------------
+    def insert(self, replica_id: str, hashes: Iterable[int]) -> list[int]:
+        """Mark blocks as held (most recent last). Returns the newly added ones."""
+        rep = self._replicas.get(replica_id)
+        if rep is None or rep.capacity_blocks == 0:
+            return []
+        lru, holders, bit = rep.lru, self._holders, 1 << rep.slot
+        added = []
+        for h in hashes:
+            if h in lru:
+                del lru[h]
+            else:
+                holders[h] = holders.get(h, 0) | bit
+                added.append(h)
+            lru[h] = None
+        if len(lru) > rep.capacity_blocks:
+            self._evict_to(rep, rep.capacity_blocks)
+        return added
+
+    def book(self, request_id: str, replica_id: str, hashes: Sequence[int]) -> None:
+        """A request was routed here: count its blocks as held from now on."""
+        self._bookings[request_id] = (replica_id, self.insert(replica_id, hashes))
+
+    def release(self, request_id: str, *, succeeded: bool = True) -> None:
+        """A booked request ended. On failure, take back the blocks it guessed."""
+        booking = self._bookings.pop(request_id, None)
+        if booking is None or succeeded:
+            return
+        replica_id, added = booking
+        rep = self._replicas.get(replica_id)
+        if rep is None:
+            return
+        bit = 1 << rep.slot
+        for h in added:
+            if h in rep.lru:
+                del rep.lru[h]
+                self._drop_bit(h, bit)
+
+    @property
+    def booked(self) -> int:
+        return len(self._bookings)
+
+    # --- internals --------------------------------------------------------
+    def _evict_to(self, rep: _Replica, limit: int) -> None:
+        lru, bit = rep.lru, 1 << rep.slot
+        while len(lru) > limit:
+            h = next(iter(lru))
+            del lru[h]
+            self._drop_bit(h, bit)
+            self.evictions += 1
+
+    def _drop_bit(self, h: int, bit: int) -> None:
+        mask = self._holders[h] & ~bit
+        if mask:
+            self._holders[h] = mask
+        else:
+            del self._holders[h]

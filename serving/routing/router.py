@@ -1,0 +1,185 @@
+"""The router: candidates -> filters -> scores -> pick, and the lifecycle hooks.
+
+It owns the prefix index, the replica table (load view) and the per-replica
+latency models; it is their only writer. `choose` is pure; `route` is
+`choose` followed by the `on_routed` hook. Engines push snapshots with
+`update`; the dispatcher reports `on_first_token` and `on_finished`.
+The clock is injected so the discrete-event simulator can run it in virtual time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import numpy as np
+
+from serving.engines.profiles import EngineProfile, get_profile
+from serving.prefix import PrefixIndex
+from serving.routing import filters
+from serving.routing.policies import Context, Policy, make_policy
+from serving.routing.table import ReplicaTable
+from serving.types import Decision, ReplicaSnapshot, RouteRequest, TTFTParts
+
+
+@dataclass(slots=True)
+class _InFlight:
+    row_id: str
+    booked_tokens: int  # uncached prompt tokens this request adds to the replica's queue
+    routed_at: float
+    predicted_engine_ms: float
+    first_token: bool = False
+
+
+class Router:
+    def __init__(self, policy: str | Policy = "latency", *, block_size: int = 16,
+                 rtt_ms: dict[str, dict[str, float]] | None = None,
+                 default_profile: str | EngineProfile = "llama3-8b-h100",
+                 seed: int | None = None, clock: Callable[[], float] = time.monotonic,
+                 report_lag_s: float = 0.05, alternatives: int = 3, **policy_options):
+        self.policy = policy if isinstance(policy, Policy) else make_policy(policy, **policy_options)
+        self.index = PrefixIndex(block_size)
+        self.table = ReplicaTable()
+        self.rtt_ms = {k: dict(v) for k, v in (rtt_ms or {}).items()}
+        self.default_profile = (default_profile if isinstance(default_profile, EngineProfile)
+                                else get_profile(default_profile))
+        self.rng = np.random.default_rng(seed)
+        self.clock = clock
+        self.report_lag_s = report_lag_s
+        self.n_alternatives = alternatives
+        self._inflight: dict[str, _InFlight] = {}
+        self._received: dict[str, float] = {}
+
+    @property
+    def block_size(self) -> int:
+        return self.index.block_size
+
+    # --- engines report --------------------------------------------------
+    def update(self, snap: ReplicaSnapshot) -> None:
+        """Take an engine's load snapshot (adds the replica if it is new)."""
+        table = self.table
+        prev = table.snaps[table.index[snap.replica_id]] if snap.replica_id in table.index else None
+        if prev is not None and prev.circuit_open and not snap.circuit_open:
+            snap = replace(snap, circuit_open=True)  # the circuit is ours to close
+        profile = get_profile(snap.profile) if snap.profile else self.default_profile
+        if table.upsert(snap, profile):
+            self.policy.on_membership(table.ids)
+        self.index.add_replica(snap.replica_id, snap.kv_capacity_tokens)
+        now = self.clock()
+        self._received[snap.replica_id] = now
+        self._recount_booked(snap.replica_id, now)
+
+    def remove(self, replica_id: str) -> None:
+        """A replica went away: forget its blocks, its load and its bookings."""
+        if self.table.remove(replica_id):
+            self.policy.on_membership(self.table.ids)
+        self.index.remove_replica(replica_id)
+        self._received.pop(replica_id, None)
+        for rid in [r for r, f in self._inflight.items() if f.row_id == replica_id]:
+            del self._inflight[rid]
+
+    def set_circuit(self, replica_id: str, open_: bool) -> None:
+        i = self.table.index.get(replica_id)
+        if i is not None:
+            self.table.snaps[i] = replace(self.table.snaps[i], circuit_open=open_)
+            self.table.refresh(i)
+
+    def set_rtt(self, rtt_ms: dict[str, dict[str, float]]) -> None:
+        self.rtt_ms = {k: dict(v) for k, v in rtt_ms.items()}
+        self.table._region_masks.clear()
+
+    # --- deciding ---------------------------------------------------------
+    def context(self, req: RouteRequest) -> Context:
+        table = self.table
+        cands = filters.candidates(table, req)
+        cached = np.zeros(cands.size, np.int64)
+        if req.block_hashes:
+            matches = self.index.match(req.block_hashes)
+            if matches:
+                pos = {int(i): p for p, i in enumerate(cands)}
+                for rid, n in matches.items():
+                    p = pos.get(table.index.get(rid, -1))
+                    if p is not None:
+                        cached[p] = n
+        uncached = np.maximum(1, req.prompt_tokens - cached * self.index.block_size)
+        steps = np.maximum(1, np.ceil(uncached / table.budget[cands]))
+        prefill = steps * table.step0_ms[cands] + table.b_ms[cands] * uncached
+        rtt = table.rtt_row(req.client_region, self.rtt_ms)[cands]
+        return Context(req, table, cands, cached, self.index.block_size, rtt,
+                       table.queue_ms[cands], prefill, self.rng)
+
+    def choose(self, req: RouteRequest) -> tuple[Decision, Context, int]:
+        ctx = self.context(req)
+        pos, reason = self.policy.choose(ctx)
+        i = int(ctx.cands[pos])
+        alts: tuple[str, ...] = ()
+        if self.n_alternatives and ctx.cands.size > 1:
+            order = np.argsort(ctx.ttft_ms, kind="stable")[: self.n_alternatives + 1]
+            alts = tuple(self.table.ids[int(ctx.cands[p])] for p in order if p != pos)[: self.n_alternatives]
+        parts = TTFTParts(float(ctx.rtt_ms[pos]), float(ctx.queue_ms[pos]), float(ctx.prefill_ms[pos]))
+        cached = min(int(ctx.cached_blocks[pos]) * self.index.block_size, req.prompt_tokens)
+        decision = Decision(req.request_id, self.table.ids[i], self.table.regions[i], self.policy.name,
+                            parts, cached, reason, int(ctx.cands.size), alts)
+        return decision, ctx, pos
+
+    def route(self, req: RouteRequest) -> Decision:
+        decision, ctx, pos = self.choose(req)
+        self.on_routed(req, decision, ctx, pos)
+        return decision
+
+    # --- lifecycle hooks ----------------------------------------------------
+    def on_routed(self, req: RouteRequest, decision: Decision, ctx: Context | None = None,
+                  pos: int | None = None) -> None:
+        if ctx is not None and pos is not None:
+            self.policy.on_routed(ctx, pos)
+        rid = decision.replica_id
+        i = self.table.index[rid]
+        booked = max(1, req.prompt_tokens - decision.cached_tokens)
+        self.index.book(req.request_id, rid, req.block_hashes)
+        self._inflight[req.request_id] = _InFlight(
+            rid, booked, self.clock(), decision.predicted.queue_ms + decision.predicted.prefill_ms)
+        self.table.outstanding[i] += 1
+        self.table.booked_tokens[i] += booked
+        self.table.refresh(i)
+
+    def on_first_token(self, request_id: str, engine_ttft_ms: float | None = None) -> None:
+        """Prefill is done: the request no longer queues ahead of others."""
+        f = self._inflight.get(request_id)
+        if f is None or f.first_token:
+            return
+        f.first_token = True
+        i = self.table.index.get(f.row_id)
+        if i is None:
+            return
+        if f.routed_at >= self._received.get(f.row_id, 0.0) - self.report_lag_s:
+            self.table.booked_tokens[i] = max(0, int(self.table.booked_tokens[i]) - f.booked_tokens)
+        if engine_ttft_ms is not None:
+            self.table.perf[i].observe(f.predicted_engine_ms, engine_ttft_ms)
+        self.table.refresh(i)
+
+    def on_finished(self, request_id: str, ok: bool = True) -> None:
+        """The request ended (ok, or failed/aborted: then its guessed blocks are taken back)."""
+        self.on_first_token(request_id)
+        f = self._inflight.pop(request_id, None)
+        self.index.release(request_id, succeeded=ok)
+        if f is None:
+            return
+        i = self.table.index.get(f.row_id)
+        if i is not None:
+            self.table.outstanding[i] = max(0, self.table.outstanding[i] - 1)
+            self.table.refresh(i)
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    # --- internals --------------------------------------------------------
+    def _recount_booked(self, replica_id: str, now: float) -> None:
+        """After a snapshot, count only bookings the engine could not have seen yet."""
+        i = self.table.index[replica_id]
+        cutoff = now - self.report_lag_s
+        self.table.booked_tokens[i] = sum(
+            f.booked_tokens for f in self._inflight.values()
+            if f.row_id == replica_id and not f.first_token and f.routed_at >= cutoff)
+        self.table.refresh(i)

@@ -1,0 +1,128 @@
+"""The router's view of its replicas, as columns for vectorised scoring.
+
+The router is the single writer. Membership changes rebuild the columns;
+a snapshot or a booking updates one row. A routing decision reads the columns
+and never writes them, so scorers stay pure.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from serving.engines.profiles import EngineProfile
+from serving.routing.latency_model import ReplicaPerf
+from serving.types import ReplicaSnapshot
+
+
+class ReplicaTable:
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.index: dict[str, int] = {}
+        self.snaps: list[ReplicaSnapshot] = []
+        self.perf: list[ReplicaPerf] = []
+        self.regions: list[str] = []
+        self._region_masks: dict[frozenset[str] | str, np.ndarray] = {}
+        self._model_masks: dict[str, np.ndarray] = {}
+        n = 0
+        self.routable = np.zeros(n, bool)
+        self.outstanding = np.zeros(n, np.int64)  # routed by us, not finished
+        self.booked_tokens = np.zeros(n, np.int64)  # routed, prefill not seen by the engine yet
+        self.num_waiting = np.zeros(n, np.int64)
+        self.kv_usage = np.zeros(n)
+        self.queue_ms = np.zeros(n)
+        self.step0_ms = np.zeros(n)  # scaled cost of one step at current batch
+        self.b_ms = np.zeros(n)  # scaled per-token prefill cost
+        self.budget = np.ones(n)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    # --- membership -------------------------------------------------------
+    def upsert(self, snap: ReplicaSnapshot, profile: EngineProfile) -> bool:
+        """Store a snapshot; returns True when membership changed."""
+        i = self.index.get(snap.replica_id)
+        if i is None:
+            self.ids.append(snap.replica_id)
+            self.snaps.append(snap)
+            self.perf.append(ReplicaPerf(profile))
+            self._rebuild()
+            return True
+        old = self.snaps[i]
+        self.snaps[i] = snap
+        if old.region != snap.region or old.model != snap.model:
+            self._rebuild()
+        else:
+            self.refresh(i)
+        return False
+
+    def remove(self, replica_id: str) -> bool:
+        i = self.index.get(replica_id)
+        if i is None:
+            return False
+        for seq in (self.ids, self.snaps, self.perf):
+            del seq[i]
+        keep = np.ones(len(self.outstanding), bool)
+        keep[i] = False
+        self.outstanding = self.outstanding[keep]
+        self.booked_tokens = self.booked_tokens[keep]
+        self._rebuild(keep_counters=True)
+        return True
+
+    def _rebuild(self, keep_counters: bool = False) -> None:
+        n = len(self.ids)
+        self.index = {rid: i for i, rid in enumerate(self.ids)}
+        self.regions = [s.region for s in self.snaps]
+        if not keep_counters:
+            out = np.zeros(n, np.int64)
+            booked = np.zeros(n, np.int64)
+            m = min(n, len(self.outstanding))
+            out[:m], booked[:m] = self.outstanding[:m], self.booked_tokens[:m]
+            self.outstanding, self.booked_tokens = out, booked
+        self.routable = np.zeros(n, bool)
+        self.num_waiting = np.zeros(n, np.int64)
+        self.kv_usage = np.zeros(n)
+        self.queue_ms = np.zeros(n)
+        self.step0_ms = np.zeros(n)
+        self.b_ms = np.zeros(n)
+        self.budget = np.ones(n)
+        self._region_masks.clear()
+        self._model_masks.clear()
+        for i in range(n):
+            self.refresh(i)
+
+    # --- rows ---------------------------------------------------------------
+    def refresh(self, i: int) -> None:
+        """Recompute row i's derived columns from its snapshot, perf and bookings."""
+        s, perf = self.snaps[i], self.perf[i]
+        queued = s.waiting_prefill_tokens + int(self.booked_tokens[i])
+        self.routable[i] = s.routable
+        self.num_waiting[i] = s.num_waiting
+        self.kv_usage[i] = s.kv_usage
+        self.queue_ms[i] = perf.queue_ms(queued, s.num_running, s.num_waiting)
+        self.step0_ms[i] = perf.step0_ms(s.num_running) * perf.scale
+        self.b_ms[i] = perf.profile.b_ms_per_token * perf.scale
+        self.budget[i] = perf.profile.max_num_batched_tokens
+
+    # --- masks (cached until membership changes) ----------------------------
+    def model_mask(self, model: str) -> np.ndarray:
+        m = self._model_masks.get(model)
+        if m is None:
+            m = np.fromiter((s.model == model for s in self.snaps), bool, len(self.snaps))
+            self._model_masks[model] = m
+        return m
+
+    def region_mask(self, regions: frozenset[str]) -> np.ndarray:
+        m = self._region_masks.get(regions)
+        if m is None:
+            m = np.fromiter((r in regions for r in self.regions), bool, len(self.regions))
+            self._region_masks[regions] = m
+        return m
+
+    def rtt_row(self, client_region: str, rtt_ms: dict[str, dict[str, float]]) -> np.ndarray:
+        key = "rtt:" + client_region
+        m = self._region_masks.get(key)
+        if m is None:
+            row = rtt_ms.get(client_region, {})
+            m = np.fromiter((float(row.get(r, 0.0)) for r in self.regions), float, len(self.regions))
+            self._region_masks[key] = m
+        return m
