@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import AsyncIterator, Protocol, runtime_checkable
 
+import xxhash
+
 from serving.types import ReplicaSnapshot
 
 
@@ -30,6 +32,17 @@ class GenerateRequest:
     ignore_eos: bool = True
     block_hashes: tuple[int, ...] | None = None  # engine-block hashes, if the caller has them
     prompt_len: int | None = None  # token count when only hashes are given (traces)
+    # Deterministic continuation (failover after tokens were streamed): the new
+    # request's prompt is the original prompt plus the tokens already sent, `seed`
+    # is the original request's seed and `token_offset` the number already sent,
+    # so an engine that samples from (seed, position) emits exactly the tokens the
+    # uninterrupted stream would have. Real vLLM matches this only when greedy.
+    token_offset: int = 0
+
+
+def default_seed(request_id: str) -> int:
+    """The seed an engine uses when the request names none (stable across replicas)."""
+    return xxhash.xxh64_intdigest(request_id.encode())
 
 
 @dataclass(frozen=True, slots=True)

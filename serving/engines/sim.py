@@ -14,9 +14,7 @@ import asyncio
 import time
 from typing import AsyncIterator, Callable
 
-import xxhash
-
-from serving.engines.base import Chunk, GenerateRequest
+from serving.engines.base import Chunk, GenerateRequest, default_seed
 from serving.engines.profiles import EngineProfile, get_profile
 from serving.engines.sim_core import Seq, SimCore
 from serving.engines.tokenizer import WORDS, encode
@@ -56,7 +54,8 @@ class SimEngine:
         seq = Seq(request.request_id, max(1, prompt_len), tuple(hashes), request.max_tokens, tag=queue)
         self.core.add(seq)
         self._ensure_loop()
-        seed = xxhash.xxh64_intdigest(request.request_id.encode()) if request.seed is None else request.seed
+        seed = default_seed(request.request_id) if request.seed is None else request.seed
+        seed += request.token_offset  # token i of the full answer is (seed + i) % vocab
         done = False
         try:
             while True:
@@ -64,11 +63,11 @@ class SimEngine:
                 if isinstance(item, BaseException):
                     done = True
                     raise item
-                n, finished = item
-                ids = tuple((seed + seq.out - n + k) % 32000 for k in range(n))
+                n, finished, out = item  # `out` as of emission: the queue may lag the core
+                ids = tuple((seed + out - n + k) % 32000 for k in range(n))
                 done = finished
                 yield Chunk(request.request_id, ids, "".join(" " + WORDS[t % len(WORDS)] for t in ids),
-                            "length" if finished else None, seq.prompt_len, seq.cached, seq.out)
+                            "length" if finished else None, seq.prompt_len, seq.cached, out)
                 if finished:
                     return
         finally:
@@ -139,4 +138,4 @@ class SimEngine:
                 continue
             await asyncio.sleep(res.duration_ms * self.time_scale / 1000.0)
             for s, n in res.emitted:
-                s.tag.put_nowait((n, s.out >= s.max_tokens))
+                s.tag.put_nowait((n, s.out >= s.max_tokens, s.out))

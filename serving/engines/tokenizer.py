@@ -20,7 +20,7 @@ WORDS = ("the", "router", "sends", "each", "call", "where", "its", "first", "tok
 
 def encode(text: str) -> list[int]:
     h = xxhash.xxh32_intdigest
-    return [h(w) % VOCAB_SIZE for w in text.split()]
+    return [h(w.encode()) % VOCAB_SIZE for w in text.split()]
 
 
 def count(text: str) -> int:
