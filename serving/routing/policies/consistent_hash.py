@@ -25,7 +25,7 @@ class ConsistentHash(Policy):
         self._owners: list[str] = []
 
     def on_membership(self, ids: list[str]) -> None:
-        ring = sorted((xxhash.xxh3_64_intdigest(f"{rid}#{v}"), rid)
+        ring = sorted((xxhash.xxh3_64_intdigest(f"{rid}#{v}".encode()), rid)
                       for rid in ids for v in range(self.vnodes))
         self._points = [p for p, _ in ring]
         self._owners = [o for _, o in ring]
@@ -44,7 +44,7 @@ class ConsistentHash(Policy):
         if not self._points:
             return 0, "empty ring"
         key = self.key(ctx)
-        start = bisect.bisect(self._points, xxhash.xxh3_64_intdigest(key))
+        start = bisect.bisect(self._points, xxhash.xxh3_64_intdigest(key.encode()))
         n = len(self._points)
         for k in range(n):
             owner = self._owners[(start + k) % n]
