@@ -1,0 +1,106 @@
+"""Retry before the first token, continuation after it, bounded attempts."""
+
+import pytest
+
+from serving.errors import EngineError, ResidencyUnavailable
+from serving.failover import RetryPolicy, stream_with_failover
+from serving.failover.dispatch import Trace
+
+from failover_helpers import Cluster, request
+
+TWO_REGIONS = {"eu-1": "eu", "eu-2": "eu", "us-1": "us", "us-2": "us"}
+
+
+async def run(cluster, req, gen, policy=RetryPolicy()):
+    trace = Trace()
+    chunks = [c async for c in stream_with_failover(req, gen, cluster.route, cluster.open,
+                                                    cluster.done, policy, trace)]
+    return chunks, trace
+
+
+async def uninterrupted(max_tokens=24):
+    c = Cluster.build({"solo": "eu"})
+    chunks, _ = await run(c, *request(max_tokens=max_tokens))
+    await c.close()
+    return chunks
+
+
+@pytest.mark.parametrize("schedule", [
+    [1], [7], [23], [5, 4], [3, 1, 5], [0, 6],
+], ids=["after-1", "after-7", "before-last", "two-failures", "three-failures", "before-first-then-mid"])
+async def test_continuation_yields_exactly_the_uninterrupted_text(schedule):
+    want = await uninterrupted()
+    c = Cluster.build(TWO_REGIONS, schedule=list(schedule))
+    req, gen = request(regions=frozenset({"eu", "us"}))
+    chunks, trace = await run(c, req, gen)
+    await c.close()
+    assert "".join(x.text for x in chunks) == "".join(x.text for x in want)
+    assert [t for x in chunks for t in x.token_ids] == [t for x in want for t in x.token_ids]
+    assert [x.completion_tokens for x in chunks] == list(range(1, 25))
+    assert {x.request_id for x in chunks} == {"req-1"} and chunks[-1].finish_reason == "length"
+    assert chunks[-1].prompt_tokens == want[-1].prompt_tokens  # usage as if uninterrupted
+    sent, total = [], 0
+    for k in schedule:  # each attempt dies after its k tokens, the next one goes on from there
+        total += k
+        sent.append(total)
+    assert [(a[2], a[3]) for a in trace.attempts] == [(s, "failed") for s in sent] + [(24, "ok")]
+    assert trace.continued == sum(1 for k in sent if k > 0)
+    assert len(set(trace.replicas)) == len(trace.replicas)  # never the failed replica again
+
+
+async def test_before_first_token_retries_next_best_in_region_then_another_region():
+    c = Cluster.build(TWO_REGIONS, down=("eu-1", "eu-2"))
+    for rid in ("eu-1", "eu-2"):  # the router has not heard yet: its snapshot says UP
+        c.engines[rid].health = c.engines[rid].health.__class__.UP
+        c.router.update(c.engines[rid].snapshot())
+        c.engines[rid].kill()
+    req, gen = request(regions=frozenset({"eu", "us"}))
+    req = req.__class__(**{**{f: getattr(req, f) for f in req.__slots__}, "client_region": "eu"})
+    c.router.set_rtt({"eu": {"eu": 1, "us": 80}, "us": {"eu": 80, "us": 1}})
+    chunks, trace = await run(c, req, gen)
+    await c.close()
+    regions = [a[1] for a in trace.attempts]
+    assert regions == ["eu", "eu", "us"]
+    assert [a[3] for a in trace.attempts] == ["failed", "failed", "ok"]
+    assert len(chunks) == 24
+
+
+async def test_attempts_are_bounded():
+    c = Cluster.build(TWO_REGIONS, kill_after={r: 2 for r in TWO_REGIONS})
+    req, gen = request()
+    with pytest.raises(EngineError, match="failed on 3 replicas"):
+        await run(c, req, gen, RetryPolicy(max_attempts=3))
+    await c.close()
+
+
+async def test_residency_never_left_on_failover():
+    c = Cluster.build(TWO_REGIONS, kill_after={"eu-1": 4, "eu-2": 4})
+    req, gen = request(regions=frozenset({"eu"}))
+    got = []
+    with pytest.raises(ResidencyUnavailable, match=r"allowed regions \['eu'\]"):
+        async for ch in stream_with_failover(req, gen, c.route, c.open, c.done):
+            got.append(ch)
+    await c.close()
+    assert set(c.routed) == {"eu-1", "eu-2"} and len(got) >= 8
+
+
+async def test_hung_replica_counts_as_failed():
+    c = Cluster.build({"a": "eu", "b": "eu"})
+    c.engines["a"].profile = c.engines["a"].profile.with_(a_ms=10_000.0)  # 10 s per step
+    c.engines["a"].core.profile = c.engines["a"].profile
+    c.router.set_circuit("b", True)
+    req, gen = request()
+    c.router.set_circuit("b", False)
+    c.router.update(c.engines["b"].snapshot())
+    route_first = c.route
+
+    async def route(r):  # first attempt pinned to the hung replica
+        if not r.exclude:
+            return c.router.route(r.__class__(**{**{f: getattr(r, f) for f in r.__slots__},
+                                                 "exclude": frozenset({"b"})}))
+        return await route_first(r)
+
+    chunks = [x async for x in stream_with_failover(
+        req, gen, route, c.open, c.done, RetryPolicy(first_token_timeout_s=0.2))]
+    await c.close()
+    assert len(chunks) == 24 and c.routed[-1] == "b"
