@@ -1,0 +1,94 @@
+"""Tier choice for `auto`: rules, load, cascade."""
+
+import pytest
+
+from serving.delegation import DelegationConfig, Features, Tier, choose_tier, passes_check
+from serving.delegation.cascade import run_cascade
+from serving.errors import InvalidRequest, ResidencyUnavailable
+
+CFG = DelegationConfig((Tier("small", "llama-1b", max_prompt_tokens=4000),
+                        Tier("large", "llama-8b")), short_prompt_tokens=8)
+CASCADE = DelegationConfig(CFG.tiers, cascade=True)
+
+
+def predicted(ms):
+    return lambda: ms
+
+
+def unavailable():
+    raise ResidencyUnavailable("No healthy replica of `llama-8b` in the allowed regions ['eu']")
+
+
+@pytest.mark.parametrize("cfg,features,predict,tier,reason", [
+    (CFG, Features(100, header_tier="small", has_tools=True), None, "small", "header"),
+    (CFG, Features(5000, slo_ttft_ms=10), predicted(500), "large", "long_prompt"),
+    (CFG, Features(100, has_tools=True, slo_ttft_ms=10), predicted(500), "large", "tools"),
+    (CFG, Features(100, json_format=True, slo_ttft_ms=10), predicted(500), "large", "response_format"),
+    (CFG, Features(5), predicted(50), "small", "short_prompt"),
+    (CFG, Features(100, slo_ttft_ms=200), predicted(450), "small", "large_overloaded"),
+    (CFG, Features(100, slo_ttft_ms=200), predicted(150), "large", "default"),
+    (CFG, Features(100), predicted(10_000), "large", "default"),  # no SLO: never for load
+    (CFG, Features(100), unavailable, "small", "large_unavailable"),
+    (CASCADE, Features(100, json_format=True, slo_ttft_ms=200), predicted(450), "small",
+     "large_overloaded"),
+    (CASCADE, Features(100, json_format=True, stream=True, slo_ttft_ms=200), predicted(450),
+     "large", "response_format"),  # a stream can't be taken back: no cascade
+], ids=["header-wins", "long-prompt", "tools", "json-no-cascade", "short", "overloaded",
+        "fast-enough", "no-slo", "large-unavailable", "json-cascade", "json-stream"])
+def test_choose_tier(cfg, features, predict, tier, reason):
+    c = choose_tier(cfg, features, predict)
+    assert (c.tier, c.reason) == (tier, reason)
+    assert c.model == cfg.tier(tier).model
+    assert c.headers()["x-proxima-tier"] == tier and c.headers()["x-proxima-tier-reason"] == reason
+    assert c.check_then_large == (cfg.cascade and features.json_format and tier == "small")
+
+
+def test_overload_detail_in_headers():
+    c = choose_tier(CFG, Features(100, slo_ttft_ms=200), predicted(450))
+    assert c.headers()["x-proxima-tier-detail"] == "predicted 450ms > slo 200ms"
+
+
+def test_unknown_header_tier_is_400():
+    with pytest.raises(InvalidRequest, match="Unknown model tier `huge`") as e:
+        choose_tier(CFG, Features(10, header_tier="huge"))
+    assert e.value.status == 400 and e.value.param == "x-proxima-tier"
+
+
+@pytest.mark.parametrize("fmt,text,ok", [
+    ({"type": "json_object"}, '{"a": 1}', True),
+    ({"type": "json_object"}, "the router sends", False),
+    ({"type": "json_object"}, "[1, 2]", False),
+    ({"type": "json_schema", "json_schema": {"schema": {"required": ["a"]}}}, '{"a": 1}', True),
+    ({"type": "json_schema", "json_schema": {"schema": {"required": ["b"]}}}, '{"a": 1}', False),
+    ({"type": "text"}, "anything", True),
+    (None, "anything", True),
+], ids=["object", "not-json", "array", "schema-ok", "schema-missing-key", "text", "none"])
+def test_passes_check(fmt, text, ok):
+    assert passes_check(fmt, text) is ok
+
+
+@pytest.mark.parametrize("small_text,final_tier,calls", [
+    ('{"answer": 42}', "small", ["llama-1b"]),
+    ("the router sends", "large", ["llama-1b", "llama-8b"]),
+], ids=["small-passes", "small-fails-large-redoes"])
+async def test_cascade(small_text, final_tier, calls):
+    seen = []
+
+    async def run(model):
+        seen.append(model)
+        return (small_text if model == "llama-1b" else '{"a": 1}'), model
+
+    choice = choose_tier(CASCADE, Features(100, json_format=True, slo_ttft_ms=1), predicted(5))
+    result, final = await run_cascade(choice, CASCADE, {"type": "json_object"}, run)
+    assert seen == calls and result == calls[-1] and final.tier == final_tier
+    assert final.reason == ("cascade" if final_tier == "large" else "large_overloaded")
+
+
+@pytest.mark.parametrize("bad,msg", [
+    ({"tiers": {"small": {"model": "a"}}}, "delegation.large"),
+    ({"tiers": {"small": {"model": "a", "size": 3}, "large": {"model": "b"}}}, "size"),
+    ({}, "delegation.tiers: required"),
+], ids=["missing-large", "unknown-tier-key", "no-tiers"])
+def test_config_errors_name_the_key(bad, msg):
+    with pytest.raises(ValueError, match=msg):
+        DelegationConfig.from_dict(bad)
