@@ -1,0 +1,1 @@
+"""Ray adapters: the only package (with deployments/) that imports Ray."""

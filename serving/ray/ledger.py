@@ -1,0 +1,77 @@
+"""The budget ledger as one Ray actor: the single writer of every tenant's usage.
+
+Methods are synchronous, so the actor runs one call at a time (one writer) and
+SQLite is touched only in its process, never in an async ingress. With
+`max_restarts=-1` Ray restarts a crashed ledger, which reloads its SQLite file
+(totals and open reservations); `max_task_retries=-1` re-sends calls that were
+in flight, and `reserve` and `reconcile` are idempotent per request id, so a
+crash neither loses nor double-counts usage.
+
+Errors travel as values (a ProximaError pickles fine) so callers raise the
+project's own error, not a RayTaskError wrapper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import ray
+
+from serving.admission.budget import BudgetPolicy, Reservation
+from serving.admission.ledger import Ledger
+from serving.errors import ProximaError
+
+LEDGER_NAME = "proxima-ledger"
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+class LedgerActor:
+    def __init__(self, policies: dict[str, dict[str, Any]], path: str | None,
+                 reservation_ttl_s: float = 900.0):
+        self.ledger = Ledger({t: BudgetPolicy.from_dict(p, f"tenants.{t}.budget")
+                              for t, p in policies.items()}, path,
+                             reservation_ttl_s=reservation_ttl_s)
+
+    def reserve(self, request_id: str, tenant: str, tokens: int, session: str | None):
+        try:
+            return asdict(self.ledger.reserve(request_id, tenant, tokens, session))
+        except ProximaError as e:
+            return e
+
+    def reconcile(self, reservation: dict, used: int) -> bool:
+        return self.ledger.reconcile(Reservation(**reservation), used)
+
+    def remaining(self, tenant: str, session: str | None = None) -> dict:
+        return self.ledger.remaining(tenant, session)
+
+    def pid(self) -> int:
+        import os
+        return os.getpid()
+
+
+def start_ledger(policies: dict[str, dict[str, Any]], path: str | None,
+                 name: str = LEDGER_NAME, namespace: str = "proxima"):
+    """Get the named ledger actor, creating it if this is the first caller."""
+    return LedgerActor.options(name=name, namespace=namespace, get_if_exists=True,
+                               lifetime="detached").remote(policies, path)
+
+
+class LedgerClient:
+    """Async calls to the ledger actor from an ingress replica (never a blocking ray.get)."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    async def reserve(self, request_id: str, tenant: str, tokens: int,
+                      session: str | None = None) -> Reservation:
+        res = await self.handle.reserve.remote(request_id, tenant, tokens, session)
+        if isinstance(res, ProximaError):
+            raise res
+        return Reservation(**res)
+
+    async def reconcile(self, r: Reservation, used: int) -> bool:
+        return await self.handle.reconcile.remote(asdict(r), used)
+
+    async def remaining(self, tenant: str, session: str | None = None) -> dict:
+        return await self.handle.remaining.remote(tenant, session)
