@@ -34,6 +34,8 @@ class EngineProfile:
 PROFILES: dict[str, EngineProfile] = {
     # Published fits of vLLM 0.8 serving Llama-3-8B on one H100.
     "llama3-8b-h100": EngineProfile("llama3-8b-h100", 5.75, 0.01725, 0.006),
+    # The same model on one A100 (issue 5's figures).
+    "llama3-8b-a100": EngineProfile("llama3-8b-a100", 16.4, 0.0478, 0.0182),
     # A small model on the same GPU, for delegation.
     "llama3-1b-h100": EngineProfile("llama3-1b-h100", 3.0, 0.0045, 0.003),
     # The offline tiny Llama (serving.models.tiny: hidden 256, 4 layers) on

@@ -17,7 +17,9 @@ slots still set after block i hold the first i+1 blocks.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Iterable, Sequence
 
 
@@ -125,14 +127,13 @@ class PrefixIndex:
         if rep is None or rep.capacity_blocks == 0:
             return []
         lru, holders, bit = rep.lru, self._holders, 1 << rep.slot
-        added = []
-        for h in hashes:
-            if h in lru:
-                del lru[h]
-            else:
-                holders[h] = holders.get(h, 0) | bit
-                added.append(h)
-            lru[h] = None
+        hashes = list(hashes)
+        added = [h for h in hashes if h not in lru]
+        if len(added) < len(hashes):  # move the known ones to the recent end, in order
+            deque(map(lru.pop, hashes, repeat(None)), maxlen=0)
+        lru.update(dict.fromkeys(hashes))
+        for h in added:
+            holders[h] = holders.get(h, 0) | bit
         if len(lru) > rep.capacity_blocks:
             self._evict_to(rep, rep.capacity_blocks)
         return added
