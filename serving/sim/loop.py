@@ -66,8 +66,10 @@ class Req:
 class Simulator:
     def __init__(self, sc: Scenario, policy: PolicySpec, *, hooks: Hooks | None = None,
                  progress: bool = False, sample_s: float | None = None,
-                 stream: Iterable[Arrival] | None = None, hasher: Hasher | None = None):
+                 stream: Iterable[Arrival] | None = None, hasher: Hasher | None = None,
+                 jumps: bool = True):
         self.sc = sc
+        self.jumps = jumps
         self.now = 0.0
         self.hooks = hooks or Hooks()
         self.progress = progress
@@ -99,7 +101,8 @@ class Simulator:
     def add_replica(self, region: str) -> Replica:
         spec = self.sc.regions[region]
         n = sum(1 for r in self.replicas.values() if r.region == region)
-        rep = Replica(f"{region}-{n}", region, spec.model, get_profile(spec.profile), spec.kv_capacity_tokens)
+        rep = Replica(f"{region}-{n}", region, spec.model, get_profile(spec.profile), spec.kv_capacity_tokens,
+                      self.jumps)
         rep.born = self.now
         self.replicas[rep.id] = rep
         self.router.update(rep.snapshot(self.now))

@@ -27,10 +27,11 @@ _EMPTY = StepResult(0.0, 0, 0, 0, [], [])
 
 class Replica:
     __slots__ = ("id", "region", "model", "profile", "core", "health", "state", "t_end",
-                 "version", "res", "t0", "d", "k", "dirty", "busy_s", "kv_capacity", "born")
+                 "version", "res", "t0", "d", "k", "dirty", "busy_s", "kv_capacity", "born", "jumps")
 
     def __init__(self, replica_id: str, region: str, model: str, profile: EngineProfile,
-                 kv_capacity_tokens: int):
+                 kv_capacity_tokens: int, jumps: bool = True):
+        self.jumps = jumps  # False: one event per step (slow; for checking that jumps are exact)
         self.id, self.region, self.model, self.profile = replica_id, region, model, profile
         self.kv_capacity = kv_capacity_tokens
         self.core = SimCore(profile, kv_capacity_tokens)
@@ -52,7 +53,7 @@ class Replica:
         if not core.waiting and not core.running:
             self.state = IDLE
             return None
-        k = self._run_len()
+        k = self._run_len() if self.jumps else 0
         if k >= 2:
             self.state, self.t0, self.k = RUN, t, k
             self.d = self.profile.step_ms(0, len(core.running)) / 1000.0
