@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from serving.bench import replay
@@ -133,6 +134,8 @@ async def run(a: argparse.Namespace, urls: list[str]) -> dict:
             await _quiesce(engines)
             h1, q1 = await _counters(engines)
             results["policies"][name] = replay.summarize(out, h1 - h0, q1 - q0)
+            with open(Path(a.out) / f"requests-{name.replace(':', '-')}.jsonl", "w") as f:
+                f.writelines(json.dumps(asdict(o)) + "\n" for o in out)
             print(json.dumps({name: results["policies"][name]}), file=sys.stderr, flush=True)
     finally:
         for e in engines:

@@ -80,8 +80,10 @@ async def _paced(records: Sequence[TraceRecord], speed: float, one) -> list[Outc
 async def replay_router(records: Sequence[TraceRecord], prompts: PromptMaker,
                         engines: Sequence[VLLMHttpEngine], policy: str, *, speed: float = 1.0,
                         model: str = "tiny", block_size: int = 128, profile: str = "tiny-cpu",
-                        push_interval_s: float = 0.1, tag: str = "") -> list[Outcome]:
-    router = Router(policy, block_size=block_size, default_profile=profile, seed=0)
+                        push_interval_s: float = 0.1, tag: str = "",
+                        router: Router | None = None, observe_ttft: bool = True) -> list[Outcome]:
+    if router is None:
+        router = Router(policy, block_size=block_size, default_profile=profile, seed=0)
     by_id = {e.replica_id: e for e in engines}
     for e in engines:
         router.update(e.snapshot())
@@ -108,7 +110,7 @@ async def replay_router(records: Sequence[TraceRecord], prompts: PromptMaker,
         try:
             ttft, e2e, out, cached, prompt = await _stream(
                 by_id[decision.replica_id], greq, None,
-                lambda ms: router.on_first_token(rid, engine_ttft_ms=ms))
+                lambda ms: router.on_first_token(rid, engine_ttft_ms=ms if observe_ttft else None))
         except ProximaError as e:
             router.on_finished(rid, ok=False)
             return Outcome(rec.index, False, replica=decision.replica_id,
@@ -167,15 +169,18 @@ def summarize(outcomes: Sequence[Outcome], hits: int, queries: int) -> dict:
     return {
         "cache_hit_rate": round(hits / queries, 4) if queries else 0.0,
         "ttft_p50_ms": round(float(np.percentile(ttft, 50)), 1),
+        "ttft_p90_ms": round(float(np.percentile(ttft, 90)), 1),
         "ttft_p99_ms": round(float(np.percentile(ttft, 99)), 1),
         "e2e_p50_ms": round(float(np.percentile(e2e, 50)), 1),
         "e2e_p99_ms": round(float(np.percentile(e2e, 99)), 1),
         "throughput_tok_s": round(out_tokens / wall, 1) if wall > 0 else 0.0,
-        "requests": len(ok),
+        "requests": len(outcomes),
+        "finished": len(ok),
         "failed": len(outcomes) - len(ok),
         "client_cached_tokens": sum(o.cached_tokens for o in ok),
         "prompt_tokens": sum(o.prompt_tokens for o in ok),
         "vllm_prefix_cache_hits": hits,
         "vllm_prefix_cache_queries": queries,
         "per_replica": dict(sorted(per_replica.items())) if any(per_replica) else {},
+        "errors": sorted({o.error for o in outcomes if not o.ok})[:5],
     }

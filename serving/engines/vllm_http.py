@@ -100,7 +100,7 @@ class VLLMHttpEngine:
                 resp = await session.post(self.url + "/v1/completions", json=body,
                                           headers={"X-Request-Id": rid, **(headers or {})})
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
-                raise self._down(f"replica {self.replica_id} unreachable: {type(e).__name__}") from None
+                raise self._down(f"replica {self.replica_id} unreachable: {type(e).__name__}: {e}") from None
             if resp.status != 200:
                 raise await self._http_error(resp)
             self._streams[rid] = resp
@@ -137,7 +137,7 @@ class VLLMHttpEngine:
                 return
             raise EngineError(f"replica {self.replica_id} closed the stream early")
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
-            raise self._down(f"replica {self.replica_id} failed mid-stream: {type(e).__name__}") from None
+            raise self._down(f"replica {self.replica_id} failed mid-stream: {type(e).__name__}: {e}") from None
         finally:
             self.pending.done(rid)
             self._streams.pop(rid, None)
@@ -197,7 +197,7 @@ class VLLMHttpEngine:
                     raise EngineError(f"replica {self.replica_id}: reset_prefix_cache returned {r.status} "
                                       "(start vLLM with VLLM_SERVER_DEV_MODE=1)")
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
-            raise self._down(f"replica {self.replica_id} unreachable: {type(e).__name__}") from None
+            raise self._down(f"replica {self.replica_id} unreachable: {type(e).__name__}: {e}") from None
         self.pending.clear()
 
     # --- internals ------------------------------------------------------------------

