@@ -102,16 +102,20 @@ class SimCore:
     # --- one step -----------------------------------------------------------
     def step(self, max_steps: int = 1, horizon_ms: float = float("inf")) -> StepResult:
         p = self.profile
+        bs = self.bs
         decoding = []
+        preempted_before = self.preemptions
         for s in list(self.running):  # oldest first; victims are taken from the newest
-            if not (s.admitted and s.prefilled):
+            if not s.admitted or s.computed < s.prompt_len:
                 continue
-            while s.admitted and s.blocks * self.bs < s.prompt_len + s.out + 1:
+            # (attributes inlined: this loop runs for every sequence on every step)
+            while s.admitted and (len(s.held) + s.anon) * bs < s.prompt_len + s.out + 1:
                 if not self._grow(s):
                     break
             if s.admitted:
                 decoding.append(s)
-        decoding = [s for s in decoding if s.admitted]
+        if self.preemptions != preempted_before:  # a later one's growth preempted an earlier one
+            decoding = [s for s in decoding if s.admitted]
         budget = p.max_num_batched_tokens - len(decoding)
         prefill_tokens = 0
         done_prefill: list[Seq] = []
@@ -164,15 +168,18 @@ class SimCore:
         if step_ms > 0 and horizon_ms != float("inf"):
             k = min(k, max(1, int(horizon_ms // step_ms)))
         bs = self.bs
-        need = sum(max(0, -(-(s.prompt_len + s.out + k) // bs) - s.blocks) for s in decoding)
+        extras = []
+        need = 0
+        for s in decoding:
+            extra = -(-(s.prompt_len + s.out + k) // bs) - len(s.held) - s.anon
+            if extra > 0:
+                extras.append((s, extra))
+                need += extra
         if need > self.pool.num_free:
             return 1
-        if need:
-            for s in decoding:
-                extra = max(0, -(-(s.prompt_len + s.out + k) // bs) - s.blocks)
-                if extra:
-                    self.pool.allocate(extra)
-                    s.anon += extra
+        for s, extra in extras:
+            self.pool.allocate(extra)
+            s.anon += extra
         return max(1, k)
 
     def _admit(self, s: Seq) -> bool:

@@ -49,6 +49,9 @@ class Router:
         self.report_lag_s = report_lag_s
         self.n_alternatives = alternatives
         self._inflight: dict[str, _InFlight] = {}
+        # replica -> its in-flight requests still before their first token (what a
+        # snapshot recount looks at), so a snapshot costs O(its own), not O(all).
+        self._unprefilled: dict[str, dict[str, _InFlight]] = {}
         self._received: dict[str, float] = {}
 
     @property
@@ -78,6 +81,7 @@ class Router:
         self._received.pop(replica_id, None)
         for rid in [r for r, f in self._inflight.items() if f.row_id == replica_id]:
             del self._inflight[rid]
+        self._unprefilled.pop(replica_id, None)
 
     def set_circuit(self, replica_id: str, open_: bool) -> None:
         i = self.table.index.get(replica_id)
@@ -96,12 +100,14 @@ class Router:
         cached = np.zeros(cands.size, np.int64)
         if req.block_hashes:
             matches = self.index.match(req.block_hashes)
-            if matches:
-                pos = {int(i): p for p, i in enumerate(cands)}
+            if matches:  # scatter by table row, gather the candidates: O(matches) in Python
+                full = np.zeros(len(table), np.int64)
+                index = table.index
                 for rid, n in matches.items():
-                    p = pos.get(table.index.get(rid, -1))
-                    if p is not None:
-                        cached[p] = n
+                    i = index.get(rid)
+                    if i is not None:
+                        full[i] = n
+                cached = full[cands]
         uncached = np.maximum(1, req.prompt_tokens - cached * self.index.block_size)
         steps = np.maximum(1, np.ceil(uncached / table.budget[cands]))
         prefill = steps * table.step0_ms[cands] + table.b_ms[cands] * uncached
@@ -137,8 +143,9 @@ class Router:
         i = self.table.index[rid]
         booked = max(1, req.prompt_tokens - decision.cached_tokens)
         self.index.book(req.request_id, rid, req.block_hashes)
-        self._inflight[req.request_id] = _InFlight(
+        f = self._inflight[req.request_id] = _InFlight(
             rid, booked, self.clock(), decision.predicted.queue_ms + decision.predicted.prefill_ms)
+        self._unprefilled.setdefault(rid, {})[req.request_id] = f
         self.table.outstanding[i] += 1
         self.table.booked_tokens[i] += booked
         self.table.refresh(i)
@@ -149,6 +156,9 @@ class Router:
         if f is None or f.first_token:
             return
         f.first_token = True
+        pending = self._unprefilled.get(f.row_id)
+        if pending is not None:
+            pending.pop(request_id, None)
         i = self.table.index.get(f.row_id)
         if i is None:
             return
@@ -179,7 +189,8 @@ class Router:
         """After a snapshot, count only bookings the engine could not have seen yet."""
         i = self.table.index[replica_id]
         cutoff = now - self.report_lag_s
-        self.table.booked_tokens[i] = sum(
-            f.booked_tokens for f in self._inflight.values()
-            if f.row_id == replica_id and not f.first_token and f.routed_at >= cutoff)
-        self.table.refresh(i)
+        booked = sum(f.booked_tokens for f in self._unprefilled.get(replica_id, {}).values()
+                     if f.routed_at >= cutoff)
+        if booked != self.table.booked_tokens[i]:  # upsert already refreshed the row
+            self.table.booked_tokens[i] = booked
+            self.table.refresh(i)

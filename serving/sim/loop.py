@@ -76,7 +76,8 @@ class Simulator:
         first = next(iter(sc.regions.values()))
         bs = get_profile(first.profile).block_size
         self.router = Router(policy.policy, block_size=bs, rtt_ms=sc.rtt_ms, default_profile=first.profile,
-                             seed=sc.seed, clock=lambda: self.now, report_lag_s=0.0, **policy.options)
+                             seed=sc.seed, clock=lambda: self.now, report_lag_s=0.0, alternatives=0,
+                             **policy.options)
         self.label = policy.label
         self.hasher = hasher or Hasher(bs)
         self.rng = random.Random(sc.seed)
