@@ -17,7 +17,9 @@ Generators (knobs: a number, or [lo, hi] drawn uniformly per use):
   each step appends a tool result (the first: the user's task) and the
   previous answer to the history, `step_gap_s` apart.
 - shared_prefix: one request per arrival; a group's long shared prefix plus a
-  unique question (SGLang's generated-shared-prefix benchmark).
+  unique question (SGLang's generated-shared-prefix benchmark). Group g is
+  drawn with weight 1 / (g + 1) ** group_skew (0: uniform; 1: Zipf, a few hot
+  prefixes, as popular system prompts are).
 - chat / voice: multi-turn conversations over a short shared system prompt;
   voice is short, with a tight TTFT SLO (300 ms unless `slo` says otherwise).
 - no_reuse: unique prompts; the control where no policy can find a cache hit.
@@ -29,6 +31,7 @@ requests for the others.
 from __future__ import annotations
 
 import heapq
+import itertools
 import json
 import math
 import random
@@ -45,7 +48,8 @@ GENERATOR_PARAMS: dict[str, dict[str, Any]] = {
     "agent_sessions": {"system_prompt_tokens": 2000, "system_prompts": 4, "user_tokens": 300,
                        "steps": [4, 12], "tool_tokens": [100, 800], "output_tokens": [50, 300],
                        "step_gap_s": [1.0, 4.0]},
-    "shared_prefix": {"groups": 16, "prefix_tokens": 2048, "question_tokens": 128, "output_tokens": 256},
+    "shared_prefix": {"groups": 16, "prefix_tokens": 2048, "question_tokens": 128, "output_tokens": 256,
+                      "group_skew": 0.0},
     "chat": {"system_prompt_tokens": 200, "system_prompts": 1, "turns": [2, 8], "user_tokens": [20, 200],
              "output_tokens": [100, 400], "think_s": [5.0, 30.0]},
     "voice": {"system_prompt_tokens": 300, "system_prompts": 1, "turns": 1, "user_tokens": [10, 60],
@@ -166,10 +170,12 @@ def _generator(sc: Scenario, i: int, src: Source, region: str, rate: float, end:
     rng = random.Random(_key(sc.seed, i, region))
     kind = src.kind
     if kind in ("shared_prefix", "no_reuse"):
+        groups = max(1, int(p.get("groups", 1)))
+        cum = list(itertools.accumulate(1.0 / (g + 1) ** float(p.get("group_skew", 0.0)) for g in range(groups)))
         for n, t in enumerate(_times(rng, rate, src, end)):
             uniq = _key(kind, i, region, n)
             if kind == "shared_prefix":
-                g = rng.randrange(max(1, int(p["groups"])))
+                g = rng.choices(range(groups), cum_weights=cum)[0]
                 pre, q = _drawi(rng, p["prefix_tokens"]), _drawi(rng, p["question_tokens"])
                 segs = ((_key("group", src.tenant, g, pre), pre, True), (uniq, q, False))
             else:
