@@ -1,0 +1,240 @@
+"""The gateway's YAML config, validated into typed objects at start-up.
+
+    home_region: us-east            # client region when a request names none
+    rtt_ms: {us-east: {eu-west: 80}} # one-way entries are mirrored; missing = 0
+    router: {policy: latency, options: {}, alternatives: 3, snapshot_period_s: 0.2}
+    models: [{name: llama3-8b, max_model_len: 8192, default_max_tokens: 256}]
+    regions:
+      us-east: {replicas: 2, profile: llama3-8b-h100, kv_capacity_tokens: 200000,
+                models: [llama3-8b], engine: {kind: sim, options: {time_scale: 1.0}}}
+    auth: {admin_key_sha256: <hex>, tenants: {acme: {api_keys_sha256: [<hex>],
+                                                     allowed_regions: [eu-west]}}}
+    serve: {ingress_replicas: 1, ingress_max_ongoing_requests: 512,
+            engine_max_ongoing_requests: 512, region_resources: false, inject_rtt: true}
+
+Every key is documented in docs/configuration.md. `load_config` fails with a
+ConfigError whose message starts with the bad key's path
+(`regions.eu-west.profile: unknown profile 'h100'`), so a typo never starts.
+API keys are stored only as sha256 hex digests (see serving.ingress.auth).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from serving.engines.factory import known_kinds
+from serving.engines.profiles import PROFILES
+from serving.routing.policies import POLICIES
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ConfigError(ValueError):
+    """A config is invalid; the message starts with the offending key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EngineConfig(_Strict):
+    kind: str = "sim"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        if v not in known_kinds():
+            raise ValueError(f"unknown engine kind {v!r}; known: {known_kinds()}")
+        return v
+
+
+class RegionConfig(_Strict):
+    replicas: int = Field(ge=0)
+    profile: str = "llama3-8b-h100"
+    kv_capacity_tokens: int = Field(default=200_000, gt=0)
+    models: list[str] | None = None  # None = every configured model
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    ray_resource: str | None = None  # custom Ray resource pinning this region's replicas
+
+    @field_validator("profile")
+    @classmethod
+    def _profile(cls, v: str) -> str:
+        if v not in PROFILES:
+            raise ValueError(f"unknown profile {v!r}; known: {sorted(PROFILES)}")
+        return v
+
+
+class ModelConfig(_Strict):
+    name: str = Field(min_length=1)
+    max_model_len: int | None = Field(default=None, gt=0)  # None = the smallest replica's limit
+    default_max_tokens: int = Field(default=256, gt=0)
+
+
+class RouterConfig(_Strict):
+    policy: str = "latency"
+    options: dict[str, Any] = Field(default_factory=dict)
+    alternatives: int = Field(default=3, ge=0)
+    snapshot_period_s: float = Field(default=0.2, gt=0, le=5)
+    stale_after_s: float = Field(default=3.0, gt=0)  # no snapshot for this long: replica dropped
+
+    @field_validator("policy")
+    @classmethod
+    def _policy(cls, v: str) -> str:
+        if v not in POLICIES:
+            raise ValueError(f"unknown policy {v!r}; known: {sorted(POLICIES)}")
+        return v
+
+
+class TenantConfig(_Strict):
+    api_keys_sha256: list[str] = Field(default_factory=list)
+    allowed_regions: list[str] | None = None
+
+    @field_validator("api_keys_sha256")
+    @classmethod
+    def _hashes(cls, v: list[str]) -> list[str]:
+        for i, h in enumerate(v):
+            if not _HEX64.match(h):
+                raise ValueError(f"entry {i} is not a lowercase sha256 hex digest (64 hex characters); "
+                                 "store hashes, never keys")
+        return v
+
+
+class AuthConfig(_Strict):
+    admin_key_sha256: str | None = None
+    tenants: dict[str, TenantConfig] = Field(default_factory=dict)
+
+    @field_validator("admin_key_sha256")
+    @classmethod
+    def _admin(cls, v: str | None) -> str | None:
+        if v is not None and not _HEX64.match(v):
+            raise ValueError("not a lowercase sha256 hex digest (64 hex characters)")
+        return v
+
+    @property
+    def open(self) -> bool:
+        return not any(t.api_keys_sha256 for t in self.tenants.values())
+
+
+class ServeConfig(_Strict):
+    ingress_replicas: int = Field(default=1, ge=1)
+    ingress_max_ongoing_requests: int = Field(default=512, ge=1)
+    engine_max_ongoing_requests: int = Field(default=512, ge=1)
+    region_resources: bool = False  # place each region's engines with `ray_resource`
+    inject_rtt: bool = True  # sleep the configured RTT on the simulated network path
+    retry_attempts: int = Field(default=3, ge=1)  # replicas tried before the first token
+
+
+class Config(_Strict):
+    home_region: str
+    rtt_ms: dict[str, dict[str, float]] = Field(default_factory=dict)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    models: list[ModelConfig]
+    regions: dict[str, RegionConfig]
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @model_validator(mode="after")
+    def _cross(self) -> "Config":
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise _Keyed("models", f"duplicate model names {names}")
+        if not self.regions:
+            raise _Keyed("regions", "at least one region is required")
+        if self.home_region not in self.regions:
+            raise _Keyed("home_region", f"{self.home_region!r} is not under regions {sorted(self.regions)}")
+        for client, row in self.rtt_ms.items():
+            if client not in self.regions:
+                raise _Keyed(f"rtt_ms.{client}", "unknown region (not under regions)")
+            for server, v in row.items():
+                if server not in self.regions:
+                    raise _Keyed(f"rtt_ms.{client}.{server}", "unknown region (not under regions)")
+                if v < 0:
+                    raise _Keyed(f"rtt_ms.{client}.{server}", "must be >= 0")
+        for name, r in self.regions.items():
+            for m in r.models or ():
+                if m not in names:
+                    raise _Keyed(f"regions.{name}.models", f"unknown model {m!r}; configured: {names}")
+            if self.serve.region_resources and not r.ray_resource:
+                raise _Keyed(f"regions.{name}.ray_resource", "required when serve.region_resources is true")
+        sizes = {PROFILES[r.profile].block_size for r in self.regions.values()}
+        if len(sizes) > 1:
+            raise _Keyed("regions", f"profiles mix KV block sizes {sorted(sizes)}; use one block size")
+        for t, tc in self.auth.tenants.items():
+            for reg in tc.allowed_regions or ():
+                if reg not in self.regions:
+                    raise _Keyed(f"auth.tenants.{t}.allowed_regions", f"unknown region {reg!r}")
+        return self
+
+    # --- derived views ------------------------------------------------------
+    def rtt(self) -> dict[str, dict[str, float]]:
+        """The full matrix: given entries, mirrored where only one side is given, else 0."""
+        out = {c: {s: 0.0 for s in self.regions} for c in self.regions}
+        for c, row in self.rtt_ms.items():
+            for s, v in row.items():
+                out[c][s] = float(v)
+                if s not in self.rtt_ms or c not in self.rtt_ms[s]:
+                    out[s][c] = float(v)
+        return out
+
+    def region_models(self, region: str) -> list[str]:
+        r = self.regions[region]
+        return list(r.models) if r.models is not None else [m.name for m in self.models]
+
+    def model(self, name: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.name == name), None)
+
+    def max_model_len(self, name: str) -> int:
+        """The context limit requests are checked against: the tightest replica serving it."""
+        m = self.model(name)
+        limits = [min(PROFILES[r.profile].max_model_len, r.kv_capacity_tokens)
+                  for reg, r in self.regions.items() if name in self.region_models(reg) and r.replicas]
+        limit = min(limits) if limits else 0
+        return min(limit, m.max_model_len) if m and m.max_model_len else limit
+
+    @property
+    def block_size(self) -> int:
+        return PROFILES[next(iter(self.regions.values())).profile].block_size
+
+
+class _Keyed(ValueError):
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+
+
+def load_config(source: str | Path | dict[str, Any]) -> Config:
+    """Parse a YAML file (path) or an already-loaded dict; raise ConfigError naming the key."""
+    if isinstance(source, dict):
+        raw = source
+    else:
+        try:
+            raw = yaml.safe_load(Path(source).read_text())
+        except OSError as e:
+            raise ConfigError(f"config: cannot read {source}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError("config: the top level must be a mapping")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_describe(e)) from None
+
+
+def _describe(e: ValidationError) -> str:
+    err = e.errors()[0]
+    msg = str(err.get("msg", "invalid"))
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    key = ".".join(str(p) for p in err.get("loc", ()))
+    if err.get("type") == "extra_forbidden":
+        msg = "unknown key"
+    if not key:  # a model_validator's error already starts with its key
+        return msg
+    more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+    return f"{key}: {msg}{more}"

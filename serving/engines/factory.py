@@ -1,0 +1,73 @@
+"""Engine kinds: a registry from the config's `engine.kind` to a constructor.
+
+    make_engine(EngineSpec) -> Engine      # serving.engines.base protocol
+
+A kind maps to "module:function" and the module is imported only when an
+engine of that kind is built, so validating a config never imports vLLM.
+Other kinds (`vllm`, `vllm_http`) register themselves with `register(kind,
+"module:function")` or are added to `KINDS` below; the function receives the
+EngineSpec and returns an engine (it may also define `async start()`, which the
+host awaits before serving).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from serving.engines.base import Engine
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSpec:
+    """Everything needed to build one engine replica."""
+
+    kind: str
+    replica_id: str
+    region: str
+    model: str
+    profile: str
+    kv_capacity_tokens: int
+    options: dict[str, Any] = field(default_factory=dict)  # kind-specific (time_scale, url, ...)
+
+
+KINDS: dict[str, str] = {
+    "sim": "serving.engines.factory:make_sim",
+}
+
+
+def register(kind: str, target: str | Callable[[EngineSpec], Engine]) -> None:
+    """Add (or replace) an engine kind: a "module:function" path or the function."""
+    if callable(target):
+        target = f"{target.__module__}:{target.__qualname__}"
+    if ":" not in target:
+        raise ValueError(f"engine kind {kind!r}: target must be 'module:function', got {target!r}")
+    KINDS[kind] = target
+
+
+def known_kinds() -> list[str]:
+    return sorted(KINDS)
+
+
+def make_engine(spec: EngineSpec) -> Engine:
+    try:
+        target = KINDS[spec.kind]
+    except KeyError:
+        raise ValueError(f"unknown engine kind {spec.kind!r}; known: {known_kinds()}") from None
+    module, _, name = target.partition(":")
+    fn = getattr(importlib.import_module(module), name)
+    return fn(spec)
+
+
+SIM_OPTIONS = {"time_scale"}
+
+
+def make_sim(spec: EngineSpec) -> Engine:
+    from serving.engines.sim import SimEngine
+
+    unknown = sorted(set(spec.options) - SIM_OPTIONS)
+    if unknown:
+        raise ValueError(f"engine options {unknown} are not known to kind 'sim' (known: {sorted(SIM_OPTIONS)})")
+    return SimEngine(spec.replica_id, spec.region, spec.model, spec.profile, spec.kv_capacity_tokens,
+                     time_scale=float(spec.options.get("time_scale", 1.0)))

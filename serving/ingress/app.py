@@ -1,0 +1,144 @@
+"""The OpenAI-compatible ASGI app (Starlette) over a Gateway.
+
+    POST /v1/chat/completions   POST /v1/completions   (SSE when "stream": true)
+    GET  /v1/models             GET  /health           GET /metrics (Prometheus text)
+    GET  /admin/router          the router's view (replicas, load, in-flight); admin key
+
+Response headers: x-request-id, and where the request went: x-proxima-region,
+x-proxima-replica, x-proxima-predicted-ttft-ms. Every error, ours or a
+framework's (404, 405), leaves as an OpenAI-style JSON body with its status;
+an unexpected exception is a 500 with a generic body (details only in the log).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, AsyncIterator, Callable
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from serving.errors import InvalidRequest, NotFound, ProximaError
+from serving.ingress import sse
+from serving.ingress.metrics import CONTENT_TYPE
+from serving.ingress.openai_api import Parsed, Responder, parse_chat, parse_completion, usage
+from serving.ingress.pipeline import Gateway
+from serving.ingress.stream import Stream
+
+log = logging.getLogger("proxima.ingress")
+_HEADERS = ("x-session-id", "x-agent-step", "x-proxima-tier", "traceparent")
+
+
+def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(sse.dumps(obj), status, headers, media_type="application/json")
+
+
+def _error(e: ProximaError, headers: dict[str, str] | None = None) -> Response:
+    return _json(e.body(), e.status, {**e.headers, **(headers or {})})
+
+
+def build_app(gw: Gateway) -> Starlette:
+    m = gw.metrics
+
+    def counted(route: str, fn: Callable) -> Callable:
+        async def handler(request: Request) -> Response:
+            try:
+                resp = await fn(request)
+            except ProximaError as e:
+                resp = _error(e)
+            except Exception:  # a bug: never leak its text to the client
+                log.exception("unhandled error on %s", route)
+                resp = _error(ProximaError("The server had an error while processing your request."))
+            m.requests.labels(route, str(resp.status_code)).inc()
+            return resp
+        return handler
+
+    async def completions(request: Request, parse: Callable[[bytes], Parsed]) -> Response:
+        rid = gw.request_id(request.headers.get("x-request-id"))
+        try:
+            principal = gw.auth.authenticate(request.headers.get("authorization"))
+            parsed = parse(await request.body())
+            region = gw.client_region(request.headers.get("x-client-region"))
+            extra = tuple((k, v) for k in _HEADERS if (v := request.headers.get(k)) is not None)
+            job = gw.prepare(parsed, principal, region, rid, extra)
+            stream = await gw.start(job)
+        except ProximaError as e:
+            return _error(e, {"x-request-id": rid})
+        resp = Responder(parsed.kind, rid, job.model, parsed.include_usage)
+        if parsed.stream:
+            return StreamingResponse(_events(stream, resp), media_type=sse.MEDIA_TYPE,
+                                     headers={**stream.headers(), "cache-control": "no-cache"})
+        text = []
+        async for c in stream.chunks():
+            text.append(c.text)
+        u = usage(stream.prompt_tokens, stream.completion_tokens, stream.cached_tokens)
+        return _json(resp.full("".join(text), stream.finish_reason, u), headers=stream.headers())
+
+    async def chat(request: Request) -> Response:
+        return await completions(request, parse_chat)
+
+    async def completion(request: Request) -> Response:
+        return await completions(request, parse_completion)
+
+    async def models(request: Request) -> Response:
+        gw.auth.authenticate(request.headers.get("authorization"))
+        now = int(time.time())
+        data = [{"id": n, "object": "model", "created": now, "owned_by": "proxima"} for n in gw.model_names()]
+        return _json({"object": "list", "data": data})
+
+    async def health(request: Request) -> Response:
+        stats = await gw.router.stats()
+        up = sum(1 for r in stats.get("replicas", {}).values() if r.get("routable"))
+        body = {"status": "ok" if up else "degraded", "replicas_up": up,
+                "replicas": len(stats.get("replicas", {}))}
+        return _json(body, 200 if up else 503)
+
+    async def metrics(request: Request) -> Response:
+        return Response(m.render(), media_type=CONTENT_TYPE)
+
+    async def admin_router(request: Request) -> Response:
+        gw.auth.require_admin(request.headers.get("authorization"))
+        return _json(await gw.router.stats())
+
+    async def not_found(request: Request, exc: HTTPException) -> Response:
+        if exc.status_code == 405:
+            e: ProximaError = InvalidRequest(f"Method {request.method} is not allowed on {request.url.path}.")
+            e.status = 405
+        elif exc.status_code == 404:
+            e = NotFound(f"Unknown path {request.url.path}.")
+        else:
+            e = InvalidRequest(str(exc.detail))
+            e.status = exc.status_code
+        return _error(e)
+
+    routes = [
+        Route("/v1/chat/completions", counted("/v1/chat/completions", chat), methods=["POST"]),
+        Route("/v1/completions", counted("/v1/completions", completion), methods=["POST"]),
+        Route("/v1/models", counted("/v1/models", models), methods=["GET"]),
+        Route("/health", counted("/health", health), methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/admin/router", counted("/admin/router", admin_router), methods=["GET"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={HTTPException: not_found})
+
+
+async def _events(stream: Stream, resp: Responder) -> AsyncIterator[bytes]:
+    """SSE body: one event per engine chunk, the usage event if asked, then [DONE]."""
+    first = True
+    try:
+        async for c in stream.chunks():
+            yield sse.event(resp.chunk(c.text, c.finish_reason, first))
+            first = False
+        if resp.include_usage:
+            yield sse.event(resp.usage_chunk(usage(stream.prompt_tokens, stream.completion_tokens,
+                                                   stream.cached_tokens)))
+    except ProximaError as e:  # after the first byte the status is sent: report in-band
+        yield sse.event(e.body())
+    except Exception:
+        log.exception("stream %s failed", stream.job.request_id)
+        yield sse.event(ProximaError("The server had an error while streaming.").body())
+    yield sse.DONE

@@ -1,0 +1,220 @@
+"""OpenAI request schemas and response objects.
+
+    parse_chat(body: bytes) -> Parsed          # POST /v1/chat/completions
+    parse_completion(body: bytes) -> Parsed    # POST /v1/completions
+
+Every bad input becomes serving.errors.InvalidRequest (400) naming the field
+in `param`: malformed JSON, wrong types, empty `messages`, `max_tokens` < 1,
+unsupported options (`n` > 1). Model existence and context length are checked
+later by the pipeline, which knows the deployment. Unknown fields are ignored,
+as vLLM's server does, so newer clients keep working.
+
+Chat messages are rendered to one prompt with a fixed template, system prompt
+first, so requests that share leading messages share a token prefix (and so
+KV blocks).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from serving.errors import InvalidRequest
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class _Common(_Body):
+    model: str = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    n: int = Field(default=1, ge=1, le=1)  # one choice per request
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    user: str | None = None
+
+
+class ChatRequest(_Common):
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[int] = Field()
+    max_tokens: int | None = Field(default=16, ge=1)
+    echo: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    """A validated request, whatever its endpoint."""
+
+    kind: str  # "chat" | "completion"
+    model: str
+    prompt: str
+    prompt_token_ids: tuple[int, ...] | None
+    max_tokens: int | None  # None = the model's default
+    stream: bool
+    include_usage: bool
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop: tuple[str, ...]
+
+
+def _load(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InvalidRequest(f"We could not parse the JSON body of your request: {e}") from None
+
+
+def _validate(cls: type[_Body], body: bytes) -> Any:
+    raw = _load(body)
+    if not isinstance(raw, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = _param(err.get("loc", ()))
+        msg = err.get("msg", "invalid value")
+        if param == "messages" and err.get("type") == "too_short":
+            msg = "messages must contain at least one message"
+        raise InvalidRequest(f"Invalid value for `{param}`: {msg}", param=param) from None
+
+
+_BRANCHES = {"str", "int", "float", "bool", "none", "function-after"}
+
+
+def _param(loc: tuple) -> str | None:
+    """`messages.0.content`, dropping the union-branch tags pydantic adds (`str`, `list[int]`)."""
+    out = []
+    for p in loc:
+        if isinstance(p, str) and ("[" in p or p in _BRANCHES):
+            break
+        out.append(str(p))
+    return ".".join(out) or None
+
+
+def _common(r: _Common) -> dict[str, Any]:
+    stop = (r.stop,) if isinstance(r.stop, str) else tuple(r.stop or ())
+    return dict(model=r.model, stream=r.stream,
+                include_usage=bool(r.stream and r.stream_options and r.stream_options.include_usage),
+                temperature=1.0 if r.temperature is None else r.temperature,
+                top_p=1.0 if r.top_p is None else r.top_p, seed=r.seed, stop=stop)
+
+
+def render_messages(messages: list[Message]) -> str:
+    parts = []
+    for m in messages:
+        if isinstance(m.content, list):
+            text = " ".join(p.text for p in m.content)
+        else:
+            text = m.content or ""
+        parts.append(f"<|{m.role}|> {text}")
+    return " ".join(parts) + " <|assistant|>"
+
+
+def parse_chat(body: bytes) -> Parsed:
+    r: ChatRequest = _validate(ChatRequest, body)
+    prompt = render_messages(r.messages)
+    max_tokens = r.max_completion_tokens or r.max_tokens
+    return Parsed("chat", prompt=prompt, prompt_token_ids=None, max_tokens=max_tokens, **_common(r))
+
+
+def parse_completion(body: bytes) -> Parsed:
+    r: CompletionRequest = _validate(CompletionRequest, body)
+    if r.echo:
+        raise InvalidRequest("`echo` is not supported.", param="echo")
+    ids: tuple[int, ...] | None = None
+    p = r.prompt
+    if isinstance(p, list) and p and all(isinstance(x, int) for x in p):
+        ids, prompt = tuple(p), ""
+    elif isinstance(p, list):
+        if len(p) != 1:
+            raise InvalidRequest("Exactly one prompt per request is supported.", param="prompt")
+        prompt = str(p[0])
+    else:
+        prompt = p
+    if not prompt and not ids:
+        raise InvalidRequest("The prompt must not be empty.", param="prompt")
+    return Parsed("completion", prompt=prompt, prompt_token_ids=ids, max_tokens=r.max_tokens, **_common(r))
+
+
+# --- response objects ---------------------------------------------------------
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+class Responder:
+    """Builds one request's response objects (ids and `created` fixed per request)."""
+
+    __slots__ = ("kind", "id", "model", "created", "include_usage")
+
+    def __init__(self, kind: str, request_id: str, model: str, include_usage: bool = False,
+                 created: int | None = None):
+        self.kind = kind
+        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + request_id
+        self.model = model
+        self.created = int(time.time()) if created is None else created
+        self.include_usage = include_usage
+
+    def _head(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def chunk(self, text: str, finish_reason: str | None, first: bool = False) -> dict[str, Any]:
+        if self.kind == "chat":
+            delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
+            d = self._head("chat.completion.chunk")
+            d["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+        else:
+            d = self._head("text_completion")
+            d["choices"] = [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]
+        if self.include_usage:
+            d["usage"] = None
+        return d
+
+    def usage_chunk(self, u: dict[str, Any]) -> dict[str, Any]:
+        d = self._head("chat.completion.chunk" if self.kind == "chat" else "text_completion")
+        d["choices"] = []
+        d["usage"] = u
+        return d
+
+    def full(self, text: str, finish_reason: str | None, u: dict[str, Any]) -> dict[str, Any]:
+        if self.kind == "chat":
+            d = self._head("chat.completion")
+            d["choices"] = [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "logprobs": None, "finish_reason": finish_reason}]
+        else:
+            d = self._head("text_completion")
+            d["choices"] = [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]
+        d["usage"] = u
+        return d

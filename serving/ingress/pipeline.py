@@ -1,0 +1,191 @@
+"""The request pipeline, stage by stage, over two ports (router, engines).
+
+    ingress      app.py: HTTP -> openai_api.Parsed, auth -> Principal, client region
+    prepare      tokenize once, default/validate max_tokens, model known?
+    admission    `Admission.admit(job) -> ticket` (default: admit all)
+    delegation   `Delegation.resolve(job) -> job` (default: the model as named)
+    bind         block hashes for the final model and cache salt, context-length check
+    routing      RouterPort.route(RouteRequest) -> Decision (the central router)
+    dispatch     EnginePort.open(decision, GenerateRequest) -> chunks, through
+                 serving.failover.stream_with_failover: another replica before the
+                 first token (RouteRequest.exclude), continuation after it
+    accounting   Stream: router.finished, Admission.settle(ticket, used), metrics
+
+The seams: admission and delegation are objects passed to `Gateway(...)`
+(serving/admission and serving/delegation plug in there); failover policy is
+`RetryPolicy`; the ports are implemented over Ray in serving/ray/ and
+in-process (serving.ingress.local) for tests. RTT injection: with
+`serve.inject_rtt`, dispatch sleeps rtt/2 before opening the engine stream
+(request leg) and rtt/2 before passing on the first chunk (response leg), so
+the configured geography shows up whole in the measured TTFT; later chunks are
+not delayed again (a constant delay would only shift them).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass, replace
+from typing import Any, AsyncIterator, Callable, Protocol
+
+from serving.config import Config
+from serving.engines.base import Chunk, GenerateRequest
+from serving.engines.tokenizer import encode
+from serving.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound
+from serving.failover import RetryPolicy
+from serving.ingress.auth import Authenticator, Principal
+from serving.ingress.metrics import GatewayMetrics
+from serving.ingress.openai_api import Parsed
+from serving.prefix.hashing import block_hashes
+from serving.types import Decision, RouteRequest
+
+
+class RouterPort(Protocol):
+    async def route(self, req: RouteRequest) -> Decision: ...
+
+    def first_token(self, request_id: str, engine_ttft_ms: float | None) -> None: ...
+
+    def finished(self, request_id: str, ok: bool) -> None: ...
+
+    async def stats(self) -> dict[str, Any]: ...
+
+
+class EnginePort(Protocol):
+    def open(self, decision: Decision, gen: GenerateRequest) -> AsyncIterator[Chunk]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One request between stages: everything routing and dispatch need, computed once."""
+
+    request_id: str
+    parsed: Parsed
+    principal: Principal
+    client_region: str
+    model: str
+    prompt_token_ids: tuple[int, ...]
+    max_tokens: int
+    block_hashes: tuple[int, ...] = ()
+    cache_salt: str | None = None
+    session_id: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()  # request headers later stages may read (x-session-id, ...)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    def route_request(self) -> RouteRequest:
+        return RouteRequest(self.request_id, self.model, self.prompt_tokens, self.block_hashes,
+                            self.max_tokens, self.client_region, self.principal.allowed_regions,
+                            self.principal.tenant, self.session_id)
+
+    def generate_request(self) -> GenerateRequest:
+        p = self.parsed
+        return GenerateRequest(self.request_id, self.prompt_token_ids, p.prompt or None, self.max_tokens,
+                               self.model, self.cache_salt, p.temperature, p.top_p, p.seed, p.stop,
+                               block_hashes=self.block_hashes)
+
+
+class Admission:
+    """Default admission: everyone is admitted, nothing to settle."""
+
+    async def admit(self, job: Job) -> Any:
+        return None
+
+    async def settle(self, job: Job, ticket: Any, used_tokens: int) -> None:
+        return None
+
+
+class Delegation:
+    """Default delegation: the model is the one named; no aliases."""
+
+    aliases: frozenset[str] = frozenset()
+
+    async def resolve(self, job: Job) -> Job:
+        return job
+
+
+_RID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class Gateway:
+    def __init__(self, config: Config, router: RouterPort, engines: EnginePort, *,
+                 admission: Admission | None = None, delegation: Delegation | None = None,
+                 metrics: GatewayMetrics | None = None,
+                 tokenizer: Callable[[str], list[int]] = encode,
+                 retry: RetryPolicy | None = None):
+        self.config = config
+        self.router, self.engines = router, engines
+        self.admission = admission or Admission()
+        self.delegation = delegation or Delegation()
+        self.metrics = metrics or GatewayMetrics()
+        self.tokenizer = tokenizer
+        self.retry = retry or RetryPolicy(max_attempts=config.serve.retry_attempts)
+        self.auth = Authenticator(config.auth)
+        self.rtt = config.rtt()
+        self.inject_rtt = config.serve.inject_rtt
+        self.block_size = config.block_size
+        self.limits = {m.name: config.max_model_len(m.name) for m in config.models}
+        self.default_max = {m.name: m.default_max_tokens for m in config.models}
+
+    def model_names(self) -> list[str]:
+        return [m.name for m in self.config.models] + sorted(self.delegation.aliases)
+
+    @staticmethod
+    def request_id(header: str | None) -> str:
+        return header if header and _RID.match(header) else uuid.uuid4().hex
+
+    def client_region(self, header: str | None) -> str:
+        if not header:
+            return self.config.home_region
+        if header not in self.config.regions:
+            raise InvalidRequest(f"Unknown client region {header!r} in x-client-region; known: "
+                                 f"{sorted(self.config.regions)}.", param="x-client-region")
+        return header
+
+    # --- stages ------------------------------------------------------------
+    def prepare(self, parsed: Parsed, principal: Principal, client_region: str, request_id: str,
+                headers: tuple[tuple[str, str], ...] = ()) -> Job:
+        """Tokenize once; the model must be configured (or an alias delegation resolves)."""
+        if parsed.model not in self.limits and parsed.model not in self.delegation.aliases:
+            raise ModelNotFound(f"The model `{parsed.model}` does not exist.", param="model")
+        ids = parsed.prompt_token_ids or tuple(self.tokenizer(parsed.prompt))
+        max_tokens = parsed.max_tokens
+        if max_tokens is None:
+            max_tokens = self.default_max.get(parsed.model, 256)
+        session = next((v for k, v in headers if k == "x-session-id"), None)
+        return Job(request_id, parsed, principal, client_region, parsed.model, tuple(ids), max_tokens,
+                   session_id=session, headers=headers)
+
+    def bind(self, job: Job) -> Job:
+        """The model is final: check the context limit and hash the prompt's blocks for it."""
+        limit = self.limits.get(job.model)
+        if limit is None:
+            raise ModelNotFound(f"The model `{job.model}` does not exist.", param="model")
+        if job.prompt_tokens + job.max_tokens > limit:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{job.prompt_tokens + job.max_tokens} tokens ({job.prompt_tokens} in the messages, "
+                f"{job.max_tokens} in the completion). Please reduce the length of the messages "
+                "or completion.", param="messages" if job.parsed.kind == "chat" else "prompt")
+        hashes = block_hashes(job.prompt_token_ids, self.block_size, job.model, job.cache_salt)
+        return replace(job, block_hashes=hashes)
+
+    async def start(self, job: Job) -> "Stream":
+        """Admission, delegation, bind, then routing and dispatch up to the first chunk."""
+        from serving.ingress.stream import Stream
+
+        ticket = await self.admission.admit(job)
+        try:
+            job = self.bind(await self.delegation.resolve(job))
+        except BaseException:
+            await self.admission.settle(job, ticket, 0)
+            raise
+        stream = Stream(self, job, ticket)
+        await stream.open()
+        return stream
+
+    def rtt_s(self, client_region: str, region: str) -> float:
+        if not self.inject_rtt:
+            return 0.0
+        return self.rtt.get(client_region, {}).get(region, 0.0) / 1000.0
