@@ -26,6 +26,7 @@ class BreakerConfig:
     recoveries: int = 2
     cooldown_s: float = 2.0
     window_s: float = 5.0
+    half_open_after_s: float | None = None  # without probes: let one trial through after this
 
 
 @dataclass(slots=True)
@@ -74,6 +75,19 @@ class FailoverView:
             if r.oks >= self.config.recoveries and now - r.opened_at >= self.config.cooldown_s:
                 r.open, r.oks = False, 0
                 self._dirty[replica_id] = False
+
+    def tick(self, now: float) -> None:
+        """Half-open: where no probe runs, close a circuit open this long for a trial.
+
+        One more failure reopens it at once (its failure count starts one short).
+        """
+        after = self.config.half_open_after_s
+        if after is None:
+            return
+        for rid, r in self.replicas.items():
+            if r.open and now - r.opened_at >= after:
+                r.open, r.oks, r.fails = False, 0, max(0, self.config.failures - 1)
+                self._dirty[rid] = False
 
     # --- reading ------------------------------------------------------------
     def is_open(self, replica_id: str) -> bool:

@@ -60,3 +60,29 @@ async def test_probes_drain_a_dead_region_in_one_round_and_rejoin():
     t[0] = 1.0
     assert await probe_once(v, probe, clock=lambda: t[0]) == {"eu-1": False}
     assert not v.region_drained("eu")
+
+
+def test_half_open_trial_without_probes():
+    v = view(failures=2, half_open_after_s=3.0)
+    v.failure("us-1", 0.0)
+    v.failure("us-1", 0.1)
+    v.changes()
+    v.tick(2.0)
+    assert v.is_open("us-1")
+    v.tick(3.2)
+    assert not v.is_open("us-1") and v.changes() == {"us-1": False}
+    v.failure("us-1", 3.3)  # the trial failed: open again at once
+    assert v.is_open("us-1")
+
+
+async def test_circuit_feed_pushes_changes_to_router():
+    from serving.failover.gateway import CircuitFeed
+    from serving.types import Decision, TTFTParts
+
+    pushed = []
+    feed = CircuitFeed(FailoverView(BreakerConfig(failures=1)), lambda r, o: pushed.append((r, o)),
+                       clock=lambda: 1.0)
+    d = Decision("q", "eu-1", "eu", "latency", TTFTParts(0, 0, 0), 0, "")
+    await feed.record(d, True)
+    await feed.record(d, False)
+    assert pushed == [("eu-1", True)] and feed.failovers == 1

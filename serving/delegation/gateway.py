@@ -1,0 +1,76 @@
+"""Delegation wired into the ingress pipeline's delegation seam.
+
+`TierDelegation.resolve(job)`: for the alias (`auto`), build the rule features
+from the request, ask the router for the large tier's predicted TTFT (with the
+request's own allowed regions, so residency bounds the prediction too), choose
+a tier, and return the job bound to that tier's model with the choice in
+`job.reply_headers` (x-proxima-tier, -reason, -detail) and the metrics.
+
+The request's TTFT SLO comes from `x-proxima-slo-ttft-ms`, else the config's
+`slo_ttft_ms`. `predict(RouteRequest) -> ms` is the router port's dry-run
+(choose without booking).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Awaitable, Callable
+
+from serving.delegation.cascade import is_json_format
+from serving.delegation.tiers import HEADER, DelegationConfig, Features, choose_tier
+from serving.errors import InvalidRequest, NoReplicaAvailable
+from serving.types import RouteRequest
+
+SLO_HEADER = "x-proxima-slo-ttft-ms"
+
+Predict = Callable[[RouteRequest], Awaitable[float]]
+
+
+class TierDelegation:
+    def __init__(self, cfg: DelegationConfig, predict: Predict, slo_ttft_ms: float | None = None,
+                 on_choice: Callable[[str, str], None] | None = None):
+        self.cfg, self.predict, self.slo_ttft_ms = cfg, predict, slo_ttft_ms
+        self.on_choice = on_choice
+        self.aliases = frozenset({cfg.alias})
+
+    async def resolve(self, job: Any) -> Any:
+        if job.model != self.cfg.alias:
+            return job
+        headers = dict(job.headers)
+        slo = self._slo(headers.get(SLO_HEADER))
+        p = job.parsed
+        f = Features(job.prompt_tokens, has_tools=bool(getattr(p, "tools", False)),
+                     json_format=is_json_format(getattr(p, "response_format", None)),
+                     header_tier=headers.get(HEADER), slo_ttft_ms=slo, stream=p.stream)
+        large = self.cfg.tier(self.cfg.large)
+        predicted: float | None = None
+        try:  # asked up front: choose_tier is sync, the router port is async
+            predicted = await self.predict(replace(job.route_request(), model=large.model,
+                                                   slo_ttft_ms=slo, request_id=job.request_id + "?"))
+            unavailable = None
+        except NoReplicaAvailable as e:
+            unavailable = e
+
+        def predict_large() -> float:
+            if unavailable is not None:
+                raise unavailable
+            assert predicted is not None
+            return predicted
+
+        choice = choose_tier(self.cfg, f, predict_large)
+        if self.on_choice is not None:
+            self.on_choice(choice.tier, choice.reason)
+        extra = tuple(choice.headers().items())
+        return replace(job, model=choice.model, reply_headers=job.reply_headers + extra)
+
+    def _slo(self, raw: str | None) -> float | None:
+        if raw is None:
+            return self.slo_ttft_ms
+        try:
+            v = float(raw)
+        except ValueError:
+            v = -1.0
+        if not v > 0:
+            raise InvalidRequest(f"`{SLO_HEADER}` must be a positive number of milliseconds.",
+                                 param=SLO_HEADER)
+        return v
