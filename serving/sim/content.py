@@ -26,7 +26,7 @@ _xxh = xxhash.xxh3_64_intdigest
 
 
 class Hasher:
-    def __init__(self, block_size: int, cache_entries: int = 200_000):
+    def __init__(self, block_size: int, cache_entries: int = 20_000):
         self.bs = block_size
         self.cache: dict[tuple[int, int], list[int]] = {}
         self.cache_entries = cache_entries

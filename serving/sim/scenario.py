@@ -122,6 +122,10 @@ def parse(raw: Any, base_dir: Path | str = ".", name: str = "scenario") -> Scena
                      for i, s in enumerate(_list(d["workload"], "workload")))
     if not workload:
         raise ScenarioError("workload: needs at least one source")
+    served = {r.model for r in regions.values()}
+    for i, src in enumerate(workload):
+        if src.model not in served:
+            raise ScenarioError(f"workload[{i}].model: no region serves {src.model!r}; served: {sorted(served)}")
     sc = Scenario(
         seed=_int(d.get("seed", 0), "seed"),
         duration_s=_num(d["duration_s"], "duration_s", lo=0.0, strict=True),

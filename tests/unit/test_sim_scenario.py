@@ -85,6 +85,8 @@ def _bad(mutate):
     pytest.param(lambda d: d["workload"][0].update(generator="voice"), "workload[0]",
                  id="trace-and-generator"),
     pytest.param(lambda d: d["slo"].update(ttft_ms="fast"), "slo.ttft_ms", id="slo-not-a-number"),
+    pytest.param(lambda d: d["workload"][1].update(model="gpt-9"), "workload[1].model",
+                 id="model-nobody-serves"),
     pytest.param(lambda d: d.update(policies=["round_robin", "fastest"]), "policies[1]",
                  id="unknown-policy"),
     pytest.param(lambda d: d.update(events=[{"at_s": 1, "action": "outage", "region": "mars"}]),
