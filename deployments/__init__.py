@@ -1,0 +1,1 @@
+"""Ray Serve application builders and YAML configs (see deployments/app.py)."""

@@ -1,0 +1,72 @@
+"""The Serve application builder: `serve run deployments/local.yaml`.
+
+    build_app(args) -> Application
+
+`args` is the Proxima config (serving.config: home_region, rtt_ms, router,
+models, regions, auth, serve), inline under the application's `args:`, or
+`{config_path: file.yaml}` pointing at one. It builds:
+
+- one engine deployment per region and model (`engine-<region>-<model>`),
+  `num_replicas` = the region's replicas, routed by serving.ray.request_router:
+  DecisionRouter so each call reaches the replica the central router chose;
+  with `serve.region_resources` each is pinned by its region's Ray resource;
+- the ingress deployment (the OpenAI API), holding handles to all of them.
+
+The router actor is created by the first replica that needs it (see
+serving.ray.router_actor), not here: with a config file this builder runs in a
+short-lived task that would take a non-detached actor down with it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
+
+from serving.config import load_config
+from serving.ray.engine import EngineDeployment
+from serving.ray.ingress import IngressDeployment, engine_key
+
+ROUTER_CLASS = "serving.ray.request_router:DecisionRouter"
+
+
+def engine_name(region: str, model: str) -> str:
+    return "engine-" + re.sub(r"[^A-Za-z0-9_-]+", "-", f"{region}-{model}")
+
+
+def _config_dict(args: dict[str, Any]) -> dict[str, Any]:
+    args = dict(args or {})
+    path = args.pop("config_path", None)
+    if path is not None:
+        if args:
+            raise ValueError(f"args: give either config_path or an inline config, not both ({sorted(args)})")
+        return yaml.safe_load(Path(path).read_text())
+    return args
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    raw = _config_dict(args)
+    cfg = load_config(raw)  # fail here, naming the key, before anything is deployed
+    engines = {}
+    for region, r in cfg.regions.items():
+        if r.replicas == 0:
+            continue
+        actor: dict[str, Any] = {"num_cpus": 0}
+        if cfg.serve.region_resources:
+            actor["resources"] = {r.ray_resource: 0.001}  # a sliver: placement, not capacity
+        for model in cfg.region_models(region):
+            engines[engine_key(region, model)] = EngineDeployment.options(
+                name=engine_name(region, model), num_replicas=r.replicas,
+                max_ongoing_requests=cfg.serve.engine_max_ongoing_requests,
+                ray_actor_options=actor,
+                request_router_config=RequestRouterConfig(request_router_class=ROUTER_CLASS),
+            ).bind(raw, region, model)
+    return IngressDeployment.options(
+        name="ingress", num_replicas=cfg.serve.ingress_replicas,
+        max_ongoing_requests=cfg.serve.ingress_max_ongoing_requests,
+        ray_actor_options={"num_cpus": 0},
+    ).bind(raw, engines)

@@ -1,0 +1,88 @@
+"""Engine deployment: one Serve replica hosts one engine from the factory.
+
+Its name for the router is "<region>-<Serve replica unique id>", which the
+DecisionRouter matches to send each call where the central router decided.
+Every `router.snapshot_period_s` it pushes the engine's snapshot and its call
+counters (started, finished, aborted, failed) to the router actor.
+
+Errors travel as values inside the stream (a ProximaError item), so the
+ingress raises the project's own error rather than a Ray wrapper. Closing the
+stream (the ingress cancels the call when its client went away) closes the
+engine's generator, which aborts the engine's work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, AsyncIterator
+
+from ray import serve
+
+from serving.config import load_config
+from serving.engines.base import GenerateRequest
+from serving.engines.factory import EngineSpec, make_engine
+from serving.errors import EngineError, ProximaError
+from serving.ray.router_actor import router_actor
+
+log = logging.getLogger("proxima.engine")
+
+
+@serve.deployment(max_ongoing_requests=512, ray_actor_options={"num_cpus": 0})
+class EngineDeployment:
+    async def __init__(self, config: dict[str, Any], region: str, model: str):
+        cfg = load_config(config)
+        r = cfg.regions[region]
+        uid = serve.get_replica_context().replica_id.unique_id
+        self.replica_id = f"{region}-{uid}"
+        self.engine = make_engine(EngineSpec(r.engine.kind, self.replica_id, region, model, r.profile,
+                                             r.kv_capacity_tokens, dict(r.engine.options)))
+        start = getattr(self.engine, "start", None)
+        if start is not None:
+            await start()
+        self.counters = {"started": 0, "finished": 0, "aborted": 0, "failed": 0}
+        self.router = router_actor(config)
+        self.period_s = cfg.router.snapshot_period_s
+        await self._push()  # known to the router before the first request can arrive
+        self._task = asyncio.get_running_loop().create_task(self._report())
+
+    async def generate(self, gen: GenerateRequest, target: str = "") -> AsyncIterator[Any]:
+        if target and target != self.replica_id:
+            yield EngineError(f"call for {target} reached {self.replica_id}")
+            return
+        self.counters["started"] += 1
+        outcome = "aborted"
+        try:
+            async for chunk in self.engine.generate(gen):
+                yield chunk
+            outcome = "finished"
+        except ProximaError as e:
+            outcome = "failed"
+            yield e
+        except Exception as e:  # translate at the boundary; details stay in this log
+            log.exception("engine %s failed", self.replica_id)
+            outcome = "failed"
+            yield EngineError(f"replica {self.replica_id} failed: {type(e).__name__}")
+        finally:
+            self.counters[outcome] += 1
+
+    async def snapshot(self) -> dict[str, Any]:
+        return {"replica_id": self.replica_id, "counters": dict(self.counters)}
+
+    async def _push(self) -> None:
+        await self.router.update.remote(self.engine.snapshot(), dict(self.counters))
+
+    async def _report(self) -> None:
+        while True:
+            try:
+                await self._push()
+            except Exception as e:  # the router restarting: keep serving, report next time
+                log.warning("snapshot push from %s failed: %s", self.replica_id, type(e).__name__)
+            await asyncio.sleep(self.period_s)
+
+    async def __del__(self) -> None:
+        self._task.cancel()
+        try:
+            self.router.remove.remote(self.replica_id)
+        except Exception:
+            pass

@@ -1,0 +1,86 @@
+"""Ingress deployment: the ASGI app (serving.ingress.app) inside Ray Serve.
+
+Serve's proxy passes its request id in `x-request-id` and echoes it in the
+response, so the app's own copy of that header is dropped here. Ports over Ray: the router actor (RayRouter) and the engine deployments
+(RayEngines: one streaming handle per region and model; each call carries the
+decision's replica as `target`, which DecisionRouter honours). A call that
+ends before its last chunk (client gone, dispatch moved on) is cancelled, so
+the engine replica aborts the request.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, AsyncIterator
+
+from ray import serve
+from ray.exceptions import RayError
+
+from serving.config import load_config
+from serving.engines.base import Chunk, GenerateRequest
+from serving.errors import EngineError, ProximaError
+from serving.ingress.app import build_app
+from serving.ingress.pipeline import Gateway
+from serving.ray.router_actor import RayRouter, router_actor
+from serving.types import Decision
+
+log = logging.getLogger("proxima.ingress")
+
+
+def engine_key(region: str, model: str) -> str:
+    return f"{region}/{model}"
+
+
+class RayEngines:
+    """EnginePort over Serve handles keyed by engine_key(region, model)."""
+
+    def __init__(self, handles: dict[str, Any]):
+        self.handles = {k: h.options(stream=True) for k, h in handles.items()}
+
+    async def open(self, decision: Decision, gen: GenerateRequest) -> AsyncIterator[Chunk]:
+        h = self.handles.get(engine_key(decision.region, gen.model))
+        if h is None:
+            raise EngineError(f"no engine deployment for {gen.model} in {decision.region}")
+        resp = h.generate.remote(gen, target=decision.replica_id)
+        done = False
+        try:
+            async for item in resp:
+                if isinstance(item, ProximaError):
+                    done = True
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    done = True
+            done = True
+        except RayError as e:  # the replica died or Serve gave up: retriable
+            done = True
+            raise EngineError(f"replica {decision.replica_id} failed: {type(e).__name__}") from None
+        finally:
+            if not done:
+                resp.cancel()
+
+
+@serve.deployment(max_ongoing_requests=512, ray_actor_options={"num_cpus": 0})
+@serve.ingress()
+class IngressDeployment:
+    def __init__(self, config: dict[str, Any], engines: dict[str, Any]):
+        cfg = load_config(config)
+        self.gateway = Gateway(cfg, RayRouter(router_actor(config)), RayEngines(engines))
+
+    def __serve_build_asgi_app__(self):
+        return _serve_request_id(build_app(self.gateway))
+
+
+def _serve_request_id(app):
+    """Serve's proxy already answers with x-request-id (the id it passed in); don't send it twice."""
+    async def wrapped(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+
+        async def send_(msg):
+            if msg["type"] == "http.response.start":
+                msg = {**msg, "headers": [(k, v) for k, v in msg.get("headers", ()) if k != b"x-request-id"]}
+            await send(msg)
+        await app(scope, receive, send_)
+    wrapped.routes = getattr(app, "routes", [])  # Serve reads route patterns for its metrics
+    return wrapped
