@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -91,9 +91,20 @@ class RouterConfig(_Strict):
         return v
 
 
+class BudgetLimits(_Strict):
+    """A tenant's token budget (serving.admission); a missing limit is unlimited."""
+
+    tokens_per_minute: int | None = Field(default=None, gt=0)
+    tokens_per_day: int | None = Field(default=None, gt=0)
+    session_tokens: int | None = Field(default=None, gt=0)
+    session_tokens_per_minute: int | None = Field(default=None, gt=0)
+
+
 class TenantConfig(_Strict):
     api_keys_sha256: list[str] = Field(default_factory=list)
     allowed_regions: list[str] | None = None
+    budget: BudgetLimits | None = None
+    cache: Literal["private", "shared"] = "private"  # shared: one salt with other opted-in tenants
 
     @field_validator("api_keys_sha256")
     @classmethod
@@ -108,6 +119,7 @@ class TenantConfig(_Strict):
 class AuthConfig(_Strict):
     admin_key_sha256: str | None = None
     tenants: dict[str, TenantConfig] = Field(default_factory=dict)
+    cache_salt_secret: str = "proxima"  # HMAC key of the per-tenant cache salts
 
     @field_validator("admin_key_sha256")
     @classmethod
@@ -130,6 +142,40 @@ class ServeConfig(_Strict):
     retry_attempts: int = Field(default=3, ge=1)  # replicas tried before the first token
 
 
+class BudgetsConfig(_Strict):
+    ledger_path: str | None = "proxima-ledger.sqlite"  # SQLite (WAL); null = in memory only
+    reservation_ttl_s: float = Field(default=900.0, gt=0)
+
+
+class TierConfig(_Strict):
+    model: str
+    max_prompt_tokens: int | None = Field(default=None, gt=0)
+
+
+class DelegationSection(_Strict):
+    """Model tiers and the `auto` alias (serving.delegation)."""
+
+    alias: str = "auto"
+    tiers: dict[str, TierConfig]
+    small: str = "small"
+    large: str = "large"
+    default: str = "large"
+    short_prompt_tokens: int = Field(default=0, ge=0)
+    large_for_tools: bool = True
+    cascade: bool = False
+    slo_ttft_ms: float | None = Field(default=None, gt=0)  # when the request names none
+
+
+class FailoverSection(_Strict):
+    """Circuit breakers (serving.failover.breaker.BreakerConfig)."""
+
+    failures: int = Field(default=2, ge=1)
+    recoveries: int = Field(default=2, ge=1)
+    cooldown_s: float = Field(default=2.0, ge=0)
+    window_s: float = Field(default=5.0, gt=0)
+    half_open_after_s: float | None = Field(default=5.0, gt=0)
+
+
 class Config(_Strict):
     home_region: str
     rtt_ms: dict[str, dict[str, float]] = Field(default_factory=dict)
@@ -138,6 +184,9 @@ class Config(_Strict):
     regions: dict[str, RegionConfig]
     auth: AuthConfig = Field(default_factory=AuthConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    budgets: BudgetsConfig = Field(default_factory=BudgetsConfig)
+    delegation: DelegationSection | None = None
+    failover: FailoverSection = Field(default_factory=FailoverSection)
 
     @model_validator(mode="after")
     def _cross(self) -> "Config":
@@ -169,6 +218,18 @@ class Config(_Strict):
             for reg in tc.allowed_regions or ():
                 if reg not in self.regions:
                     raise _Keyed(f"auth.tenants.{t}.allowed_regions", f"unknown region {reg!r}")
+        d = self.delegation
+        if d is not None:
+            for key in ("small", "large", "default"):
+                if getattr(d, key) not in d.tiers:
+                    raise _Keyed(f"delegation.{key}", f"{getattr(d, key)!r} is not one of the tiers "
+                                                      f"{sorted(d.tiers)}")
+            for t, tc in d.tiers.items():
+                if tc.model not in names:
+                    raise _Keyed(f"delegation.tiers.{t}.model", f"unknown model {tc.model!r}; "
+                                                                f"configured: {names}")
+            if d.alias in names:
+                raise _Keyed("delegation.alias", f"{d.alias!r} is also a model name")
         return self
 
     # --- derived views ------------------------------------------------------

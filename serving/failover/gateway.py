@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Awaitable, Callable
+from typing import Any, Callable
 
 from serving.failover.breaker import FailoverView
 from serving.types import Decision
 
-SetCircuit = Callable[[str, bool], Awaitable[None] | None]
+SetCircuit = Callable[[str, bool], Any]
 
 
 class CircuitFeed:
@@ -27,7 +27,7 @@ class CircuitFeed:
         self.view, self.set_circuit, self.clock = view, set_circuit, clock
         self.failovers = 0
 
-    async def record(self, decision: Decision, ok: bool) -> None:
+    def record(self, decision: Decision, ok: bool) -> None:
         v, now = self.view, self.clock()
         v.add(decision.replica_id, decision.region)
         if ok:
@@ -35,16 +35,16 @@ class CircuitFeed:
         else:
             self.failovers += 1
             v.failure(decision.replica_id, now)
-        await self.push()
+        self.push()
 
-    async def push(self) -> None:
+    def push(self) -> None:
         for rid, open_ in self.view.changes().items():
             res = self.set_circuit(rid, open_)
-            if asyncio.iscoroutine(res):
-                await res
+            if asyncio.iscoroutine(res):  # an actor call: let it go on its own
+                asyncio.ensure_future(res)
 
     async def run_ticks(self, interval_s: float = 0.5) -> None:
         while True:
             await asyncio.sleep(interval_s)
             self.view.tick(self.clock())
-            await self.push()
+            self.push()

@@ -2,6 +2,7 @@
 
     POST /v1/chat/completions   POST /v1/completions   (SSE when "stream": true)
     GET  /v1/models             GET  /health           GET /metrics (Prometheus text)
+    GET  /v1/budgets            the caller's own token budgets (serving.admission)
     GET  /admin/router          the router's view (replicas, load, in-flight); admin key
 
 Response headers: x-request-id, and where the request went: x-proxima-region,
@@ -30,7 +31,8 @@ from serving.ingress.pipeline import Gateway
 from serving.ingress.stream import Stream
 
 log = logging.getLogger("proxima.ingress")
-_HEADERS = ("x-session-id", "x-agent-step", "x-proxima-tier", "traceparent")
+_HEADERS = ("x-session-id", "x-agent-step", "x-proxima-tier", "traceparent", "x-proxima-regions",
+            "x-proxima-slo-ttft-ms")
 
 
 def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -100,6 +102,14 @@ def build_app(gw: Gateway) -> Starlette:
     async def metrics(request: Request) -> Response:
         return Response(m.render(), media_type=CONTENT_TYPE)
 
+    async def budgets(request: Request) -> Response:
+        """The caller's own budgets (never another tenant's): limits, used, reserved, remaining."""
+        principal = gw.auth.authenticate(request.headers.get("authorization"))
+        ledger = getattr(gw.admission, "ledger", None)
+        if ledger is None:
+            raise NotFound("Token budgets are not enabled on this gateway.")
+        return _json(await ledger.remaining(principal.tenant, request.headers.get("x-session-id")))
+
     async def admin_router(request: Request) -> Response:
         gw.auth.require_admin(request.headers.get("authorization"))
         return _json(await gw.router.stats())
@@ -119,6 +129,7 @@ def build_app(gw: Gateway) -> Starlette:
         Route("/v1/chat/completions", counted("/v1/chat/completions", chat), methods=["POST"]),
         Route("/v1/completions", counted("/v1/completions", completion), methods=["POST"]),
         Route("/v1/models", counted("/v1/models", models), methods=["GET"]),
+        Route("/v1/budgets", counted("/v1/budgets", budgets), methods=["GET"]),
         Route("/health", counted("/health", health), methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/admin/router", counted("/admin/router", admin_router), methods=["GET"]),

@@ -43,6 +43,14 @@ class LocalRouter:
         self.route_ms.append((time.perf_counter() - t) * 1000.0)
         return d
 
+    async def predict(self, req: RouteRequest) -> float:
+        """Dry run: the predicted TTFT of the best replica, nothing booked (delegation)."""
+        self.refresh()
+        return self.router.choose(req)[0].predicted_ttft_ms
+
+    def set_circuit(self, replica_id: str, open_: bool) -> None:
+        self.router.set_circuit(replica_id, open_)
+
     def first_token(self, request_id: str, engine_ttft_ms: float | None) -> None:
         self.router.on_first_token(request_id, engine_ttft_ms)
 

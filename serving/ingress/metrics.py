@@ -3,6 +3,7 @@
     proxima_requests_total{route, status}       requests by endpoint and HTTP status
     proxima_ttft_seconds{region, model}         time to first token, as the gateway saw it
     proxima_routing_decision_seconds            routing stage latency (ingress -> router -> decision)
+    proxima_delegation_total{tier, reason}      `auto` requests by chosen tier and rule
 
 Each gateway owns its registry (not the process-global one) so several
 gateways in one process, and Ray's own metrics, never collide. The
@@ -27,6 +28,8 @@ class GatewayMetrics:
                                 ["route", "status"], registry=self.registry)
         self.ttft = Histogram("proxima_ttft_seconds", "Time to first token at the gateway",
                               ["region", "model"], buckets=_TTFT_BUCKETS, registry=self.registry)
+        self.delegation = Counter("proxima_delegation", "Tier chosen for the `auto` alias, and why",
+                                  ["tier", "reason"], registry=self.registry)
         self.routing = Histogram("proxima_routing_decision_seconds", "Routing stage latency",
                                  buckets=_ROUTE_BUCKETS, registry=self.registry)
 

@@ -61,6 +61,8 @@ class ChatRequest(_Common):
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    tools: list[dict[str, Any]] | None = None  # read by delegation (tools -> the large tier)
+    response_format: dict[str, Any] | None = None
 
 
 class CompletionRequest(_Common):
@@ -84,6 +86,8 @@ class Parsed:
     top_p: float
     seed: int | None
     stop: tuple[str, ...]
+    tools: bool = False  # the request carries tools (delegation rules)
+    response_format: dict[str, Any] | None = None
 
 
 def _load(body: bytes) -> Any:
@@ -144,7 +148,8 @@ def parse_chat(body: bytes) -> Parsed:
     r: ChatRequest = _validate(ChatRequest, body)
     prompt = render_messages(r.messages)
     max_tokens = r.max_completion_tokens or r.max_tokens
-    return Parsed("chat", prompt=prompt, prompt_token_ids=None, max_tokens=max_tokens, **_common(r))
+    return Parsed("chat", prompt=prompt, prompt_token_ids=None, max_tokens=max_tokens, **_common(r),
+                  tools=bool(r.tools), response_format=r.response_format)
 
 
 def parse_completion(body: bytes) -> Parsed:

@@ -28,6 +28,9 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator, Callable, Protocol
 
+from serving.admission.gateway import narrow
+from serving.admission.residency import HEADER as REGIONS_HEADER
+from serving.admission.tenancy import cache_salt
 from serving.config import Config
 from serving.engines.base import Chunk, GenerateRequest
 from serving.engines.tokenizer import encode
@@ -69,6 +72,7 @@ class Job:
     cache_salt: str | None = None
     session_id: str | None = None
     headers: tuple[tuple[str, str], ...] = ()  # request headers later stages may read (x-session-id, ...)
+    reply_headers: tuple[tuple[str, str], ...] = ()  # stages' notes for the response (x-proxima-tier, ...)
 
     @property
     def prompt_tokens(self) -> int:
@@ -113,11 +117,12 @@ class Gateway:
                  admission: Admission | None = None, delegation: Delegation | None = None,
                  metrics: GatewayMetrics | None = None,
                  tokenizer: Callable[[str], list[int]] = encode,
-                 retry: RetryPolicy | None = None):
+                 retry: RetryPolicy | None = None, failover: Any = None):
         self.config = config
         self.router, self.engines = router, engines
         self.admission = admission or Admission()
         self.delegation = delegation or Delegation()
+        self.failover = failover  # serving.failover.gateway.CircuitFeed: attempts feed the breakers
         self.metrics = metrics or GatewayMetrics()
         self.tokenizer = tokenizer
         self.retry = retry or RetryPolicy(max_attempts=config.serve.retry_attempts)
@@ -153,9 +158,13 @@ class Gateway:
         max_tokens = parsed.max_tokens
         if max_tokens is None:
             max_tokens = self.default_max.get(parsed.model, 256)
-        session = next((v for k, v in headers if k == "x-session-id"), None)
+        h = dict(headers)
+        principal = narrow(principal, h.get(REGIONS_HEADER))  # residency: a header only narrows
+        tenant = self.config.auth.tenants.get(principal.tenant)
+        salt = cache_salt(principal.tenant, self.config.auth.cache_salt_secret,
+                          tenant.cache if tenant is not None else "private")
         return Job(request_id, parsed, principal, client_region, parsed.model, tuple(ids), max_tokens,
-                   session_id=session, headers=headers)
+                   cache_salt=salt, session_id=h.get("x-session-id"), headers=headers)
 
     def bind(self, job: Job) -> Job:
         """The model is final: check the context limit and hash the prompt's blocks for it."""

@@ -18,6 +18,7 @@ from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from serving.engines.base import Chunk, GenerateRequest
+from serving.errors import EngineError, Timeout
 from serving.failover import stream_with_failover
 from serving.types import Decision, RouteRequest
 
@@ -68,6 +69,8 @@ class Stream:
 
     def _done(self, decision: Decision, ok: bool, err: BaseException | None) -> None:
         self.gw.router.finished(decision.request_id, ok)
+        if self.gw.failover is not None and (ok or isinstance(err, (EngineError, Timeout))):
+            self.gw.failover.record(decision, ok)  # a client's disconnect is not the replica's fault
 
     # --- the caller's side -----------------------------------------------------
     async def open(self) -> Chunk:
@@ -122,7 +125,7 @@ class Stream:
             self.finish_reason = c.finish_reason
 
     def headers(self) -> dict[str, str]:
-        h = {"x-request-id": self.job.request_id}
+        h = {"x-request-id": self.job.request_id, **dict(self.job.reply_headers)}
         d = self.decision
         if d is not None:
             h["x-proxima-region"] = d.region

@@ -83,6 +83,6 @@ async def test_circuit_feed_pushes_changes_to_router():
     feed = CircuitFeed(FailoverView(BreakerConfig(failures=1)), lambda r, o: pushed.append((r, o)),
                        clock=lambda: 1.0)
     d = Decision("q", "eu-1", "eu", "latency", TTFTParts(0, 0, 0), 0, "")
-    await feed.record(d, True)
-    await feed.record(d, False)
+    feed.record(d, True)
+    feed.record(d, False)
     assert pushed == [("eu-1", True)] and feed.failovers == 1
