@@ -34,6 +34,7 @@ from serving.bench import replay
 from serving.bench.trace import PromptMaker, load
 from serving.bench.vllm_servers import VLLMServers, healthy
 from serving.engines.vllm_http import VLLMHttpEngine
+from serving.routing import Router
 
 
 async def _counters(engines: list[VLLMHttpEngine]) -> tuple[int, int]:
@@ -68,6 +69,21 @@ async def _warm_up(engines: list[VLLMHttpEngine], prompts: PromptMaker, records)
             async for _ in e.generate(GenerateRequest(f"warm-{k}-{j}", ids, max_tokens=8,
                                                       temperature=0.0)):
                 pass
+
+
+def _router_options(items: list[str], policy: str) -> dict[str, float]:
+    """KEY=VALUE policy options; they apply to the policies that take them (latency's tie margins)."""
+    from serving.routing.policies import make_policy
+
+    opts = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        opts[key.strip()] = float(value)
+    try:
+        make_policy(policy, **opts)
+        return opts
+    except ValueError:  # this policy takes none of them
+        return {}
 
 
 def _vllm_router_bin(explicit: str | None) -> str:
@@ -111,7 +127,8 @@ async def run(a: argparse.Namespace, urls: list[str]) -> dict:
         await e.start()
     results: dict = {"policies": {}, "config": {
         "trace": str(a.trace), "requests": len(records), "engines": len(urls), "kv_tokens": a.kv_tokens,
-        "speed": a.speed, "profile": a.profile, "engine_urls": urls}}
+        "speed": a.speed, "profile": a.profile, "engine_urls": urls,
+        "router_options": a.router_option}}
     try:
         await _warm_up(engines, prompts, records)
         runs = [("proxima", p) for p in a.policy] + [("vllm-router", p) for p in a.vllm_router]
@@ -120,8 +137,10 @@ async def run(a: argparse.Namespace, urls: list[str]) -> dict:
             h0, q0 = await _counters(engines)
             if kind == "proxima":
                 name = policy
+                router = Router(policy, block_size=128, default_profile=a.profile, seed=0,
+                                **_router_options(a.router_option, policy))
                 out = await replay.replay_router(records, prompts, engines, policy, speed=a.speed,
-                                                 model=a.served_model, profile=a.profile)
+                                                 model=a.served_model, profile=a.profile, router=router)
             else:
                 name = f"vllm-router:{policy}"
                 proc = _start_vllm_router(_vllm_router_bin(a.vllm_router_bin), urls, policy,
@@ -155,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model-dir", default=None, help="tiny model dir (made with serving.models.tiny if absent)")
     ap.add_argument("--served-model", default="tiny")
     ap.add_argument("--profile", default="tiny-cpu")
+    ap.add_argument("--router-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="a policy option for Proxima's Router, e.g. tie_margin_frac=0.15 (repeatable)")
     ap.add_argument("--limit", type=int, default=None, help="first N trace records only")
     ap.add_argument("--port-base", type=int, default=8100)
     ap.add_argument("--router-port", type=int, default=8190)

@@ -4,9 +4,11 @@
 
 Every term is in milliseconds (see routing.latency_model), so cache affinity,
 load and distance trade off without weights. Candidates within
-`max(tie_margin_ms, tie_margin_frac * best)` of the best are near-ties; one is
-sampled uniformly so a burst of identical requests spreads instead of piling
-onto one replica.
+`max(tie_margin_ms, tie_margin_frac * best)` of the best are near-ties; among
+them the most cached wins (the prediction cannot tell them apart, and staying
+where the prefix is keeps it warm for the next call), and remaining ties are
+sampled uniformly so a burst of identical cold requests spreads instead of
+piling onto one replica.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ class Latency(Policy):
         ttft = ctx.ttft_ms
         best = float(ttft.min())
         near = np.flatnonzero(ttft <= best + self.margin(best))
+        if near.size > 1:  # among near-ties, the most cached first: it keeps the prefix warm
+            cached = ctx.cached_blocks[near]
+            near = near[cached == cached.max()]
         pos = int(near[0] if near.size == 1 else near[ctx.rng.integers(near.size)])
         cached = min(int(ctx.cached_blocks[pos]) * ctx.block_size, ctx.req.prompt_tokens)
         return pos, (f"least predicted TTFT {ttft[pos]:.1f} ms (rtt {ctx.rtt_ms[pos]:.0f}, "
