@@ -4,8 +4,8 @@
 (after the router's own bookkeeping): a failed attempt counts against its
 replica (and region), a good one resets it. Changed circuits go to the router
 through `set_circuit(replica_id, open)`, so the next routing decision already
-avoids them. `run_ticks` closes circuits half-open for a trial where no health
-probe runs; with probes (serving.failover.health) they rejoin on good probes.
+avoids them. `tick` (before each routing decision) closes circuits half-open for a trial
+where no health probe runs; with probes (serving.failover.health) they rejoin on good probes.
 One writer: the ingress's event loop.
 """
 
@@ -43,8 +43,7 @@ class CircuitFeed:
             if asyncio.iscoroutine(res):  # an actor call: let it go on its own
                 asyncio.ensure_future(res)
 
-    async def run_ticks(self, interval_s: float = 0.5) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
-            self.view.tick(self.clock())
-            self.push()
+    def tick(self) -> None:
+        """Called before each routing decision: due half-open trials start then."""
+        self.view.tick(self.clock())
+        self.push()

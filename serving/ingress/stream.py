@@ -44,6 +44,8 @@ class Stream:
 
     # --- the failover loop's callbacks --------------------------------------
     async def _route(self, req: RouteRequest) -> Decision:
+        if self.gw.failover is not None:
+            self.gw.failover.tick()
         t = time.perf_counter()
         d = await self.gw.router.route(req)
         self.gw.metrics.routing.observe(time.perf_counter() - t)

@@ -176,3 +176,23 @@ async def test_replica_killed_mid_stream_continues_without_gaps(gw):
     assert text == want and len(text.split()) == 40  # nothing duplicated, nothing missing
     assert r.headers["x-proxima-replica"] == killed  # it started there
     assert gw.failover.view.is_open(killed) and gw.failover.failovers == 1
+
+
+async def test_killed_replica_rejoins_after_half_open_trial(gw):
+    feed = gw.failover
+    t = [100.0]
+    feed.clock = lambda: t[0]
+    e = gw.engines_by_id["eu-big-0"]
+    gw.router.refresh()
+    from serving.types import Decision, TTFTParts
+    feed.record(Decision("x", "eu-big-0", "eu", "latency", TTFTParts(0, 0, 0), 0, ""), False)
+    assert gw.router.router.table.snaps[gw.router.router.table.index["eu-big-0"]].circuit_open
+    e.revive()
+    t[0] += 61  # past half_open_after_s
+    async with client(gw) as c:
+        for _ in range(6):
+            r = await c.post("/v1/chat/completions", json=chat("euco", max_tokens=2),
+                             headers=auth("euco"))
+            assert r.status_code == 200
+    assert not feed.view.is_open("eu-big-0")
+    assert not gw.router.router.table.snaps[gw.router.router.table.index["eu-big-0"]].circuit_open
