@@ -1,0 +1,187 @@
+"""The gateway on real Ray Serve, over real HTTP: OpenAI client, SSE, routing, aborts, bad input."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import openai
+import pytest
+
+pytestmark = pytest.mark.integration
+
+MODEL = "llama3-8b"
+
+
+def chat(content: str, **kw) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": content}], **kw}
+
+
+def test_openai_client_non_streaming(gateway_url):
+    c = openai.OpenAI(base_url=gateway_url + "/v1", api_key="unused")
+    r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hello there"}],
+                                  max_tokens=5)
+    assert r.object == "chat.completion"
+    assert r.model == MODEL
+    assert r.choices[0].message.role == "assistant"
+    assert len(r.choices[0].message.content.split()) == 5
+    assert r.choices[0].finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (4, 5, 9)  # "<|user|> hello there <|assistant|>"
+    assert r.usage.prompt_tokens_details.cached_tokens == 0
+
+
+def test_openai_client_streaming_with_usage(gateway_url):
+    c = openai.OpenAI(base_url=gateway_url + "/v1", api_key="unused")
+    chunks = list(c.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "stream me please"}], max_tokens=4,
+        stream=True, stream_options={"include_usage": True}))
+    text = [ch.choices[0].delta.content for ch in chunks if ch.choices]
+    assert len(text) == 4 and all(t.strip() for t in text)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices] == [None, None, None, "length"]
+    assert chunks[-1].choices == []
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (5, 4)
+    assert all(ch.usage is None for ch in chunks[:-1])
+    assert len({ch.id for ch in chunks}) == 1
+
+
+def test_openai_client_completions(gateway_url):
+    c = openai.OpenAI(base_url=gateway_url + "/v1", api_key="unused")
+    r = c.completions.create(model=MODEL, prompt="one two three", max_tokens=3)
+    assert r.object == "text_completion"
+    assert len(r.choices[0].text.split()) == 3
+    assert r.usage.prompt_tokens == 3
+
+
+def test_sse_framing_exact_on_the_wire(gateway_url):
+    """Raw bytes from a socket: `data: {json}\\n\\n` events, `data: [DONE]\\n\\n` last."""
+    body = json.dumps(chat("frame this", max_tokens=3, stream=True)).encode()
+    port = int(gateway_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        raw = b""
+        while chunk := s.recv(65536):
+            raw += chunk
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"content-type: text/event-stream" in head.lower()
+    assert b"transfer-encoding: chunked" in head.lower()
+    data = _dechunk(payload)
+    events = data.split(b"\n\n")
+    assert events[-1] == b"" and events[-2] == b"data: [DONE]"
+    objs = [json.loads(e[len(b"data: "):]) for e in events[:-2]]
+    assert all(e.startswith(b"data: {") for e in events[:-2])
+    assert [o["object"] for o in objs] == ["chat.completion.chunk"] * 3
+    assert [o["choices"][0]["finish_reason"] for o in objs] == [None, None, "length"]
+    assert b": " not in data.replace(b"data: ", b"")  # compact JSON, no spaces after separators
+
+
+def _dechunk(b: bytes) -> bytes:
+    out = b""
+    while b:
+        size, _, rest = b.partition(b"\r\n")
+        n = int(size, 16)
+        if n == 0:
+            return out
+        out += rest[:n]
+        b = rest[n + 2:]
+    return out
+
+
+def test_headers_say_where_it_went(client):
+    r = client.post("/v1/chat/completions", json=chat("where am i", max_tokens=1),
+                    headers={"x-client-region": "eu-west", "x-request-id": "req-abc.1"})
+    assert r.status_code == 200
+    assert r.headers["x-proxima-region"] == "eu-west"  # 1 ms away beats 80 ms away
+    assert r.headers["x-proxima-replica"].startswith("eu-west-")
+    assert float(r.headers["x-proxima-predicted-ttft-ms"]) > 0
+    assert r.headers.get_list("x-request-id") == ["req-abc.1"]
+
+
+def test_long_shared_prefix_goes_back_to_its_replica(client):
+    for trial in range(3):
+        prefix = " ".join(f"doc{trial}w{i}" for i in range(3000))  # 3000 tokens: ~57 ms to prefill
+        first = client.post("/v1/chat/completions", json=chat(prefix + " question one", max_tokens=2))
+        assert first.status_code == 200
+        home = first.headers["x-proxima-replica"]
+        assert first.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        for q in ("question two", "another question"):
+            again = client.post("/v1/chat/completions", json=chat(prefix + " " + q, max_tokens=2))
+            assert again.headers["x-proxima-replica"] == home
+            assert again.json()["usage"]["prompt_tokens_details"]["cached_tokens"] >= 2992
+
+
+def test_client_disconnect_aborts_engine_work(gateway_url, client):
+    before = client.get("/admin/router").json()
+    body = json.dumps(chat("a long answer please", max_tokens=4000, stream=True)).encode()
+    port = int(gateway_url.rsplit(":", 1)[1])
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    got = b""
+    while got.count(b"data: ") < 3:
+        got += s.recv(65536)
+    replica = next(line.split(b": ", 1)[1].decode() for line in got.split(b"\r\n")
+                   if line.lower().startswith(b"x-proxima-replica"))
+    s.close()  # gone mid-stream: ~4000 tokens * 6 ms were still to come
+    aborted0 = before["replicas"][replica]["counters"]["aborted"]
+    deadline = time.monotonic() + 10
+    while True:
+        view = client.get("/admin/router").json()
+        rep = view["replicas"][replica]
+        if rep["counters"]["aborted"] == aborted0 + 1 and rep["num_running"] == 0 and view["inflight"] == 0:
+            break
+        assert time.monotonic() < deadline, f"engine still working after disconnect: {rep}, {view['inflight']}"
+        time.sleep(0.1)
+    assert rep["counters"]["finished"] == before["replicas"][replica]["counters"]["finished"]
+
+
+BAD = [
+    ("malformed-json", b'{"model": "llama3-8b", "messages": [', 400, None, None),
+    ("not-an-object", b'["hi"]', 400, None, None),
+    ("messages-wrong-type", json.dumps({"model": MODEL, "messages": "hi"}), 400, "messages", None),
+    ("max-tokens-wrong-type", json.dumps(chat("hi", max_tokens="ten")), 400, "max_tokens", None),
+    ("empty-messages", json.dumps({"model": MODEL, "messages": []}), 400, "messages", None),
+    ("missing-model", json.dumps({"messages": [{"role": "user", "content": "hi"}]}), 400, "model", None),
+    ("unknown-model", json.dumps(chat("hi") | {"model": "gpt-9"}), 404, "model", "model_not_found"),
+    ("prompt-over-context", json.dumps(chat("word " * 9000)), 400, "messages", "context_length_exceeded"),
+    ("max-tokens-zero", json.dumps(chat("hi", max_tokens=0)), 400, "max_tokens", None),
+    ("max-tokens-negative", json.dumps(chat("hi", max_tokens=-3)), 400, "max_tokens", None),
+    ("prompt-plus-max-tokens-over-context", json.dumps(chat("hi", max_tokens=9000)), 400, "messages",
+     "context_length_exceeded"),
+    ("unknown-client-region", None, 400, "x-client-region", None),
+]
+
+
+@pytest.mark.parametrize("body,status,param,code", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_input_gets_openai_error_and_gateway_keeps_serving(client, body, status, param, code):
+    headers = {"content-type": "application/json"}
+    if body is None:
+        body, headers["x-client-region"] = json.dumps(chat("hi", max_tokens=1)), "mars"
+    r = client.post("/v1/chat/completions", content=body, headers=headers)
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["message"]
+    assert err["type"] == "invalid_request_error"
+    assert (err["param"], err["code"]) == (param, code)
+    ok = client.post("/v1/chat/completions", json=chat("still there?", max_tokens=1))
+    assert ok.status_code == 200
+
+
+def test_models_health_metrics(client):
+    assert client.get("/v1/models").json()["data"][0]["id"] == MODEL
+    assert client.get("/health").json() == {"status": "ok", "replicas_up": 4, "replicas": 4}
+    text = client.get("/metrics").text
+    assert 'proxima_requests_total{route="/v1/chat/completions",status="200"}' in text
+    assert "proxima_ttft_seconds_bucket" in text and "proxima_routing_decision_seconds_count" in text
+    r = client.get("/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+
+
+def test_router_decides_in_well_under_a_millisecond(client):
+    stats = client.get("/admin/router").json()
+    assert stats["policy"] == "latency"
+    assert 0 < stats["route_us_p50"] < 500
