@@ -1,0 +1,158 @@
+"""The whole pipeline in-process: the ASGI app over the real Router and real SimEngines (no Ray)."""
+
+import json
+
+import httpx
+import pytest
+
+from serving.config import load_config
+from serving.engines.factory import EngineSpec, make_engine
+from serving.ingress.app import build_app
+from serving.ingress.auth import hash_key
+from serving.ingress.local import LocalEngines, LocalRouter
+from serving.ingress.pipeline import Gateway
+from serving.routing.router import Router
+
+CONFIG = {
+    "home_region": "us",
+    "rtt_ms": {"us": {"us": 0, "eu": 80}, "eu": {"eu": 0}},
+    "models": [{"name": "m", "max_model_len": 4096, "default_max_tokens": 4}],
+    "regions": {"us": {"replicas": 2, "engine": {"kind": "sim", "options": {"time_scale": 0.01}}},
+                "eu": {"replicas": 1, "engine": {"kind": "sim", "options": {"time_scale": 0.01}}}},
+    "serve": {"inject_rtt": False},
+}
+
+
+class FrozenRouter(LocalRouter):
+    """A router whose load view is no longer refreshed: it can pick a replica that just died."""
+
+    def refresh(self) -> None:
+        pass
+
+
+def make(config=CONFIG, router_cls=LocalRouter):
+    cfg = load_config(config)
+    engines = {}
+    for reg, r in cfg.regions.items():
+        for i in range(r.replicas):
+            rid = f"{reg}-{i}"
+            engines[rid] = make_engine(EngineSpec(r.engine.kind, rid, reg, "m", r.profile,
+                                                  r.kv_capacity_tokens, r.engine.options))
+    local = LocalEngines(engines)
+    router = router_cls(Router("latency", rtt_ms=cfg.rtt(), seed=1), local)
+    LocalRouter.refresh(router)
+    gw = Gateway(cfg, router, local)
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(gw)), base_url="http://gw")
+    return client, engines, router
+
+
+def chat(content="hello world", **kw):
+    return {"model": "m", "messages": [{"role": "user", "content": content}], **kw}
+
+
+def events(text: str) -> list:
+    assert text.endswith("data: [DONE]\n\n")
+    parts = text.split("\n\n")[:-2]
+    assert all(p.startswith("data: ") for p in parts)
+    return [json.loads(p[6:]) for p in parts]
+
+
+async def test_stream_events_headers_and_usage():
+    c, _, router = make()
+    r = await c.post("/v1/chat/completions", json=chat(max_tokens=3, stream=True,
+                                                       stream_options={"include_usage": True}),
+                     headers={"x-request-id": "r-1", "x-client-region": "eu"})
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert (r.headers["x-request-id"], r.headers["x-proxima-region"], r.headers["x-proxima-replica"]) == \
+           ("r-1", "eu", "eu-0")
+    ev = events(r.text)
+    assert [e["id"] for e in ev] == ["chatcmpl-r-1"] * 4
+    assert [e["choices"][0]["finish_reason"] for e in ev[:3]] == [None, None, "length"]
+    assert ev[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert ev[3]["choices"] == [] and ev[3]["usage"]["completion_tokens"] == 3
+    assert ev[3]["usage"]["prompt_tokens"] == 4  # "<|user|> hello world <|assistant|>"
+    assert router.router.inflight == 0
+
+
+async def test_second_request_reuses_the_prefix_and_reports_cached_tokens():
+    c, _, _ = make()
+    prompt = " ".join(f"w{i}" for i in range(400))
+    a = await c.post("/v1/chat/completions", json=chat(prompt + " first"))
+    b = await c.post("/v1/chat/completions", json=chat(prompt + " second"))
+    assert a.headers["x-proxima-replica"] == b.headers["x-proxima-replica"]
+    assert a.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert b.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 400  # 25 full blocks of 16
+    assert b.json()["usage"]["completion_tokens"] == 4  # the model's default_max_tokens
+
+
+async def test_a_dead_replica_before_the_first_token_is_retried_elsewhere():
+    c, engines, router = make(router_cls=FrozenRouter)
+    engines["us-0"].kill()
+    engines["us-1"].kill()  # the router still thinks both are up: its view is frozen
+    r = await c.post("/v1/chat/completions", json=chat(max_tokens=2))
+    assert r.status_code == 200
+    assert r.headers["x-proxima-replica"] == "eu-0"
+    assert r.json()["usage"]["completion_tokens"] == 2
+    assert router.router.inflight == 0
+
+
+async def test_context_length_checked_against_the_model():
+    c, _, _ = make()
+    r = await c.post("/v1/completions", json={"model": "m", "prompt": "x " * 4093, "max_tokens": 4})
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+    assert r.json()["error"]["param"] == "prompt"
+    ok = await c.post("/v1/completions", json={"model": "m", "prompt": "x " * 4092, "max_tokens": 4})
+    assert ok.status_code == 200 and ok.json()["object"] == "text_completion"
+
+
+async def test_keys_tenants_and_residency_over_http():
+    cfg = dict(CONFIG, auth={"admin_key_sha256": hash_key("adm"), "tenants": {
+        "acme": {"api_keys_sha256": [hash_key("sk-acme")], "allowed_regions": ["eu"]},
+        "beta": {"api_keys_sha256": [hash_key("sk-beta")]}}})
+    c, _, _ = make(cfg)
+    r = await c.post("/v1/chat/completions", json=chat())
+    assert r.status_code == 401
+    assert r.json()["error"]["type"] == "authentication_error"
+    r = await c.post("/v1/chat/completions", json=chat(), headers={"authorization": "Bearer sk-nope"})
+    assert r.status_code == 401
+    r = await c.post("/v1/chat/completions", json=chat(), headers={"authorization": "Bearer sk-acme"})
+    assert (r.status_code, r.headers["x-proxima-region"]) == (200, "eu")  # home is us, but acme is eu-only
+    r = await c.post("/v1/chat/completions", json=chat(), headers={"authorization": "Bearer sk-beta"})
+    assert (r.status_code, r.headers["x-proxima-region"]) == (200, "us")
+    assert (await c.get("/v1/models")).status_code == 401
+    assert (await c.get("/admin/router", headers={"authorization": "Bearer sk-beta"})).status_code == 401
+    view = await c.get("/admin/router", headers={"authorization": "Bearer adm"})
+    assert view.status_code == 200 and set(view.json()["replicas"]) == {"us-0", "us-1", "eu-0"}
+
+
+async def test_health_degrades_when_no_replica_is_up_and_requests_get_503():
+    c, engines, _ = make()
+    for e in engines.values():
+        e.kill()
+    h = await c.get("/health")
+    assert h.status_code == 503 and h.json()["replicas_up"] == 0
+    r = await c.post("/v1/chat/completions", json=chat())
+    assert r.status_code == 503
+    assert r.json()["error"]["code"] == "no_replica_available"
+
+
+@pytest.mark.parametrize("method,path,status", [("GET", "/v1/chat/completions", 405), ("POST", "/v2/x", 404),
+                                                 ("DELETE", "/health", 405)],
+                         ids=["get-on-post-route", "unknown-path", "delete-health"])
+async def test_framework_errors_are_openai_shaped(method, path, status):
+    c, _, _ = make()
+    r = await c.request(method, path)
+    assert r.status_code == status
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+async def test_metrics_count_requests_by_route_and_status():
+    c, _, _ = make()
+    await c.post("/v1/chat/completions", json=chat())
+    await c.post("/v1/chat/completions", content=b"{")
+    text = (await c.get("/metrics")).text
+    assert 'proxima_requests_total{route="/v1/chat/completions",status="200"} 1.0' in text
+    assert 'proxima_requests_total{route="/v1/chat/completions",status="400"} 1.0' in text
+    assert 'proxima_ttft_seconds_count{model="m",region="us"} 1.0' in text

@@ -1,0 +1,122 @@
+"""Request validation (every bad input -> 400 naming the field), rendering, response objects, SSE bytes."""
+
+import json
+
+import pytest
+
+from serving.errors import InvalidRequest
+from serving.ingress import sse
+from serving.ingress.openai_api import Responder, parse_chat, parse_completion, usage
+
+
+def body(**kw) -> bytes:
+    return json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], **kw}).encode()
+
+
+BAD_CHAT = [
+    ("malformed-json", b'{"model": "m",', None, "could not parse the JSON body"),
+    ("not-utf8", b'\xff\xfe{', None, "could not parse the JSON body"),
+    ("array-body", b"[1, 2]", None, "must be a JSON object"),
+    ("no-model", json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode(), "model", "Field required"),
+    ("empty-model", body(model=""), "model", "at least 1 character"),
+    ("model-not-string", body(model=3), "model", "valid string"),
+    ("messages-missing", json.dumps({"model": "m"}).encode(), "messages", "Field required"),
+    ("messages-empty", body(messages=[]), "messages", "at least one message"),
+    ("messages-string", body(messages="hi"), "messages", "valid list"),
+    ("role-unknown", body(messages=[{"role": "robot", "content": "x"}]), "messages.0.role", "Input should be"),
+    ("content-number", body(messages=[{"role": "user", "content": 5}]), "messages.0.content", "valid string"),
+    ("max-tokens-zero", body(max_tokens=0), "max_tokens", "greater than or equal to 1"),
+    ("max-tokens-negative", body(max_tokens=-1), "max_tokens", "greater than or equal to 1"),
+    ("max-tokens-text", body(max_tokens="ten"), "max_tokens", "valid integer"),
+    ("max-completion-tokens-zero", body(max_completion_tokens=0), "max_completion_tokens", "greater than"),
+    ("temperature-high", body(temperature=3), "temperature", "less than or equal to 2"),
+    ("top-p-zero", body(top_p=0), "top_p", "greater than 0"),
+    ("n-two", body(n=2), "n", "less than or equal to 1"),
+    ("stream-not-bool", body(stream="yes please"), "stream", "valid boolean"),
+    ("stream-options-type", body(stream=True, stream_options={"include_usage": "x"}),
+     "stream_options.include_usage", "valid boolean"),
+]
+
+
+@pytest.mark.parametrize("raw,param,fragment", [c[1:] for c in BAD_CHAT], ids=[c[0] for c in BAD_CHAT])
+def test_bad_chat_input_is_400_naming_the_field(raw, param, fragment):
+    with pytest.raises(InvalidRequest) as e:
+        parse_chat(raw)
+    assert e.value.status == 400
+    assert e.value.param == param
+    assert fragment in e.value.message
+    assert e.value.body()["error"]["type"] == "invalid_request_error"
+
+
+BAD_COMPLETION = [
+    ("prompt-empty", {"prompt": ""}, "prompt"),
+    ("prompt-object", {"prompt": {"a": 1}}, "prompt"),
+    ("two-prompts", {"prompt": ["a", "b"]}, "prompt"),
+    ("echo", {"prompt": "a", "echo": True}, "echo"),
+    ("max-tokens-zero", {"prompt": "a", "max_tokens": 0}, "max_tokens"),
+]
+
+
+@pytest.mark.parametrize("extra,param", [c[1:] for c in BAD_COMPLETION], ids=[c[0] for c in BAD_COMPLETION])
+def test_bad_completion_input_is_400(extra, param):
+    with pytest.raises(InvalidRequest) as e:
+        parse_completion(json.dumps({"model": "m", **extra}).encode())
+    assert e.value.param == param
+
+
+def test_chat_parse_renders_messages_in_order_and_reads_options():
+    p = parse_chat(json.dumps({
+        "model": "m", "stream": True, "stream_options": {"include_usage": True}, "max_tokens": 7,
+        "temperature": 0, "seed": 3, "stop": "END", "some_future_field": 1,
+        "messages": [{"role": "system", "content": "be brief"},
+                     {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
+    }).encode())
+    assert p.prompt == "<|system|> be brief <|user|> a b <|assistant|>"
+    assert (p.kind, p.max_tokens, p.stream, p.include_usage, p.temperature, p.seed, p.stop) == \
+           ("chat", 7, True, True, 0.0, 3, ("END",))
+    assert parse_chat(body()).max_tokens is None  # the model's default applies later
+    assert parse_chat(body(max_tokens=9, max_completion_tokens=4)).max_tokens == 4
+    assert parse_chat(body(stream_options={"include_usage": True})).include_usage is False  # only streamed
+
+
+def test_completion_prompt_forms():
+    assert parse_completion(b'{"model": "m", "prompt": "x y"}').prompt == "x y"
+    assert parse_completion(b'{"model": "m", "prompt": ["x y"]}').prompt == "x y"
+    p = parse_completion(b'{"model": "m", "prompt": [5, 6, 7]}')
+    assert (p.prompt, p.prompt_token_ids, p.max_tokens) == ("", (5, 6, 7), 16)
+
+
+def test_response_objects():
+    r = Responder("chat", "abc", "m", include_usage=True, created=1700000000)
+    assert r.chunk("hi", None, first=True) == {
+        "id": "chatcmpl-abc", "object": "chat.completion.chunk", "created": 1700000000, "model": "m",
+        "choices": [{"index": 0, "delta": {"role": "assistant", "content": "hi"}, "logprobs": None,
+                     "finish_reason": None}], "usage": None}
+    assert r.chunk("x", "length")["choices"][0]["delta"] == {"content": "x"}
+    u = usage(10, 3, 8)
+    assert u == {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13,
+                 "prompt_tokens_details": {"cached_tokens": 8}}
+    assert r.usage_chunk(u)["choices"] == [] and r.usage_chunk(u)["usage"] == u
+    full = Responder("completion", "q", "m", created=1).full("t", "stop", u)
+    assert full == {"id": "cmpl-q", "object": "text_completion", "created": 1, "model": "m",
+                    "choices": [{"index": 0, "text": "t", "logprobs": None, "finish_reason": "stop"}],
+                    "usage": u}
+
+
+SSE = [
+    ("object", {"a": 1, "b": [1, None]}, b'data: {"a":1,"b":[1,null]}\n\n'),
+    ("unicode-unescaped", {"t": "café"}, 'data: {"t":"café"}\n\n'.encode()),
+    ("newline-escaped", {"t": "a\nb"}, b'data: {"t":"a\\nb"}\n\n'),
+    ("error-event", {"error": {"message": "m", "type": "server_error", "param": None, "code": None}},
+     b'data: {"error":{"message":"m","type":"server_error","param":null,"code":null}}\n\n'),
+]
+
+
+@pytest.mark.parametrize("obj,wire", [c[1:] for c in SSE], ids=[c[0] for c in SSE])
+def test_sse_event_bytes(obj, wire):
+    assert sse.event(obj) == wire
+
+
+def test_sse_done_and_media_type():
+    assert sse.DONE == b"data: [DONE]\n\n"
+    assert sse.MEDIA_TYPE == "text/event-stream"
