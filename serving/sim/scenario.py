@@ -15,12 +15,10 @@ import yaml
 
 from serving.engines.profiles import PROFILES
 from serving.routing.policies import POLICIES
+from serving.sim.checks import (ScenarioError, as_list, as_mapping, integer, known_keys, length_knob,
+                                number)
 
 GENERATORS = ("agent_sessions", "shared_prefix", "chat", "voice", "no_reuse")
-
-
-class ScenarioError(ValueError):
-    """A scenario file is invalid; the message starts with the offending key."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,18 +106,18 @@ _TOP = {"seed", "duration_s", "regions", "rtt_ms", "workload", "slo", "policies"
 
 
 def parse(raw: Any, base_dir: Path | str = ".", name: str = "scenario") -> Scenario:
-    d = _mapping(raw, "scenario")
-    _known(d, _TOP, "")
+    d = as_mapping(raw, "scenario")
+    known_keys(d, _TOP, "")
     for key in ("duration_s", "regions", "workload"):
         if key not in d:
             raise ScenarioError(f"{key}: required")
     regions = _regions(d["regions"])
     rtt = _rtt(d.get("rtt_ms", {}), regions)
-    slo = _mapping(d.get("slo", {}), "slo")
-    _known(slo, {"ttft_ms", "tpot_ms"}, "slo.")
+    slo = as_mapping(d.get("slo", {}), "slo")
+    known_keys(slo, {"ttft_ms", "tpot_ms"}, "slo.")
     known_regions = set(regions) | set(rtt)
     workload = tuple(_source(s, f"workload[{i}]", Path(base_dir), known_regions)
-                     for i, s in enumerate(_list(d["workload"], "workload")))
+                     for i, s in enumerate(as_list(d["workload"], "workload")))
     if not workload:
         raise ScenarioError("workload: needs at least one source")
     served = {r.model for r in regions.values()}
@@ -127,38 +125,38 @@ def parse(raw: Any, base_dir: Path | str = ".", name: str = "scenario") -> Scena
         if src.model not in served:
             raise ScenarioError(f"workload[{i}].model: no region serves {src.model!r}; served: {sorted(served)}")
     sc = Scenario(
-        seed=_int(d.get("seed", 0), "seed"),
-        duration_s=_num(d["duration_s"], "duration_s", lo=0.0, strict=True),
+        seed=integer(d.get("seed", 0), "seed"),
+        duration_s=number(d["duration_s"], "duration_s", lo=0.0, strict=True),
         regions=regions, rtt_ms=rtt, workload=workload,
-        slo_ttft_ms=_num(slo.get("ttft_ms", 1000.0), "slo.ttft_ms", lo=0.0, strict=True),
-        slo_tpot_ms=_num(slo.get("tpot_ms", 100.0), "slo.tpot_ms", lo=0.0, strict=True),
+        slo_ttft_ms=number(slo.get("ttft_ms", 1000.0), "slo.ttft_ms", lo=0.0, strict=True),
+        slo_tpot_ms=number(slo.get("tpot_ms", 100.0), "slo.tpot_ms", lo=0.0, strict=True),
         policies=_policies(d.get("policies", ["latency"])),
-        snapshot_interval_ms=_num(d.get("snapshot_interval_ms", 200.0), "snapshot_interval_ms",
+        snapshot_interval_ms=number(d.get("snapshot_interval_ms", 200.0), "snapshot_interval_ms",
                                   lo=0.0, strict=True),
-        drain_s=_num(d.get("drain_s", 600.0), "drain_s", lo=0.0),
-        max_retries=_int(d.get("max_retries", 2), "max_retries", lo=0),
+        drain_s=number(d.get("drain_s", 600.0), "drain_s", lo=0.0),
+        max_retries=integer(d.get("max_retries", 2), "max_retries", lo=0),
         events=tuple(_event(e, f"events[{i}]", regions)
-                     for i, e in enumerate(_list(d.get("events", []), "events"))),
+                     for i, e in enumerate(as_list(d.get("events", []), "events"))),
         name=str(d.get("name", name)))
     return sc
 
 
 def _regions(raw: Any) -> dict[str, Region]:
-    d = _mapping(raw, "regions")
+    d = as_mapping(raw, "regions")
     if not d:
         raise ScenarioError("regions: needs at least one region")
     out = {}
     for name, spec in d.items():
         k = f"regions.{name}"
-        s = _mapping(spec, k)
-        _known(s, {"replicas", "profile", "kv_capacity_tokens", "model", "usd_per_hour"}, k + ".")
+        s = as_mapping(spec, k)
+        known_keys(s, {"replicas", "profile", "kv_capacity_tokens", "model", "usd_per_hour"}, k + ".")
         profile = str(s.get("profile", "llama3-8b-h100"))
         if profile not in PROFILES:
             raise ScenarioError(f"{k}.profile: unknown engine profile {profile!r}; known: {sorted(PROFILES)}")
         out[str(name)] = Region(
-            str(name), _int(s.get("replicas", 1), k + ".replicas", lo=0), profile,
-            _int(s.get("kv_capacity_tokens", 200_000), k + ".kv_capacity_tokens", lo=1),
-            str(s.get("model", "default")), _num(s.get("usd_per_hour", 0.0), k + ".usd_per_hour", lo=0.0))
+            str(name), integer(s.get("replicas", 1), k + ".replicas", lo=0), profile,
+            integer(s.get("kv_capacity_tokens", 200_000), k + ".kv_capacity_tokens", lo=1),
+            str(s.get("model", "default")), number(s.get("usd_per_hour", 0.0), k + ".usd_per_hour", lo=0.0))
     if sum(r.replicas for r in out.values()) < 1:
         raise ScenarioError("regions: at least one replica is needed")
     sizes = {PROFILES[r.profile].block_size for r in out.values()}
@@ -168,11 +166,11 @@ def _regions(raw: Any) -> dict[str, Region]:
 
 
 def _rtt(raw: Any, regions: dict[str, Region]) -> dict[str, dict[str, float]]:
-    d = _mapping(raw, "rtt_ms")
+    d = as_mapping(raw, "rtt_ms")
     out: dict[str, dict[str, float]] = {}
     for client, row in d.items():
-        r = _mapping(row, f"rtt_ms.{client}")
-        out[str(client)] = {str(k): _num(v, f"rtt_ms.{client}.{k}", lo=0.0) for k, v in r.items()}
+        r = as_mapping(row, f"rtt_ms.{client}")
+        out[str(client)] = {str(k): number(v, f"rtt_ms.{client}.{k}", lo=0.0) for k, v in r.items()}
     for client, row in out.items():
         for server in row:
             if server not in regions:
@@ -185,19 +183,19 @@ def _rtt(raw: Any, regions: dict[str, Region]) -> dict[str, dict[str, float]]:
 
 
 def _source(raw: Any, k: str, base_dir: Path, known_regions: set[str]) -> Source:
-    s = _mapping(raw, k)
+    s = as_mapping(raw, k)
     common = {"rate_per_s", "diurnal", "tenant", "model", "slo", "start_s", "end_s"}
     if ("trace" in s) == ("generator" in s):
         raise ScenarioError(f"{k}: needs exactly one of `trace` or `generator`")
     slo_ttft = None
     if "slo" in s:
-        slo = _mapping(s["slo"], k + ".slo")
-        _known(slo, {"ttft_ms"}, k + ".slo.")
-        slo_ttft = _num(slo.get("ttft_ms"), k + ".slo.ttft_ms", lo=0.0, strict=True)
-    start = _num(s.get("start_s", 0.0), k + ".start_s", lo=0.0)
-    end = None if s.get("end_s") is None else _num(s["end_s"], k + ".end_s", lo=start)
+        slo = as_mapping(s["slo"], k + ".slo")
+        known_keys(slo, {"ttft_ms"}, k + ".slo.")
+        slo_ttft = number(slo.get("ttft_ms"), k + ".slo.ttft_ms", lo=0.0, strict=True)
+    start = number(s.get("start_s", 0.0), k + ".start_s", lo=0.0)
+    end = None if s.get("end_s") is None else number(s["end_s"], k + ".end_s", lo=start)
     if "trace" in s:
-        _known(s, {"trace", "time_scale", "region", "tenant", "model", "slo", "start_s", "end_s"}, k + ".")
+        known_keys(s, {"trace", "time_scale", "region", "tenant", "model", "slo", "start_s", "end_s"}, k + ".")
         path = (base_dir / str(s["trace"])).resolve()
         if not path.is_file():
             raise ScenarioError(f"{k}.trace: no such file {path}")
@@ -205,7 +203,7 @@ def _source(raw: Any, k: str, base_dir: Path, known_regions: set[str]) -> Source
         if region is not None and str(region) not in known_regions:
             raise ScenarioError(f"{k}.region: unknown region {region!r}")
         return Source("trace", path=path, tenant=str(s.get("tenant", "")), model=str(s.get("model", "default")),
-                      slo_ttft_ms=slo_ttft, time_scale=_num(s.get("time_scale", 1.0), k + ".time_scale",
+                      slo_ttft_ms=slo_ttft, time_scale=number(s.get("time_scale", 1.0), k + ".time_scale",
                                                              lo=0.0, strict=True),
                       default_region=None if region is None else str(region), start_s=start, end_s=end)
     from serving.sim.workload import GENERATOR_PARAMS  # the generators own their knobs
@@ -213,29 +211,29 @@ def _source(raw: Any, k: str, base_dir: Path, known_regions: set[str]) -> Source
     if gen not in GENERATORS:
         raise ScenarioError(f"{k}.generator: unknown generator {gen!r}; known: {list(GENERATORS)}")
     params = {p: v for p, v in s.items() if p not in common and p != "generator"}
-    _known(params, set(GENERATOR_PARAMS[gen]), k + ".")
+    known_keys(params, set(GENERATOR_PARAMS[gen]), k + ".")
     for p, v in params.items():
-        _length(v, f"{k}.{p}")
+        length_knob(v, f"{k}.{p}")
     if "rate_per_s" not in s:
         raise ScenarioError(f"{k}.rate_per_s: required for a generator")
     rate = s["rate_per_s"]
     if isinstance(rate, (int, float)) and not isinstance(rate, bool):
-        total = _num(rate, k + ".rate_per_s", lo=0.0)
+        total = number(rate, k + ".rate_per_s", lo=0.0)
         regions = sorted(known_regions)
         rates = {r: total / len(regions) for r in regions}
     else:
         rates = {}
-        for r, v in _mapping(rate, k + ".rate_per_s").items():
+        for r, v in as_mapping(rate, k + ".rate_per_s").items():
             if str(r) not in known_regions:
                 raise ScenarioError(f"{k}.rate_per_s.{r}: unknown region")
-            rates[str(r)] = _num(v, f"{k}.rate_per_s.{r}", lo=0.0)
+            rates[str(r)] = number(v, f"{k}.rate_per_s.{r}", lo=0.0)
     diurnal = None
     if s.get("diurnal") is not None:
-        dd = _mapping(s["diurnal"], k + ".diurnal")
-        _known(dd, {"amplitude", "period_s", "peak_s"}, k + ".diurnal.")
-        diurnal = Diurnal(_num(dd.get("amplitude", 0.5), k + ".diurnal.amplitude", lo=0.0, hi=1.0),
-                          _num(dd.get("period_s", 86400.0), k + ".diurnal.period_s", lo=0.0, strict=True),
-                          _num(dd.get("peak_s", 0.0), k + ".diurnal.peak_s"))
+        dd = as_mapping(s["diurnal"], k + ".diurnal")
+        known_keys(dd, {"amplitude", "period_s", "peak_s"}, k + ".diurnal.")
+        diurnal = Diurnal(number(dd.get("amplitude", 0.5), k + ".diurnal.amplitude", lo=0.0, hi=1.0),
+                          number(dd.get("period_s", 86400.0), k + ".diurnal.period_s", lo=0.0, strict=True),
+                          number(dd.get("peak_s", 0.0), k + ".diurnal.peak_s"))
     return Source(gen, rate_per_s=rates, diurnal=diurnal, params=params, tenant=str(s.get("tenant", "")),
                   model=str(s.get("model", "default")),
                   slo_ttft_ms=slo_ttft if slo_ttft is not None else (300.0 if gen == "voice" else None),
@@ -244,15 +242,15 @@ def _source(raw: Any, k: str, base_dir: Path, known_regions: set[str]) -> Source
 
 def _policies(raw: Any) -> tuple[PolicySpec, ...]:
     out = []
-    for i, p in enumerate(_list(raw, "policies")):
+    for i, p in enumerate(as_list(raw, "policies")):
         k = f"policies[{i}]"
         if isinstance(p, str):
             spec = PolicySpec(p, p)
         else:
-            d = _mapping(p, k)
-            _known(d, {"name", "policy", "options"}, k + ".")
+            d = as_mapping(p, k)
+            known_keys(d, {"name", "policy", "options"}, k + ".")
             pol = str(d.get("policy", d.get("name", "")))
-            spec = PolicySpec(str(d.get("name", pol)), pol, dict(_mapping(d.get("options", {}), k + ".options")))
+            spec = PolicySpec(str(d.get("name", pol)), pol, dict(as_mapping(d.get("options", {}), k + ".options")))
         if spec.policy not in POLICIES:
             raise ScenarioError(f"{k}: unknown routing policy {spec.policy!r}; known: {sorted(POLICIES)}")
         out.append(spec)
@@ -263,8 +261,8 @@ def _policies(raw: Any) -> tuple[PolicySpec, ...]:
 
 
 def _event(raw: Any, k: str, regions: dict[str, Region]) -> Event:
-    d = _mapping(raw, k)
-    _known(d, {"at_s", "action", "region", "replicas", "duration_s"}, k + ".")
+    d = as_mapping(raw, k)
+    known_keys(d, {"at_s", "action", "region", "replicas", "duration_s"}, k + ".")
     action = str(d.get("action", ""))
     if action not in ("outage", "recover"):
         raise ScenarioError(f"{k}.action: must be `outage` or `recover`")
@@ -272,56 +270,6 @@ def _event(raw: Any, k: str, regions: dict[str, Region]) -> Event:
     if region not in regions:
         raise ScenarioError(f"{k}.region: unknown region {region!r}")
     n = d.get("replicas")
-    return Event(_num(d.get("at_s"), k + ".at_s", lo=0.0), action, region,
-                 None if n is None else _int(n, k + ".replicas", lo=1),
-                 None if d.get("duration_s") is None else _num(d["duration_s"], k + ".duration_s", lo=0.0))
-
-
-# --- small validators ---------------------------------------------------------
-def _mapping(v: Any, k: str) -> dict:
-    if not isinstance(v, dict):
-        raise ScenarioError(f"{k}: expected a mapping, got {type(v).__name__}")
-    return v
-
-
-def _list(v: Any, k: str) -> list:
-    if not isinstance(v, list):
-        raise ScenarioError(f"{k}: expected a list, got {type(v).__name__}")
-    return v
-
-
-def _known(d: dict, allowed: set[str], prefix: str) -> None:
-    for key in d:
-        if key not in allowed:
-            raise ScenarioError(f"{prefix}{key}: unknown key; allowed: {sorted(allowed)}")
-
-
-def _num(v: Any, k: str, lo: float | None = None, hi: float | None = None, strict: bool = False) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ScenarioError(f"{k}: expected a number, got {v!r}")
-    v = float(v)
-    if lo is not None and (v < lo or (strict and v == lo)):
-        raise ScenarioError(f"{k}: must be {'>' if strict else '>='} {lo:g}, got {v:g}")
-    if hi is not None and v > hi:
-        raise ScenarioError(f"{k}: must be <= {hi:g}, got {v:g}")
-    return v
-
-
-def _int(v: Any, k: str, lo: int | None = None) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ScenarioError(f"{k}: expected an integer, got {v!r}")
-    if lo is not None and v < lo:
-        raise ScenarioError(f"{k}: must be >= {lo}, got {v}")
-    return v
-
-
-def _length(v: Any, k: str) -> None:
-    """A generator knob: a number, or [lo, hi] for a uniform draw."""
-    if isinstance(v, list):
-        if len(v) != 2:
-            raise ScenarioError(f"{k}: a range is [lo, hi]")
-        a, b = (_num(x, k, lo=0.0) for x in v)
-        if a > b:
-            raise ScenarioError(f"{k}: range [lo, hi] needs lo <= hi")
-    else:
-        _num(v, k, lo=0.0)
+    return Event(number(d.get("at_s"), k + ".at_s", lo=0.0), action, region,
+                 None if n is None else integer(n, k + ".replicas", lo=1),
+                 None if d.get("duration_s") is None else number(d["duration_s"], k + ".duration_s", lo=0.0))
