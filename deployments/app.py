@@ -55,14 +55,22 @@ def build_app(args: dict[str, Any]) -> Application:
     for region, r in cfg.regions.items():
         if r.replicas == 0:
             continue
-        actor: dict[str, Any] = {"num_cpus": 0}
-        if cfg.serve.region_resources:
-            actor["resources"] = {r.ray_resource: 0.001}  # a sliver: placement, not capacity
         for model in cfg.region_models(region):
+            shape = r.placement(model)  # e.g. {num_gpus: 1}; bundles for tensor parallelism
+            actor: dict[str, Any] = {"num_cpus": 0, **shape.ray_actor_options}
+            if cfg.serve.region_resources:  # a sliver: placement, not capacity
+                actor["resources"] = {**actor.get("resources", {}), r.ray_resource: 0.001}
+            placement: dict[str, Any] = {}
+            if shape.placement_group_bundles:  # the replica and its GPU ranks, packed together
+                bundles = [dict(b) for b in shape.placement_group_bundles]
+                for res, amount in actor.get("resources", {}).items():  # the replica sits in bundle 0
+                    bundles[0][res] = max(bundles[0].get(res, 0), amount)
+                placement = {"placement_group_bundles": bundles,
+                             "placement_group_strategy": r.placement_group_strategy}
             engines[engine_key(region, model)] = EngineDeployment.options(
                 name=engine_name(region, model), num_replicas=r.replicas,
                 max_ongoing_requests=cfg.serve.engine_max_ongoing_requests,
-                ray_actor_options=actor,
+                ray_actor_options=actor, **placement,
                 request_router_config=RequestRouterConfig(request_router_class=ROUTER_CLASS),
             ).bind(raw, region, model)
     return IngressDeployment.options(

@@ -54,6 +54,13 @@ class EngineConfig(_Strict):
         return v
 
 
+class ModelPlacement(_Strict):
+    """Ray resources of one model's engine replicas (e.g. a small model on a GPU slice)."""
+
+    ray_actor_options: dict[str, Any] = Field(default_factory=dict)
+    placement_group_bundles: list[dict[str, float]] | None = None
+
+
 class RegionConfig(_Strict):
     replicas: int = Field(ge=0)
     profile: str = "llama3-8b-h100"
@@ -61,6 +68,22 @@ class RegionConfig(_Strict):
     models: list[str] | None = None  # None = every configured model
     engine: EngineConfig = Field(default_factory=EngineConfig)
     ray_resource: str | None = None  # custom Ray resource pinning this region's replicas
+    # Per engine replica, merged over {"num_cpus": 0}: e.g. {num_gpus: 1} for a one-GPU
+    # vLLM engine. With tensor parallelism, give the bundles instead (the replica's
+    # own first, then one {GPU: 1} per rank); vLLM's Ray executor fills them.
+    ray_actor_options: dict[str, Any] = Field(default_factory=dict)
+    placement_group_bundles: list[dict[str, float]] | None = None
+    placement_group_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = "STRICT_PACK"
+    per_model: dict[str, ModelPlacement] = Field(default_factory=dict)  # overrides by model name
+
+    def placement(self, model: str) -> ModelPlacement:
+        """This model's replica shape here: the region's, with the model's overrides."""
+        own = self.per_model.get(model)
+        return ModelPlacement(
+            ray_actor_options={**self.ray_actor_options, **(own.ray_actor_options if own else {})},
+            placement_group_bundles=(own.placement_group_bundles  # [] here: no bundles for it
+                                     if own is not None and own.placement_group_bundles is not None
+                                     else self.placement_group_bundles))
 
     @field_validator("profile")
     @classmethod
@@ -209,6 +232,10 @@ class Config(_Strict):
             for m in r.models or ():
                 if m not in names:
                     raise _Keyed(f"regions.{name}.models", f"unknown model {m!r}; configured: {names}")
+            for m in r.per_model:
+                if m not in self.region_models(name):
+                    raise _Keyed(f"regions.{name}.per_model.{m}", f"model not served in this region; "
+                                                                   f"served: {self.region_models(name)}")
             if self.serve.region_resources and not r.ray_resource:
                 raise _Keyed(f"regions.{name}.ray_resource", "required when serve.region_resources is true")
         sizes = {PROFILES[r.profile].block_size for r in self.regions.values()}

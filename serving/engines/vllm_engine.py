@@ -1,6 +1,7 @@
 """`vllm` engine: vLLM's AsyncLLM inside this process (a Ray Serve engine replica).
 
-    generate  AsyncLLM.generate(TokensPrompt | TextPrompt with cache_salt,
+    generate  AsyncLLM.generate(TextPrompt when the caller has text, else
+              TokensPrompt; with cache_salt,
               SamplingParams(output_kind=DELTA, ignore_eos, seed, ...));
               each RequestOutput delta becomes a Chunk (cached tokens from
               RequestOutput.num_cached_tokens)
@@ -20,7 +21,9 @@ tenant's `cache_salt` keeps its blocks apart. vLLM failures become EngineError
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 from serving.engines.base import Chunk, GenerateRequest
@@ -32,12 +35,13 @@ from serving.types import Health, ReplicaSnapshot
 class VLLMEngine:
     def __init__(self, replica_id: str, model_path: str, *, region: str = "local", model: str = "",
                  profile: str = "tiny-cpu", engine_args: dict[str, Any] | None = None,
-                 clock=time.monotonic):
+                 env: dict[str, str] | None = None, clock=time.monotonic):
         self.replica_id, self.region = replica_id, region
         self.model_path = model_path
         self.model = model or model_path
         self.profile = profile
         self.engine_args = dict(engine_args or {})
+        self.env = {str(k): str(v) for k, v in (env or {}).items()}
         self.clock = clock
         self.engine: Any = None
         self.health = Health.DOWN  # until started
@@ -55,6 +59,7 @@ class VLLMEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        os.environ.update(self.env)  # read by vLLM's engine core when it spawns
         args = dict(self.engine_args)
         args.setdefault("served_model_name", self.model)
         args["enable_prefix_caching"] = True
@@ -82,10 +87,10 @@ class VLLMEngine:
             raise EngineError(f"replica {self.replica_id} is not running")
         rid = request.request_id
         prompt: dict[str, Any]
-        if request.prompt_token_ids:
-            prompt = {"prompt_token_ids": list(request.prompt_token_ids)}
+        if request.prompt:  # text: vLLM tokenizes with the model's own tokenizer
+            prompt = {"prompt": request.prompt}
         else:
-            prompt = {"prompt": request.prompt or ""}
+            prompt = {"prompt_token_ids": list(request.prompt_token_ids)}
         if request.cache_salt:
             prompt["cache_salt"] = request.cache_salt
         try:
@@ -174,3 +179,40 @@ class VLLMEngine:
                 pass
 
         return _Snapshotter
+
+
+ENGINE_OPTIONS = {"model_path", "engine_args", "env", "profile"}
+REPO = Path(__file__).resolve().parents[2]
+
+
+def model_options(kind: str, options: dict[str, Any], model: str, known: set[str]) -> dict[str, Any]:
+    """A region's engine options for one model: `options.models.<model>` merged over
+    the rest (engine_args and env merged key by key), unknown keys refused."""
+    opts = {k: v for k, v in options.items() if k != "models"}
+    own = dict((options.get("models") or {}).get(model) or {})
+    for key in ("engine_args", "env"):
+        if key in own and key in opts:
+            own[key] = {**opts[key], **own[key]}
+    opts.update(own)
+    unknown = sorted(set(opts) - known)
+    if unknown:
+        raise ValueError(f"engine options {unknown} are not known to kind {kind!r} (known: {sorted(known | {'models'})})")
+    return opts
+
+
+def make_vllm(spec) -> VLLMEngine:
+    """Factory kind `vllm` (serving.engines.factory). Options: model_path (required; a
+    hub name, or a directory, relative ones from the repository root), engine_args
+    (vLLM's AsyncEngineArgs: tensor_parallel_size, gpu_memory_utilization,
+    num_gpu_blocks_override, enforce_eager, ...), env (set in this process before vLLM
+    starts, e.g. VLLM_CPU_OMP_THREADS_BIND), profile (overrides the region's), and
+    models: {MODEL: {...}} for per-model values when a region serves several."""
+    opts = model_options("vllm", dict(spec.options), spec.model, ENGINE_OPTIONS)
+    if not opts.get("model_path"):
+        raise ValueError(f"engine kind 'vllm' needs options.model_path (model {spec.model!r})")
+    path = str(opts["model_path"])
+    if path.startswith("."):
+        path = str((REPO / path).resolve())
+    return VLLMEngine(spec.replica_id, path, region=spec.region, model=spec.model,
+                      profile=opts.get("profile", spec.profile), engine_args=opts.get("engine_args"),
+                      env=opts.get("env"))

@@ -1,8 +1,11 @@
 """`vllm_http` engine: an existing vLLM OpenAI server, reached with aiohttp.
 
-    generate  POST {url}/v1/completions, stream=True, prompt as token ids when
-              the caller has them (text otherwise), `cache_salt`, `ignore_eos`
-              and `return_token_ids` passed through; SSE chunks become Chunks
+    generate  POST {url}/v1/completions, stream=True, the prompt as text when
+              the caller has text (vLLM tokenizes it with the model's own
+              tokenizer; the gateway's ids come from its word tokenizer) and as
+              token ids otherwise (trace replay, clients sending ids);
+              `cache_salt`, `ignore_eos` and `return_token_ids` passed
+              through; SSE chunks become Chunks
     abort     close the response: vLLM aborts a request whose client went away
     snapshot  vLLM's own /metrics (running, waiting, KV usage, prefix-cache
               queries and hits, KV capacity from cache_config_info), polled in
@@ -203,7 +206,7 @@ class VLLMHttpEngine:
     # --- internals ------------------------------------------------------------------
     def _body(self, r: GenerateRequest, ids: list[int]) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "model": self.served_model, "prompt": ids if ids else (r.prompt or ""),
+            "model": self.served_model, "prompt": r.prompt if r.prompt else ids,
             "max_tokens": r.max_tokens, "stream": True, "temperature": r.temperature,
             "top_p": r.top_p, "ignore_eos": r.ignore_eos, "return_token_ids": True,
             "stream_options": {"include_usage": True, "continuous_usage_stats": True},
@@ -260,3 +263,20 @@ async def _sse(resp: aiohttp.ClientResponse) -> AsyncIterator[dict]:
             yield json.loads(payload)
         except ValueError:
             raise EngineError("malformed event from vLLM") from None
+
+
+HTTP_OPTIONS = {"url", "served_model", "poll_interval_s", "block_size", "connect_timeout_s", "read_timeout_s",
+                "profile"}
+
+
+def make_vllm_http(spec) -> VLLMHttpEngine:
+    """Factory kind `vllm_http` (serving.engines.factory): options url (required),
+    served_model (default: the model name), poll_interval_s, block_size, timeouts."""
+    from serving.engines.vllm_engine import model_options  # light: vLLM itself is imported lazily
+
+    opts = model_options("vllm_http", dict(spec.options), spec.model, HTTP_OPTIONS)
+    if not opts.get("url"):
+        raise ValueError("engine kind 'vllm_http' needs options.url (the vLLM server, e.g. http://host:8000)")
+    return VLLMHttpEngine(spec.replica_id, opts.pop("url"), region=spec.region, model=spec.model,
+                          profile=opts.pop("profile", spec.profile), kv_capacity_tokens=spec.kv_capacity_tokens,
+                          **opts)

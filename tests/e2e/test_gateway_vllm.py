@@ -1,0 +1,119 @@
+"""The gateway (serving.ingress, the same code Ray Serve hosts) in front of real vLLM.
+
+In-process ports (LocalRouter, LocalEngines) with `vllm_http` engines built by
+the engine factory from a config, HTTP in through the Starlette app: a
+streamed chat completion, and a shared-prefix burst whose repeats all reach the
+replica that holds the prefix, as vLLM's own prefix_cache_hits_total shows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from pathlib import Path
+
+import httpx
+import pytest
+
+from serving.config import load_config
+from serving.engines.factory import EngineSpec, make_engine
+from serving.ingress.app import build_app
+from serving.ingress.local import LocalEngines, LocalRouter
+from serving.ingress.pipeline import Gateway
+from serving.routing import Router
+from serving.types import Health
+
+pytestmark = pytest.mark.e2e
+
+
+def _config(urls: list[str]) -> dict:
+    return {
+        "home_region": "local",
+        "router": {"policy": "latency"},
+        "models": [{"name": "tiny", "max_model_len": 4096, "default_max_tokens": 16}],
+        "regions": {"local": {"replicas": len(urls), "profile": "tiny-cpu", "kv_capacity_tokens": 8192,
+                              "engine": {"kind": "vllm_http", "options": {"url": urls[0]}}}},
+        "serve": {"inject_rtt": False},
+    }
+
+
+@pytest.fixture
+async def gateway(vllm_servers):
+    urls = vllm_servers.urls[:2]
+    cfg = load_config(_config(urls))
+    engines = {}
+    for i, url in enumerate(urls):
+        spec = EngineSpec("vllm_http", f"local-{i}", "local", "tiny", "tiny-cpu", 8192, {"url": url})
+        e = make_engine(spec)
+        await e.start()
+        await e.reset_prefix_cache()
+        assert e.snapshot().health is Health.UP
+        engines[spec.replica_id] = e
+    local = LocalEngines(engines)
+    router = LocalRouter(Router("latency", block_size=cfg.block_size, default_profile="tiny-cpu", seed=0), local)
+    gw = Gateway(cfg, router, local)
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(gw)), base_url="http://gw", timeout=120)
+    yield client, engines
+    await client.aclose()
+    for e in engines.values():
+        await e.close()
+
+
+def _events(body: str) -> list:
+    out = []
+    for line in body.splitlines():
+        if line.startswith("data: "):
+            data = line[6:]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+async def test_streamed_chat_completion_through_the_gateway(gateway):
+    client, _ = gateway
+    r = await client.post("/v1/chat/completions", json={
+        "model": "tiny", "max_tokens": 10, "stream": True, "stream_options": {"include_usage": True},
+        "messages": [{"role": "user", "content": "route this call to the fastest replica please"}]})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = _events(r.text)
+    assert events[-1] == "[DONE]"
+    chunks = [e for e in events[:-1] if e["choices"]]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert len([c for c in chunks if c["choices"][0]["delta"].get("content")]) >= 2  # streamed
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert text.strip()
+    usage = [e for e in events[:-1] if e.get("usage")][-1]["usage"]
+    assert usage["completion_tokens"] == 10
+
+
+async def test_shared_prefix_burst_reaches_the_holder_per_vllm_counters(gateway, tiny_model):
+    client, engines = gateway
+    words = json.loads((Path(tiny_model) / "proxima_words.json").read_text())["words"]
+    rng = random.Random(11)
+    prefix = "".join(" " + rng.choice(words) for _ in range(1024))  # 1,024 tokens: 8 full blocks
+
+    async def complete(i: int):
+        suffix = "".join(" " + rng.choice(words) for _ in range(40))
+        r = await client.post("/v1/completions", json={"model": "tiny", "prompt": prefix + suffix,
+                                                       "max_tokens": 4, "stream": False})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    async def counters() -> dict[str, tuple[int, int]]:
+        for e in engines.values():
+            await e.poll()
+        return {rid: (e.snapshot().prefix_cache_queries, e.snapshot().prefix_cache_hits)
+                for rid, e in engines.items()}
+
+    start = await counters()
+    await complete(0)
+    warm = await counters()
+    (holder,) = [rid for rid in engines if warm[rid][0] > start[rid][0]]
+    before = {rid: hits for rid, (_, hits) in warm.items()}
+    await asyncio.gather(*(complete(i) for i in range(1, 7)))
+    gained = {}
+    for rid, e in engines.items():
+        await e.poll()
+        gained[rid] = e.snapshot().prefix_cache_hits - before[rid]
+    assert gained[holder] == 6 * 1024
+    assert all(g == 0 for rid, g in gained.items() if rid != holder)
