@@ -5,6 +5,7 @@ DecisionRouter matches to send each call where the central router decided.
 Every `router.snapshot_period_s` it pushes the engine's snapshot and its call
 counters (started, finished, aborted, failed) to the router actor.
 
+The stream carries lists of chunks (what piled up since the last send).
 Errors travel as values inside the stream (a ProximaError item), so the
 ingress raises the project's own error rather than a Ray wrapper. Closing the
 stream (the ingress cancels the call when its client went away) closes the
@@ -26,6 +27,7 @@ from serving.errors import EngineError, ProximaError
 from serving.ray.router_actor import router_actor
 
 log = logging.getLogger("proxima.engine")
+_END = object()
 
 
 @serve.deployment(max_ongoing_requests=512, ray_actor_options={"num_cpus": 0})
@@ -47,24 +49,54 @@ class EngineDeployment:
         self._task = asyncio.get_running_loop().create_task(self._report())
 
     async def generate(self, gen: GenerateRequest, target: str = "") -> AsyncIterator[Any]:
+        """Yields lists of chunks: whatever the engine produced since the last send.
+
+        Each yield is one object crossing processes; sending what piled up in one
+        go keeps the per-token cost off the hot path when the consumer lags, and
+        costs nothing when it keeps up (a list of one).
+        """
         if target and target != self.replica_id:
             yield EngineError(f"call for {target} reached {self.replica_id}")
             return
         self.counters["started"] += 1
+        queue: asyncio.Queue = asyncio.Queue()
+        pump = asyncio.get_running_loop().create_task(self._pump(gen, queue))
         outcome = "aborted"
         try:
+            while True:
+                batch = [await queue.get()]
+                while not queue.empty():
+                    batch.append(queue.get_nowait())
+                end = batch[-1]
+                if end is _END:
+                    batch.pop()
+                    if batch:
+                        yield batch
+                    outcome = "finished"
+                    return
+                if isinstance(end, ProximaError):
+                    if len(batch) > 1:
+                        yield batch[:-1]
+                    outcome = "failed"
+                    yield end
+                    return
+                yield batch
+        finally:
+            pump.cancel()  # the caller went away: cancelling the pump closes the engine's stream
+            self.counters[outcome] += 1
+
+    async def _pump(self, gen: GenerateRequest, queue: asyncio.Queue) -> None:
+        try:
             async for chunk in self.engine.generate(gen):
-                yield chunk
-            outcome = "finished"
+                queue.put_nowait(chunk)
+            queue.put_nowait(_END)
         except ProximaError as e:
-            outcome = "failed"
-            yield e
+            queue.put_nowait(e)
+        except asyncio.CancelledError:
+            raise
         except Exception as e:  # translate at the boundary; details stay in this log
             log.exception("engine %s failed", self.replica_id)
-            outcome = "failed"
-            yield EngineError(f"replica {self.replica_id} failed: {type(e).__name__}")
-        finally:
-            self.counters[outcome] += 1
+            queue.put_nowait(EngineError(f"replica {self.replica_id} failed: {type(e).__name__}"))
 
     async def snapshot(self) -> dict[str, Any]:
         return {"replica_id": self.replica_id, "counters": dict(self.counters)}

@@ -21,7 +21,10 @@ from serving.engines.base import Chunk, GenerateRequest
 from serving.errors import EngineError, ProximaError
 from serving.ingress.app import build_app
 from serving.ingress.pipeline import Gateway
-from serving.ray.router_actor import RayRouter, router_actor
+from serving.ingress.metrics import GatewayMetrics
+from serving.ingress.policies import budget_policies, gateway_policies
+from serving.ray.ledger import LedgerClient, start_ledger
+from serving.ray.router_actor import RayRouter, config_digest, router_actor
 from serving.types import Decision
 
 log = logging.getLogger("proxima.ingress")
@@ -48,9 +51,10 @@ class RayEngines:
                 if isinstance(item, ProximaError):
                     done = True
                     raise item
-                yield item
-                if item.finish_reason is not None:
-                    done = True
+                for chunk in item:
+                    if chunk.finish_reason is not None:
+                        done = True
+                    yield chunk
             done = True
         except RayError as e:  # the replica died or Serve gave up: retriable
             done = True
@@ -65,7 +69,11 @@ class RayEngines:
 class IngressDeployment:
     def __init__(self, config: dict[str, Any], engines: dict[str, Any]):
         cfg = load_config(config)
-        self.gateway = Gateway(cfg, RayRouter(router_actor(config)), RayEngines(engines))
+        router, metrics = RayRouter(router_actor(config)), GatewayMetrics()
+        ledger = LedgerClient(start_ledger(budget_policies(cfg), cfg.budgets.ledger_path,
+                                           name=f"proxima-ledger-{config_digest(config)}"))
+        self.gateway = Gateway(cfg, router, RayEngines(engines), metrics=metrics,
+                               **gateway_policies(cfg, router, ledger, metrics))
 
     def __serve_build_asgi_app__(self):
         return _serve_request_id(build_app(self.gateway))
