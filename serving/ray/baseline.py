@@ -29,6 +29,7 @@ GATEWAY_CONFIG: dict[str, Any] = {
     "regions": {"local": {"replicas": 1, "profile": "zero", "kv_capacity_tokens": 1_000_000}},
     "serve": {"ingress_max_ongoing_requests": 1024, "engine_max_ongoing_requests": 1024,
               "inject_rtt": False},
+    "budgets": {"ledger_path": None},
 }
 
 

@@ -29,6 +29,7 @@ CONFIG = {
         "ap-south": {"replicas": 1, "profile": "llama3-8b-h100", "kv_capacity_tokens": 200000},
     },
     "serve": {"ingress_max_ongoing_requests": 256, "engine_max_ongoing_requests": 256},
+    "budgets": {"ledger_path": None},  # in memory: tests leave no SQLite files behind
 }
 ENGINE_REPLICAS = 4
 
