@@ -15,6 +15,7 @@ different config gets a fresh one instead of stale state.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import time
@@ -68,8 +69,28 @@ class RouterActor:
     def first_token(self, request_id: str, engine_ttft_ms: float | None = None) -> None:
         self.router.on_first_token(request_id, engine_ttft_ms)
 
+    def events(self, batch: list[tuple[str, str, Any]]) -> None:
+        """Lifecycle hooks sent together: ("first", id, engine_ttft_ms) | ("done", id, ok)."""
+        r = self.router
+        for kind, request_id, arg in batch:
+            if kind == "first":
+                r.on_first_token(request_id, arg)
+            else:
+                r.on_finished(request_id, arg)
+
     def finished(self, request_id: str, ok: bool = True) -> None:
         self.router.on_finished(request_id, ok)
+
+    def predict(self, req: RouteRequest) -> float | ProximaError:
+        """Dry run for delegation: the best replica's predicted TTFT, nothing booked."""
+        try:
+            self._sweep()
+            return self.router.choose(req)[0].predicted_ttft_ms
+        except ProximaError as e:
+            return e
+
+    def set_circuit(self, replica_id: str, open_: bool) -> None:
+        self.router.set_circuit(replica_id, open_)
 
     def stats(self) -> dict[str, Any]:
         self._sweep()
@@ -101,10 +122,33 @@ def router_actor(config: dict[str, Any]):
 
 
 class RayRouter:
-    """RouterPort over the actor: awaited calls for answers, fire-and-forget for hooks."""
+    """RouterPort over the actor: awaited calls for answers, batched fire-and-forget hooks.
 
-    def __init__(self, handle):
+    first_token/finished are buffered for up to `flush_s` and sent as one
+    `events` call: under load that turns two actor calls per request into a
+    fraction of one, and the router learns of them a few ms later, well inside
+    the engines' own snapshot period.
+    """
+
+    def __init__(self, handle, flush_s: float = 0.005):
         self.handle = handle
+        self.flush_s = flush_s
+        self._events: list[tuple[str, str, Any]] = []
+        self._flusher: asyncio.Task | None = None
+
+    def _post(self, event: tuple[str, str, Any]) -> None:
+        self._events.append(event)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_later())
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(self.flush_s)
+        self.flush()
+
+    def flush(self) -> None:
+        if self._events:
+            batch, self._events = self._events, []
+            self.handle.events.remote(batch)
 
     async def route(self, req: RouteRequest) -> Decision:
         res = await self.handle.route.remote(req)
@@ -113,10 +157,20 @@ class RayRouter:
         return res
 
     def first_token(self, request_id: str, engine_ttft_ms: float | None) -> None:
-        self.handle.first_token.remote(request_id, engine_ttft_ms)
+        self._post(("first", request_id, engine_ttft_ms))
 
     def finished(self, request_id: str, ok: bool) -> None:
-        self.handle.finished.remote(request_id, ok)
+        self._post(("done", request_id, ok))
+
+    async def predict(self, req: RouteRequest) -> float:
+        res = await self.handle.predict.remote(req)
+        if isinstance(res, ProximaError):
+            raise res
+        return res
+
+    def set_circuit(self, replica_id: str, open_: bool) -> None:
+        self.handle.set_circuit.remote(replica_id, open_)
 
     async def stats(self) -> dict[str, Any]:
+        self.flush()  # same caller, same actor: the batch lands before the stats call
         return await self.handle.stats.remote()
