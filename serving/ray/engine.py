@@ -3,7 +3,7 @@
 Its name for the router is "<region>-<Serve replica unique id>", which the
 DecisionRouter matches to send each call where the central router decided.
 Every `router.snapshot_period_s` it pushes the engine's snapshot and its call
-counters (started, finished, aborted, failed) to the router actor.
+counters (started, finished, aborted, failed, misrouted) to the router actor.
 
 The stream carries lists of chunks (what piled up since the last send).
 Errors travel as values inside the stream (a ProximaError item), so the
@@ -42,7 +42,7 @@ class EngineDeployment:
         start = getattr(self.engine, "start", None)
         if start is not None:
             await start()
-        self.counters = {"started": 0, "finished": 0, "aborted": 0, "failed": 0}
+        self.counters = {"started": 0, "finished": 0, "aborted": 0, "failed": 0, "misrouted": 0}
         self.router = router_actor(config)
         self.period_s = cfg.router.snapshot_period_s
         await self._push()  # known to the router before the first request can arrive
@@ -56,6 +56,7 @@ class EngineDeployment:
         costs nothing when it keeps up (a list of one).
         """
         if target and target != self.replica_id:
+            self.counters["misrouted"] += 1
             yield EngineError(f"call for {target} reached {self.replica_id}")
             return
         self.counters["started"] += 1

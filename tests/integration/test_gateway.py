@@ -181,7 +181,10 @@ def test_models_health_metrics(client):
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
 
 
-def test_router_decides_in_well_under_a_millisecond(client):
+def test_router_decides_in_well_under_a_millisecond_and_serve_obeys(client):
     stats = client.get("/admin/router").json()
     assert stats["policy"] == "latency"
     assert 0 < stats["route_us_p50"] < 500
+    counters = [r["counters"] for r in stats["replicas"].values()]
+    assert sum(c["started"] for c in counters) > 20
+    assert [c["misrouted"] for c in counters] == [0] * 4  # every call reached the replica chosen

@@ -156,3 +156,19 @@ async def test_metrics_count_requests_by_route_and_status():
     assert 'proxima_requests_total{route="/v1/chat/completions",status="200"} 1.0' in text
     assert 'proxima_requests_total{route="/v1/chat/completions",status="400"} 1.0' in text
     assert 'proxima_ttft_seconds_count{model="m",region="us"} 1.0' in text
+
+
+async def test_injected_rtt_shows_whole_in_the_measured_ttft():
+    import time
+    cfg = dict(CONFIG, rtt_ms={"us": {"us": 0, "eu": 150}, "eu": {"eu": 0}},
+               serve={"inject_rtt": True})
+    cfg["regions"] = {"us": {"replicas": 0}, "eu": CONFIG["regions"]["eu"]}  # us clients must go abroad
+    c, _, _ = make(cfg)
+    t = time.perf_counter()
+    far = await c.post("/v1/chat/completions", json=chat(max_tokens=1))
+    elapsed = time.perf_counter() - t
+    assert far.headers["x-proxima-region"] == "eu"
+    assert float(far.headers["x-proxima-predicted-ttft-ms"]) >= 150
+    assert elapsed >= 0.150  # rtt/2 out, rtt/2 back before the first token
+    near = await c.post("/v1/chat/completions", json=chat(max_tokens=1), headers={"x-client-region": "eu"})
+    assert float(near.headers["x-proxima-predicted-ttft-ms"]) < 150
