@@ -2,7 +2,7 @@
 
     python -m serving.bench.real --trace PATH --policy latency --policy round_robin \
         [--vllm-router consistent_hash --vllm-router cache_aware] [--engines 4] \
-        [--kv-tokens 32768] [--speed 1.0] [--engine-url URL ...] --out DIR
+        [--kv-tokens 32768] [--speed 1.0] [--engine-url URL ...] [--rounds 1] --out DIR
 
 Starts `--engines` vLLM CPU servers serving the offline tiny model (or uses
 `--engine-url` servers that already run with VLLM_SERVER_DEV_MODE=1), each
@@ -13,7 +13,10 @@ and `vllm_http` engines; then the same for each `--vllm-router` policy, with a
 `vllm-router` process in front of the same engines (sessions carried in
 `x-session-id`). `cache_hit_rate` is vLLM's own prefix_cache_hits_total /
 prefix_cache_queries_total, as deltas over the run; latencies are measured
-at the client. Writes `--out/results.json` and prints it.
+at the client. With `--rounds N` the policies are replayed N times, interleaved
+(so a slow spell on a shared machine hits every policy alike), and each
+policy's figures pool its rounds. Writes `--out/results.json` (and each run's
+requests as JSON lines) and prints it.
 """
 
 from __future__ import annotations
@@ -128,38 +131,53 @@ async def run(a: argparse.Namespace, urls: list[str]) -> dict:
     results: dict = {"policies": {}, "config": {
         "trace": str(a.trace), "requests": len(records), "engines": len(urls), "kv_tokens": a.kv_tokens,
         "speed": a.speed, "profile": a.profile, "engine_urls": urls,
-        "router_options": a.router_option}}
+        "router_options": a.router_option, "rounds": a.rounds}}
     try:
         await _warm_up(engines, prompts, records)
         runs = [("proxima", p) for p in a.policy] + [("vllm-router", p) for p in a.vllm_router]
-        for kind, policy in runs:
-            await _quiesce(engines)
-            h0, q0 = await _counters(engines)
-            if kind == "proxima":
-                name = policy
-                router = Router(policy, block_size=128, default_profile=a.profile, seed=0,
-                                **_router_options(a.router_option, policy))
-                out = await replay.replay_router(records, prompts, engines, policy, speed=a.speed,
-                                                 model=a.served_model, profile=a.profile, router=router)
-            else:
-                name = f"vllm-router:{policy}"
-                proc = _start_vllm_router(_vllm_router_bin(a.vllm_router_bin), urls, policy,
-                                          a.router_port, a.log_dir)
-                try:
-                    out = await replay.replay_http(records, prompts, f"http://127.0.0.1:{a.router_port}",
-                                                   speed=a.speed, model=a.served_model, name=policy)
-                finally:
-                    _stop(proc)
-            await _quiesce(engines)
-            h1, q1 = await _counters(engines)
-            results["policies"][name] = replay.summarize(out, h1 - h0, q1 - q0)
-            with open(Path(a.out) / f"requests-{name.replace(':', '-')}.jsonl", "w") as f:
-                f.writelines(json.dumps(asdict(o)) + "\n" for o in out)
-            print(json.dumps({name: results["policies"][name]}), file=sys.stderr, flush=True)
+        pooled: dict[str, tuple[list, int, int]] = {}
+        results["rounds"] = []
+        for rnd in range(a.rounds):
+            results["rounds"].append({})
+            for kind, policy in runs:
+                name, out, hits, queries = await _one_run(a, urls, engines, records, prompts, kind, policy)
+                results["rounds"][rnd][name] = replay.summarize(out, hits, queries)
+                print(json.dumps({f"round {rnd + 1}: {name}": results["rounds"][rnd][name]}),
+                      file=sys.stderr, flush=True)
+                prev = pooled.get(name, ([], 0, 0))
+                pooled[name] = (prev[0] + out, prev[1] + hits, prev[2] + queries)
+                with open(Path(a.out) / f"requests-{name.replace(':', '-')}-r{rnd + 1}.jsonl", "w") as f:
+                    f.writelines(json.dumps(asdict(o)) + "\n" for o in out)
+        for name, (out, hits, queries) in pooled.items():
+            results["policies"][name] = replay.summarize(out, hits, queries)
     finally:
         for e in engines:
             await e.close()
     return results
+
+
+async def _one_run(a, urls, engines, records, prompts, kind: str, policy: str):
+    """One replay of the trace with one policy, from idle engines with empty caches."""
+    await _quiesce(engines)
+    h0, q0 = await _counters(engines)
+    if kind == "proxima":
+        name = policy
+        router = Router(policy, block_size=128, default_profile=a.profile, seed=0,
+                        **_router_options(a.router_option, policy))
+        out = await replay.replay_router(records, prompts, engines, policy, speed=a.speed,
+                                         model=a.served_model, profile=a.profile, router=router)
+    else:
+        name = f"vllm-router:{policy}"
+        proc = _start_vllm_router(_vllm_router_bin(a.vllm_router_bin), urls, policy,
+                                  a.router_port, a.log_dir)
+        try:
+            out = await replay.replay_http(records, prompts, f"http://127.0.0.1:{a.router_port}",
+                                           speed=a.speed, model=a.served_model, name=policy)
+        finally:
+            _stop(proc)
+    await _quiesce(engines)
+    h1, q1 = await _counters(engines)
+    return name, out, h1 - h0, q1 - q0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -177,6 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--router-option", action="append", default=[], metavar="KEY=VALUE",
                     help="a policy option for Proxima's Router, e.g. tie_margin_frac=0.15 (repeatable)")
     ap.add_argument("--limit", type=int, default=None, help="first N trace records only")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="replay every policy this many times, interleaved; results pool the rounds")
     ap.add_argument("--port-base", type=int, default=8100)
     ap.add_argument("--router-port", type=int, default=8190)
     ap.add_argument("--vllm-python", default=sys.executable, help="python that has vllm(-cpu)")

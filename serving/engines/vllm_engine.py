@@ -95,7 +95,8 @@ class VLLMEngine:
             prompt["cache_salt"] = request.cache_salt
         try:
             params = SamplingParams(max_tokens=request.max_tokens, temperature=request.temperature,
-                                    top_p=request.top_p, seed=request.seed, stop=list(request.stop) or None,
+                                    top_p=request.top_p, seed=vllm_seed(request.seed),
+                                    stop=list(request.stop) or None,
                                     ignore_eos=request.ignore_eos, output_kind=RequestOutputKind.DELTA)
         except ValueError as e:
             raise InvalidRequest(str(e)) from None
@@ -117,12 +118,12 @@ class VLLMEngine:
                     return
         except (EngineError, InvalidRequest):
             raise
-        except ValueError as e:  # vLLM's input validation
-            msg = str(e)
-            if "context length" in msg or "longer than the maximum model length" in msg:
-                raise ContextLengthExceeded(msg, param="messages") from None
-            raise InvalidRequest(msg) from None
         except Exception as e:  # EngineDeadError, EngineGenerateError, ...
+            if _client_error(e):  # the request's fault (4xx), not the replica's
+                msg = str(e)
+                if "context length" in msg or "longer than the maximum model length" in msg:
+                    raise ContextLengthExceeded(msg, param="messages") from None
+                raise InvalidRequest(msg) from None
             if self.engine is not None and getattr(self.engine, "errored", False):
                 self.health = Health.DOWN
             raise EngineError(f"replica {self.replica_id}: {type(e).__name__}: {e}") from None
@@ -179,6 +180,17 @@ class VLLMEngine:
                 pass
 
         return _Snapshotter
+
+
+def vllm_seed(seed: int | None) -> int | None:
+    """vLLM takes signed 64-bit seeds; the gateway's default seeds are unsigned 64-bit."""
+    return None if seed is None else seed % (1 << 63)
+
+
+def _client_error(e: BaseException) -> bool:
+    # vLLM >= 0.11 raises VLLMClientError subclasses (e.g. VLLMValidationError) for bad
+    # input; older versions raise ValueError. Matched by name: vLLM is imported lazily.
+    return isinstance(e, ValueError) or any(c.__name__ == "VLLMClientError" for c in type(e).__mro__)
 
 
 ENGINE_OPTIONS = {"model_path", "engine_args", "env", "profile"}

@@ -212,7 +212,7 @@ class VLLMHttpEngine:
             "stream_options": {"include_usage": True, "continuous_usage_stats": True},
         }
         if r.seed is not None:
-            body["seed"] = r.seed
+            body["seed"] = r.seed % (1 << 63)  # vLLM takes signed 64-bit seeds
         if r.stop:
             body["stop"] = list(r.stop)
         if r.cache_salt:

@@ -31,7 +31,7 @@ CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>"
     "{% if m['content'] is string %} {{ m['content'] }}"
     "{% else %}{% for part in m['content'] %}{% if part['type'] == 'text' %} {{ part['text'] }}"
-    "{% endif %}{% endfor %}{% endif %}\n{% endfor %}"
+    "{% endif %}{% endfor %}{% endif %}{{ '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "ch", "sh", "tr")
