@@ -81,6 +81,15 @@ class BlockPool:
         self.refs[h] = c + 1
         self.free_anon += 1
 
+    def promote_many(self, hashes) -> None:
+        """`promote` for consecutive blocks of one prompt, in order."""
+        refs = self.refs
+        if refs.keys().isdisjoint(hashes):  # the usual case: all new, one C-level update
+            refs.update(dict.fromkeys(hashes, 1))
+            return
+        for h in hashes:
+            self.promote(h)
+
     def free(self, hashes, n_anon: int) -> None:
         """Release a request's blocks, its last blocks first (they evict first)."""
         refs, ev = self.refs, self.evictable

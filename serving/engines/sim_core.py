@@ -210,10 +210,12 @@ class SimCore:
         s.computed += n
         self.pending_prefill -= n
         after = min(s.computed // self.bs, len(s.hashes))
-        for i in range(max(before, len(s.held)), after):
-            self.pool.promote(s.hashes[i])
-            s.held.append(s.hashes[i])
-            s.anon -= 1
+        lo = max(before, len(s.held))
+        if after > lo:
+            new = s.hashes[lo:after]
+            self.pool.promote_many(new)
+            s.held.extend(new)
+            s.anon -= after - lo
         return n
 
     def _grow(self, s: Seq) -> bool:
