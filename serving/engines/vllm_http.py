@@ -62,6 +62,7 @@ class VLLMHttpEngine:
         self._session: aiohttp.ClientSession | None = None
         self._poller: asyncio.Task | None = None
         self._streams: dict[str, aiohttp.ClientResponse] = {}
+        self._aborted: set[str] = set()
 
     # --- lifecycle ------------------------------------------------------------
     async def start(self) -> None:
@@ -138,18 +139,25 @@ class VLLMHttpEngine:
             if last is not None:  # [DONE] without a usage event
                 yield last
                 return
-            raise EngineError(f"replica {self.replica_id} closed the stream early")
+            if rid in self._aborted:
+                raise asyncio.CancelledError(f"request {rid} aborted")
+            raise self._down(f"replica {self.replica_id} closed the stream early")
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+            if rid in self._aborted:  # we closed it (abort): the replica is fine
+                raise asyncio.CancelledError(f"request {rid} aborted") from None
             raise self._down(f"replica {self.replica_id} failed mid-stream: {type(e).__name__}: {e}") from None
         finally:
+            self._aborted.discard(rid)
             self.pending.done(rid)
             self._streams.pop(rid, None)
             if resp is not None:
                 resp.close()  # after an early exit this is the abort: vLLM sees the disconnect
 
     async def abort(self, request_id: str) -> None:
+        """Close the request's stream; its `generate` ends with CancelledError."""
         resp = self._streams.pop(request_id, None)
         if resp is not None:
+            self._aborted.add(request_id)
             resp.close()
         self.pending.done(request_id)
 

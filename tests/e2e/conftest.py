@@ -25,13 +25,26 @@ def _vllm_missing() -> str | None:
     return None
 
 
+_LAST_E2E: list = []  # the last e2e test: the servers stop after it, not at session end
+_RUNNING: list = []
+
+
 def pytest_collection_modifyitems(config, items):
+    e2e = [item for item in items if "e2e" in item.keywords]
+    _LAST_E2E[:] = e2e[-1:]
     reason = _vllm_missing()
     if reason is None:
         return
-    for item in items:
-        if "e2e" in item.keywords:
-            item.add_marker(pytest.mark.skip(reason=reason))
+    for item in e2e:
+        item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def pytest_runtest_teardown(item, nextitem):
+    # The other tiers need neither the servers' memory (~2.5 GB each) nor their CPU.
+    if _LAST_E2E and item is _LAST_E2E[0]:
+        for servers in _RUNNING:
+            servers.stop()
+        _RUNNING.clear()
 
 
 @pytest.fixture(scope="session")
@@ -50,5 +63,6 @@ def vllm_servers(tiny_model, tmp_path_factory):
     servers = VLLMServers(tiny_model, list(E2E_PORTS), kv_tokens=64 * 128, max_model_len=4096,
                           log_dir=str(logs))
     servers.start(timeout_s=float(os.environ.get("PROXIMA_VLLM_START_TIMEOUT", "480")))
+    _RUNNING.append(servers)
     yield servers
-    servers.stop()
+    servers.stop()  # idempotent: usually already stopped after the last e2e test

@@ -205,3 +205,18 @@ async def test_pending_prefill_counts_until_first_token(fake):
         await stream.aclose()
     finally:
         await e.close()
+
+
+async def test_abort_ends_the_stream_with_cancelled_and_keeps_the_replica_up(fake):
+    e = await _engine(fake.url)
+    try:
+        stream = e.generate(GenerateRequest("q8", (1, 2, 3), max_tokens=500))
+        await stream.__anext__()
+        await e.abort("q8")
+        with pytest.raises(asyncio.CancelledError):
+            async for _ in stream:
+                pass
+        await asyncio.wait_for(fake.disconnected.wait(), 2.0)
+        assert e.snapshot().health is Health.UP
+    finally:
+        await e.close()
