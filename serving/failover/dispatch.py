@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Awaitable, Callable
 
 from serving.engines.base import Chunk, GenerateRequest, default_seed
-from serving.errors import EngineError, NoReplicaAvailable, ProximaError, Timeout
+from serving.errors import EngineError, NoReplicaAvailable, ProximaError, ResidencyUnavailable, Timeout
 from serving.types import Decision, RouteRequest
 
 Route = Callable[[RouteRequest], Awaitable[Decision]]
@@ -144,9 +144,16 @@ async def _route(route: Route, rreq: RouteRequest, failed_region: str | None,
     try:
         return await route(rreq)
     except NoReplicaAvailable as e:
-        if last_error is not None and type(e) is NoReplicaAvailable:
-            e.message = f"{e.message} Last replica error: {last_error.message}"
-            e.args = (e.message,)
+        if last_error is None or type(e) is not NoReplicaAvailable:
+            raise
+        tried = ", ".join(sorted(rreq.exclude))
+        if rreq.allowed_regions is not None:  # say it: residency is why it was not moved on
+            raise ResidencyUnavailable(
+                f"No replica of `{rreq.model}` is left in the allowed regions "
+                f"{sorted(rreq.allowed_regions)}: {tried} failed (last: {last_error.message}); "
+                "the request was not moved elsewhere.") from None
+        e.message = f"{e.message} Tried {tried}; last replica error: {last_error.message}"
+        e.args = (e.message,)
         raise
 
 
