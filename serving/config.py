@@ -166,7 +166,7 @@ class ServeConfig(_Strict):
 
 
 class BudgetsConfig(_Strict):
-    ledger_path: str | None = "proxima-ledger.sqlite"  # SQLite (WAL); null = in memory only
+    ledger_path: str | None = "proxima-ledger.db"  # SQLite (WAL), relative to the cwd; null = memory only
     reservation_ttl_s: float = Field(default=900.0, gt=0)
 
 
