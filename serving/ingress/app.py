@@ -60,7 +60,11 @@ def build_app(gw: Gateway) -> Starlette:
         return handler
 
     async def completions(request: Request, parse: Callable[[bytes], Parsed]) -> Response:
-        rid = gw.request_id(request.headers.get("x-request-id"))
+        # Our id is always fresh: bookings, engine requests and budget reservations are
+        # keyed by it, so a client must not pick it (a reused id would settle once).
+        # The client's own x-request-id, if sane, is only echoed back.
+        rid = gw.request_id(None)
+        echo = {"x-request-id": gw.request_id(request.headers.get("x-request-id"))}
         try:
             principal = gw.auth.authenticate(request.headers.get("authorization"))
             parsed = parse(await request.body())
@@ -69,16 +73,16 @@ def build_app(gw: Gateway) -> Starlette:
             job = gw.prepare(parsed, principal, region, rid, extra)
             stream = await gw.start(job)
         except ProximaError as e:
-            return _error(e, {"x-request-id": rid})
+            return _error(e, echo)
         resp = Responder(parsed.kind, rid, job.model, parsed.include_usage)
         if parsed.stream:
             return StreamingResponse(_events(stream, resp), media_type=sse.MEDIA_TYPE,
-                                     headers={**stream.headers(), "cache-control": "no-cache"})
+                                     headers={**stream.headers(), **echo, "cache-control": "no-cache"})
         text = []
         async for c in stream.chunks():
             text.append(c.text)
         u = usage(stream.prompt_tokens, stream.completion_tokens, stream.cached_tokens)
-        return _json(resp.full("".join(text), stream.finish_reason, u), headers=stream.headers())
+        return _json(resp.full("".join(text), stream.finish_reason, u), headers={**stream.headers(), **echo})
 
     async def chat(request: Request) -> Response:
         return await completions(request, parse_chat)

@@ -138,6 +138,7 @@ class Gateway:
 
     @staticmethod
     def request_id(header: str | None) -> str:
+        """`header` if it is a sane id (1-128 of [A-Za-z0-9._:-]), else a fresh one."""
         return header if header and _RID.match(header) else uuid.uuid4().hex
 
     def client_region(self, header: str | None) -> str:

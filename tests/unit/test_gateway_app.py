@@ -67,7 +67,7 @@ async def test_stream_events_headers_and_usage():
     assert (r.headers["x-request-id"], r.headers["x-proxima-region"], r.headers["x-proxima-replica"]) == \
            ("r-1", "eu", "eu-0")
     ev = events(r.text)
-    assert [e["id"] for e in ev] == ["chatcmpl-r-1"] * 4
+    assert len({e["id"] for e in ev}) == 1 and ev[0]["id"] != "chatcmpl-r-1"  # our id, not the client's
     assert [e["choices"][0]["finish_reason"] for e in ev[:3]] == [None, None, "length"]
     assert ev[0]["choices"][0]["delta"]["role"] == "assistant"
     assert ev[3]["choices"] == [] and ev[3]["usage"]["completion_tokens"] == 3
@@ -172,3 +172,14 @@ async def test_injected_rtt_shows_whole_in_the_measured_ttft():
     assert elapsed >= 0.150  # rtt/2 out, rtt/2 back before the first token
     near = await c.post("/v1/chat/completions", json=chat(max_tokens=1), headers={"x-client-region": "eu"})
     assert float(near.headers["x-proxima-predicted-ttft-ms"]) < 150
+
+
+async def test_a_reused_client_request_id_is_echoed_but_never_used_as_ours():
+    c, _, router = make()
+    rs = [await c.post("/v1/chat/completions", json=chat(), headers={"x-request-id": "same"}) for _ in range(2)]
+    assert [r.headers["x-request-id"] for r in rs] == ["same", "same"]
+    assert rs[0].json()["id"] != rs[1].json()["id"]
+    bad = await c.post("/v1/chat/completions", json=chat(), headers={"x-request-id": "no spaces/allowed"})
+    assert bad.headers["x-request-id"] != "no spaces/allowed"  # not echoed: a fresh id instead
+    err = await c.post("/v1/chat/completions", content=b"{", headers={"x-request-id": "e-1"})
+    assert (err.status_code, err.headers["x-request-id"]) == (400, "e-1")
