@@ -298,6 +298,8 @@ def run_policies(sc: Scenario, policies: list[PolicySpec] | None = None, *, prog
                         progress=progress, hasher=hasher)
         res = sim.run()
         res["oracle_hit_rate"] = oracle
+        series = sim.rec.series()
+        res["by_client_region"] = series["by_client_region"]
         out["policies"][spec.label] = res
-        out.setdefault("_series", {})[spec.label] = sim.rec.series()
+        out.setdefault("_series", {})[spec.label] = series
     return out
