@@ -111,24 +111,26 @@ class Simulator:
         self._push(self.now + phase, SNAP, rep)
         return rep
 
-    def crash(self, rep: Replica) -> None:
-        """The replica dies: its requests fail over, the router's circuit opens."""
-        if rep.health is Health.DOWN:
-            return
-        rep.health = Health.DOWN
-        rep.version += 1
-        rep.state = IDLE
-        self.router.set_circuit(rep.id, True)
-        victims = [(s.tag, s.out) for s in list(rep.core.waiting) + rep.core.running]
-        rep.core = type(rep.core)(rep.profile, rep.kv_capacity)  # the cache is lost too
-        for r, streamed in victims:
+    def crash(self, *reps: Replica) -> None:
+        """Replicas die together: the router's circuits open, then their requests fail over."""
+        victims = []
+        for rep in reps:
+            if rep.health is Health.DOWN:
+                continue
+            rep.health = Health.DOWN
+            rep.version += 1
+            rep.state = IDLE
+            self.router.set_circuit(rep.id, True)
+            victims += [(s.tag, s.out, rep.id) for s in list(rep.core.waiting) + rep.core.running]
+            rep.core = type(rep.core)(rep.profile, rep.kv_capacity)  # the cache is lost too
+        for r, streamed, rid in victims:
             self.router.on_finished(r.rid, ok=False)
             r.out_done += streamed
             r.tries += 1
             if r.tries > self.sc.max_retries:
                 self._fail(r, "replica failed")
             else:
-                self._route(r, exclude=frozenset((rep.id,)))
+                self._route(r, exclude=frozenset((rid,)))
 
     def recover(self, rep: Replica) -> None:
         if rep.health is not Health.DOWN:
@@ -262,8 +264,7 @@ class Simulator:
         reps = [r for r in self.replicas.values() if r.region == ev.region]
         if ev.action == "outage":
             reps = [r for r in reps if r.health is not Health.DOWN][: ev.replicas or len(reps)]
-            for rep in reps:
-                self.crash(rep)
+            self.crash(*reps)
             if ev.duration_s is not None:
                 self._push(self.now + ev.duration_s, EVENT, _Recover(ev.region, tuple(reps)))
         elif isinstance(ev, _Recover):

@@ -97,6 +97,8 @@ def test_same_seed_same_results_and_other_seed_other_arrivals():
     pytest.param([], 2, False, id="no-events"),
     pytest.param([{"at_s": 10, "action": "outage", "region": "us-east", "duration_s": 10}], 2, False,
                  id="outage-with-failover"),
+    pytest.param([{"at_s": 10, "action": "outage", "region": "us-east"}], 1, False,
+                 id="region-down-at-once-one-retry-is-enough"),
     pytest.param([{"at_s": 10, "action": "outage", "region": "us-east"},
                   {"at_s": 10, "action": "outage", "region": "eu-west"}], 0, True, id="everything-down"),
 ])
