@@ -33,20 +33,3 @@ def passes_check(response_format: Any, text: str) -> bool:
         return all(k in value for k in schema.get("required", ()))
     return True
 
-
-async def run_cascade(choice, cfg, response_format: Any, run):
-    """Run `choice`'s tier; if it is a checked small answer that fails, redo on large.
-
-    `run(model) -> (text, result)` is awaitable. Returns (result, final TierChoice).
-    The tenant is billed for the answer it receives; the discarded small attempt
-    is the operator's cost of choosing to cascade.
-    """
-    from serving.delegation.tiers import TierChoice  # local: avoids an import cycle
-
-    text, result = await run(choice.model)
-    if not choice.check_then_large or passes_check(response_format, text):
-        return result, choice
-    large = cfg.tier(cfg.large)
-    _, result = await run(large.model)
-    return result, TierChoice(large.name, large.model, "cascade",
-                              f"{choice.tier} answer failed the {response_format['type']} check")

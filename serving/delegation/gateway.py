@@ -16,12 +16,13 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Awaitable, Callable
 
-from serving.delegation.cascade import is_json_format
+from serving.delegation.cascade import is_json_format, passes_check
 from serving.delegation.tiers import HEADER, DelegationConfig, Features, choose_tier
 from serving.errors import InvalidRequest, NoReplicaAvailable
 from serving.types import RouteRequest
 
 SLO_HEADER = "x-proxima-slo-ttft-ms"
+CHECK_HEADER = "x-proxima-tier-check"  # the small answer must pass this check (cascade)
 
 Predict = Callable[[RouteRequest], Awaitable[float]]
 
@@ -61,7 +62,27 @@ class TierDelegation:
         if self.on_choice is not None:
             self.on_choice(choice.tier, choice.reason)
         extra = tuple(choice.headers().items())
+        if choice.check_then_large:
+            extra += ((CHECK_HEADER, p.response_format["type"]),)
         return replace(job, model=choice.model, reply_headers=job.reply_headers + extra)
+
+    def cascade(self, job: Any, text: str) -> Any | None:
+        """The job to redo on the large tier if this small answer fails its check, else None.
+
+        The redo goes through admission again: the tenant is billed for both
+        attempts' real usage (the discarded one was real work too).
+        """
+        h = dict(job.reply_headers)
+        if CHECK_HEADER not in h or passes_check(job.parsed.response_format, text):
+            return None
+        large = self.cfg.tier(self.cfg.large)
+        note = {"x-proxima-tier": large.name, "x-proxima-tier-reason": "cascade",
+                "x-proxima-tier-detail": f"{h['x-proxima-tier']} answer failed the {h[CHECK_HEADER]} check"}
+        kept = tuple((k, v) for k, v in job.reply_headers if k not in note and k != CHECK_HEADER)
+        if self.on_choice is not None:
+            self.on_choice(large.name, "cascade")
+        return replace(job, model=large.model, request_id=job.request_id + "-cascade",
+                       block_hashes=(), reply_headers=kept + tuple(note.items()))
 
     def _slo(self, raw: str | None) -> float | None:
         if raw is None:

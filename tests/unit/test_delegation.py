@@ -3,7 +3,6 @@
 import pytest
 
 from serving.delegation import DelegationConfig, Features, Tier, choose_tier, passes_check
-from serving.delegation.cascade import run_cascade
 from serving.errors import InvalidRequest, ResidencyUnavailable
 
 CFG = DelegationConfig((Tier("small", "llama-1b", max_prompt_tokens=4000),
@@ -65,23 +64,6 @@ def test_unknown_header_tier_is_400():
 ], ids=["object", "not-json", "array", "schema-ok", "schema-missing-key", "text", "none"])
 def test_passes_check(fmt, text, ok):
     assert passes_check(fmt, text) is ok
-
-
-@pytest.mark.parametrize("small_text,final_tier,calls", [
-    ('{"answer": 42}', "small", ["llama-1b"]),
-    ("the router sends", "large", ["llama-1b", "llama-8b"]),
-], ids=["small-passes", "small-fails-large-redoes"])
-async def test_cascade(small_text, final_tier, calls):
-    seen = []
-
-    async def run(model):
-        seen.append(model)
-        return (small_text if model == "llama-1b" else '{"a": 1}'), model
-
-    choice = choose_tier(CASCADE, Features(100, json_format=True, slo_ttft_ms=1), predicted(5))
-    result, final = await run_cascade(choice, CASCADE, {"type": "json_object"}, run)
-    assert seen == calls and result == calls[-1] and final.tier == final_tier
-    assert final.reason == ("cascade" if final_tier == "large" else "large_overloaded")
 
 
 @pytest.mark.parametrize("bad,msg", [

@@ -196,3 +196,31 @@ async def test_killed_replica_rejoins_after_half_open_trial(gw):
             assert r.status_code == 200
     assert not feed.view.is_open("eu-big-0")
     assert not gw.router.router.table.snaps[gw.router.router.table.index["eu-big-0"]].circuit_open
+
+
+@pytest.mark.parametrize("stream,tier,reason,replica_model", [
+    (False, "large", "cascade", "big"),  # small answered, failed the JSON check, large redid it
+    (True, "large", "response_format", "big"),  # a stream can't be taken back: large at once
+], ids=["cascade-redo", "stream-no-cascade"])
+async def test_json_cascade(gw, stream, tier, reason, replica_model):
+    from dataclasses import replace as dc_replace
+    gw.delegation.cfg = dc_replace(gw.delegation.cfg, cascade=True)
+    body = chat("acme", model="auto", max_tokens=4, stream=stream,
+                response_format={"type": "json_object"}, stream_options={"include_usage": True})
+    async with client(gw) as c:
+        r = await c.post("/v1/chat/completions", json=body,
+                         headers=auth("acme", **{"x-proxima-slo-ttft-ms": "0.001"}))
+        b = await c.get("/v1/budgets", headers=auth("acme"))
+    assert r.status_code == 200
+    assert (r.headers["x-proxima-tier"], r.headers["x-proxima-tier-reason"]) == (tier, reason)
+    assert r.headers["x-proxima-replica"].split("-")[1] == replica_model
+    assert "x-proxima-tier-check" not in r.headers
+    day = next(x for x in b.json()["budgets"] if x["name"] == "tokens_per_day")
+    if stream:
+        events = [json.loads(x[6:]) for x in r.text.splitlines()
+                  if x.startswith("data: ") and x != "data: [DONE]"]
+        total = next(ev["usage"]["total_tokens"] for ev in events if ev.get("usage"))
+        assert day["used"] == total
+    else:  # both attempts were real work and are billed: same prompt, same max_tokens
+        assert day["used"] == 2 * r.json()["usage"]["total_tokens"]
+    assert day["reserved"] == 0
