@@ -20,6 +20,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 APP, PREFIX = "policies", "/gp"
+_CFG: dict[str, dict] = {}
 KEYS = {"acme": "sk-acme-int", "euco": "sk-euco-int", "free": "sk-free-int"}
 
 
@@ -58,6 +59,7 @@ def gp(gateway_url, tmp_path_factory):
     cfg = policy_config(str(tmp_path_factory.mktemp("ledger") / "ledger.sqlite"))
     serve.run(build_app(cfg), name=APP, route_prefix=PREFIX)
     url = gateway_url + PREFIX
+    _CFG[url] = cfg
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -175,6 +177,51 @@ def test_replica_killed_mid_stream_continues_exactly(gp):
         text, errors = sse_text(lines)
     assert killed and not errors
     assert text == want and len(text.split()) == 300  # no duplicated, no missing text
+
+
+def test_ledger_killed_mid_load_loses_and_doubles_nothing(gp):
+    """kill -9 the ledger actor's process under load: Ray restarts it from its SQLite file."""
+    import os
+    import signal
+
+    import ray
+
+    from serving.ray.ledger import LedgerActor  # noqa: F401  (the actor's class must import)
+
+    name = next(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith("proxima-ledger-") and a["namespace"] == "proxima"
+                and _owns(a["name"], gp))
+    ledger = ray.get_actor(name, namespace="proxima")
+    pid = ray.get(ledger.pid.remote())
+
+    def used() -> int:
+        b = httpx.get(gp + "/v1/budgets", headers=auth("free"), timeout=30).json()
+        return next(x for x in b["budgets"] if x["name"] == "tokens_per_day")["used"]
+
+    def one(i):
+        r = httpx.post(gp + "/v1/chat/completions", json=chat(max_tokens=30 + i % 7, words=10 + i % 5),
+                       headers=auth("free"), timeout=60)
+        return r.status_code, (r.json()["usage"]["total_tokens"] if r.status_code == 200 else 0)
+
+    before = used()
+    with cf.ThreadPoolExecutor(16) as pool:
+        futs = [pool.submit(one, i) for i in range(80)]
+        time.sleep(0.3)
+        os.kill(pid, signal.SIGKILL)
+        results = [f.result() for f in futs]
+    assert {s for s, _ in results} == {200}
+    deadline = time.monotonic() + 20
+    while used() - before != sum(t for _, t in results) and time.monotonic() < deadline:
+        time.sleep(0.2)  # settlements retried after the restart land
+    assert used() - before == sum(t for _, t in results)
+    assert ray.get(ledger.pid.remote()) != pid  # it really was a new process
+
+
+def _owns(actor_name: str, url: str) -> bool:
+    """The ledger of the policies app (the session's other app has its own)."""
+    from serving.ray.router_actor import config_digest
+
+    return actor_name.endswith(config_digest(_CFG[url])) if url in _CFG else True
 
 
 class RegionOutage:
