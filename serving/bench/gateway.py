@@ -57,7 +57,9 @@ def delegation_scenario(duration_s: float) -> dict:
                                  "kv_capacity_tokens": 120_000}},
         "rtt_ms": {"us": {"us": 2, "us-small": 2}, "us-small": {"us-small": 2}},
         "slo": {"ttft_ms": 1000, "tpot_ms": 100},
-        "workload": [{"generator": "no_reuse", "model": "auto", "rate_per_s": {"us": 90},
+        # The clients call `auto`; the simulator checks that a source's model is served,
+        # so the source names the large model and the hook below reads it as `auto`.
+        "workload": [{"generator": "no_reuse", "model": "llama-8b", "rate_per_s": {"us": 90},
                       "prompt_tokens": [500, 1500], "output_tokens": [100, 300]}],
     }
 
@@ -74,11 +76,9 @@ class Delegation(Hooks):
         self.reasons: Counter = Counter()
 
     def delegate(self, sim: Simulator, a) -> str:
-        if a.model != self.cfg.alias:
-            return a.model
         large = self.cfg.tier(self.cfg.large)
-        if not self.enabled:
-            return large.model
+        if a.model not in (self.cfg.alias, large.model) or not self.enabled:
+            return large.model if a.model == self.cfg.alias else a.model
         slo = a.slo_ttft_ms if a.slo_ttft_ms is not None else sim.sc.slo_ttft_ms
 
         def predict() -> float:
