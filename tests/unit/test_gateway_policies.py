@@ -224,3 +224,12 @@ async def test_json_cascade(gw, stream, tier, reason, replica_model):
     else:  # both attempts were real work and are billed: same prompt, same max_tokens
         assert day["used"] == 2 * r.json()["usage"]["total_tokens"]
     assert day["reserved"] == 0
+
+
+async def test_delegation_stays_inside_residency(gw):
+    async with client(gw) as c:
+        for _ in range(4):
+            r = await c.post("/v1/chat/completions", json=chat("euco", model="auto", max_tokens=2),
+                             headers=auth("euco", **{"x-proxima-slo-ttft-ms": "0.001"}))
+            assert r.headers["x-proxima-tier"] == "small" and r.headers["x-proxima-region"] == "eu"
+            assert r.headers["x-proxima-replica"].startswith("eu-small-")
