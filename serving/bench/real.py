@@ -149,11 +149,20 @@ async def run(a: argparse.Namespace, urls: list[str]) -> dict:
                 with open(Path(a.out) / f"requests-{name.replace(':', '-')}-r{rnd + 1}.jsonl", "w") as f:
                     f.writelines(json.dumps(asdict(o)) + "\n" for o in out)
         for name, (out, hits, queries) in pooled.items():
-            results["policies"][name] = replay.summarize(out, hits, queries)
+            results["policies"][name] = pooled_summary(out, hits, queries,
+                                                       [r[name] for r in results["rounds"]])
     finally:
         for e in engines:
             await e.close()
     return results
+
+
+def pooled_summary(out: list, hits: int, queries: int, rounds: list[dict]) -> dict:
+    """Percentiles over every round's requests; throughput is the rounds' mean (their
+    wall clocks do not overlap, so one span over all of them would mean nothing)."""
+    s = replay.summarize(out, hits, queries)
+    s["throughput_tok_s"] = round(sum(r["throughput_tok_s"] for r in rounds) / len(rounds), 1)
+    return s
 
 
 async def _one_run(a, urls, engines, records, prompts, kind: str, policy: str):
