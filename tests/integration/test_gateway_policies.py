@@ -35,8 +35,12 @@ def policy_config(ledger_path: str) -> dict:
         "router": {"policy": "latency", "snapshot_period_s": 0.1},
         "models": [{"name": "big", "max_model_len": 16384, "default_max_tokens": 16},
                    {"name": "small", "max_model_len": 16384, "default_max_tokens": 16}],
-        "regions": {"us-east": {"replicas": 1, "profile": "llama3-8b-h100", "models": ["big", "small"]},
-                    "eu-west": {"replicas": 2, "profile": "llama3-8b-h100", "models": ["big"]}},
+        # Engines run 3x slower than the profile: long prompts then queue faster than one
+        # ingress on two cores can feed them, so the large tier really is loaded.
+        "regions": {"us-east": {"replicas": 1, "profile": "llama3-8b-h100", "models": ["big", "small"],
+                                "engine": {"kind": "sim", "options": {"time_scale": 3.0}}},
+                    "eu-west": {"replicas": 2, "profile": "llama3-8b-h100", "models": ["big"],
+                                "engine": {"kind": "sim", "options": {"time_scale": 3.0}}}},
         "auth": {"tenants": {
             "acme": {"api_keys_sha256": [_sha(KEYS["acme"])], "budget": {"tokens_per_day": 300}},
             "euco": {"api_keys_sha256": [_sha(KEYS["euco"])], "allowed_regions": ["eu-west"]},
