@@ -11,6 +11,7 @@ LRU among cached blocks).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from itertools import takewhile
 
 
@@ -22,7 +23,9 @@ class BlockPool:
         self.block_size = block_size
         self.free_anon = num_blocks
         self.refs: dict[int, int] = {}  # hash -> holders (0 = cached, evictable)
-        self.evictable: dict[int, None] = {}  # refcount-0 hashes, least recent first
+        # refcount-0 hashes, least recent first. An OrderedDict, not a dict: popping a
+        # dict's first key scans the deleted slots before it, O(evictions) each time.
+        self.evictable: OrderedDict[int, None] = OrderedDict()
         self.evictions = 0
 
     @property
@@ -63,8 +66,7 @@ class BlockPool:
         n -= take
         ev, refs = self.evictable, self.refs
         while n > 0:
-            h = next(iter(ev))
-            del ev[h]
+            h = ev.popitem(last=False)[0]
             del refs[h]
             self.evictions += 1
             n -= 1

@@ -15,6 +15,8 @@ counter instead of a hash (nothing can ever match them).
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import xxhash
 
 from serving.prefix.hashing import root_seed
@@ -28,7 +30,7 @@ _xxh = xxhash.xxh3_64_intdigest
 class Hasher:
     def __init__(self, block_size: int, cache_entries: int = 20_000):
         self.bs = block_size
-        self.cache: dict[tuple[int, int], list[int]] = {}
+        self.cache: OrderedDict[tuple[int, int], list[int]] = OrderedDict()
         self.cache_entries = cache_entries
         self._roots: dict[tuple[str, str], int] = {}
 
@@ -62,7 +64,7 @@ class Hasher:
             if chain is None:
                 chain = []
                 if len(self.cache) >= self.cache_entries:
-                    self.cache.pop(next(iter(self.cache)))  # oldest first
+                    self.cache.popitem(last=False)  # oldest first
                 self.cache[ck] = chain
             need = hi - lo
             if len(chain) < need:
