@@ -1,123 +1,125 @@
-"""Gateway-policy figures in the simulator: a region outage, and delegation under overload.
+"""Gateway overhead: time to first byte through the full gateway vs a minimal Serve app.
 
-    python -m serving.bench.gateway [--quick]
+    python -m serving.bench.gateway [--requests 300] [--duration 10] [--port 8012]
 
-Prints one JSON object:
+One Ray session serves both apps side by side (serving.ray.baseline): the
+full gateway with a zero-delay simulated engine, and a baseline Serve app that
+streams the very bytes the gateway sent. TTFB is measured sequentially, the
+two apps alternating request by request so both see the same machine; then
+streams per second through the gateway with 32 concurrent clients. Prints one
+JSON object:
 
-- `outage`: the `latency` policy on three regions, with and without one whole
-  region crashing for a while. Crashed replicas' requests fail over (re-routed,
-  continuing from the tokens already streamed) and the router's circuits keep
-  new requests away until the region recovers. Figure: goodput ratio
-  outage / no outage (target >= 0.9).
-- `delegation`: a large tier overloaded by `auto` traffic, with a small tier
-  beside it. Without delegation `auto` means large; with it, each request goes
-  through `serving.delegation.choose_tier` with the router's predicted large
-  TTFT. Figure: goodput ratio with / without (target >= 1.5).
+    gateway_ttfb_p50_ms, baseline_ttfb_p50_ms, ratio_p50 (goal <= 1.5),
+    gateway_ttfb_p99_ms, baseline_ttfb_p99_ms,
+    gateway_streams_per_s (concurrency 32, goal >= 100), baseline_streams_per_s,
+    router_route_us_p50 (the router actor's own time per decision)
 
-Both runs of a pair see the identical arrivals (same scenario seed).
+The client (aiohttp) runs in this process on the same 2 cores as Ray, the
+proxy and the replicas; every figure includes that contention.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
-from collections import Counter
+import statistics
+import time
 
-from serving.delegation import DelegationConfig, Features, Tier, choose_tier
-from serving.sim import Hooks, Simulator, parse
-from serving.sim.scenario import PolicySpec
-from serving.types import RouteRequest
+import aiohttp
 
-LATENCY = PolicySpec("latency", "latency")
-
-
-def outage_scenario(duration_s: float, outage: bool) -> dict:
-    region = {"replicas": 4, "profile": "llama3-8b-h100", "kv_capacity_tokens": 200_000}
-    sc = {
-        "name": "region-outage", "seed": 11, "duration_s": duration_s,
-        "regions": {"us": region, "eu": region, "ap": region},
-        "rtt_ms": {"us": {"us": 2, "eu": 80, "ap": 150}, "eu": {"eu": 2, "ap": 200},
-                   "ap": {"ap": 2}},
-        "slo": {"ttft_ms": 1000, "tpot_ms": 100},
-        "workload": [{"generator": "agent_sessions", "rate_per_s": {"us": 3.6, "eu": 3.6, "ap": 3.6}},
-                     {"generator": "chat", "rate_per_s": {"us": 6, "eu": 6, "ap": 6}}],
-    }
-    if outage:  # eu goes dark for a third of the run, then comes back
-        sc["events"] = [{"at_s": duration_s / 3, "action": "outage", "region": "eu",
-                         "duration_s": duration_s / 3}]
-    return sc
+BODY = {"model": "zero", "messages": [{"role": "user", "content": "measure the gateway"}],
+        "max_tokens": 16, "stream": True}
 
 
-def delegation_scenario(duration_s: float) -> dict:
-    return {
-        "name": "overloaded-large-tier", "seed": 12, "duration_s": duration_s,
-        "regions": {"us": {"replicas": 2, "profile": "llama3-8b-h100", "model": "llama-8b",
-                           "kv_capacity_tokens": 60_000},
-                    "us-small": {"replicas": 2, "profile": "llama3-1b-h100", "model": "llama-1b",
-                                 "kv_capacity_tokens": 120_000}},
-        "rtt_ms": {"us": {"us": 2, "us-small": 2}, "us-small": {"us-small": 2}},
-        "slo": {"ttft_ms": 1000, "tpot_ms": 100},
-        # The clients call `auto`; the simulator checks that a source's model is served,
-        # so the source names the large model and the hook below reads it as `auto`.
-        "workload": [{"generator": "no_reuse", "model": "llama-8b", "rate_per_s": {"us": 90},
-                      "prompt_tokens": [500, 1500], "output_tokens": [100, 300]}],
-    }
+async def _ttfb(session: aiohttp.ClientSession, url: str) -> tuple[float, bytes]:
+    t = time.perf_counter()
+    async with session.post(url, json=BODY) as r:
+        if r.status != 200:
+            raise RuntimeError(f"{url}: HTTP {r.status}: {await r.text()}")
+        first = await r.content.readany()
+        ttfb = time.perf_counter() - t
+        rest = await r.read()
+    return ttfb * 1000.0, first + rest
 
 
-TIERS = DelegationConfig((Tier("small", "llama-1b", max_prompt_tokens=8000),
-                          Tier("large", "llama-8b")))
+async def _wait_healthy(session: aiohttp.ClientSession, base: str) -> None:
+    for _ in range(300):
+        try:
+            async with session.get(base + "/health") as r:
+                if r.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.2)
+    raise RuntimeError("gateway not healthy")
 
 
-class Delegation(Hooks):
-    """`auto` -> a tier, as the ingress's delegation stage decides it."""
-
-    def __init__(self, cfg: DelegationConfig, enabled: bool):
-        self.cfg, self.enabled = cfg, enabled
-        self.reasons: Counter = Counter()
-
-    def delegate(self, sim: Simulator, a) -> str:
-        large = self.cfg.tier(self.cfg.large)
-        if a.model not in (self.cfg.alias, large.model) or not self.enabled:
-            return large.model if a.model == self.cfg.alias else a.model
-        slo = a.slo_ttft_ms if a.slo_ttft_ms is not None else sim.sc.slo_ttft_ms
-
-        def predict() -> float:
-            hashes = sim.hasher.hashes(a.segments, a.prompt_len, large.model, a.tenant)
-            req = RouteRequest("probe", large.model, a.prompt_len, hashes, a.output_len,
-                               a.region, None, a.tenant, a.session_id, slo)
-            return sim.router.choose(req)[0].predicted_ttft_ms
-
-        choice = choose_tier(self.cfg, Features(a.prompt_len, slo_ttft_ms=slo), predict)
-        self.reasons[choice.reason] += 1
-        return choice.model
+async def _throughput(url: str, concurrency: int, duration_s: float) -> float:
+    done = 0
+    stop = time.perf_counter() + duration_s
+    conn = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=conn) as s:
+        async def worker():
+            nonlocal done
+            while time.perf_counter() < stop:
+                async with s.post(url, json=BODY) as r:
+                    await r.read()
+                    if r.status == 200:
+                        done += 1
+        t = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return done / (time.perf_counter() - t)
 
 
-def _run(raw: dict, hooks: Hooks | None = None) -> dict:
-    res = Simulator(parse(raw), LATENCY, hooks=hooks).run()
-    keep = ("requests", "finished", "failed", "failed_by_reason", "goodput", "goodput_rps",
-            "ttft_p50_ms", "ttft_p99_ms", "tpot_p99_ms")
-    return {k: res[k] for k in keep}
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="shorter runs (for smoke tests)")
-    args = p.parse_args(argv)
-    d = 60.0 if args.quick else 240.0
-    base, out = _run(outage_scenario(d, False)), _run(outage_scenario(d, True))
-    off = Delegation(TIERS, False)
-    on = Delegation(TIERS, True)
-    no_deleg, deleg = _run(delegation_scenario(d / 2), off), _run(delegation_scenario(d / 2), on)
-    result = {
-        "outage": {"no_outage": base, "outage": out,
-                   "goodput_ratio": round(out["goodput"] / max(1e-9, base["goodput"]), 3),
-                   "target": ">= 0.9"},
-        "delegation": {"without": no_deleg, "with": deleg, "tier_reasons": dict(on.reasons),
-                       "goodput_ratio": round(deleg["goodput"] / max(1e-9, no_deleg["goodput"]), 3),
-                       "target": ">= 1.5"},
-    }
-    print(json.dumps(result, indent=1))
-    return result
+async def measure(base: str, requests: int, duration_s: float, deploy_baseline) -> dict:
+    gw_url, bl_url = base + "/v1/chat/completions", base + "/baseline"
+    async with aiohttp.ClientSession() as s:
+        await _wait_healthy(s, base)
+        for _ in range(20):  # warm the path (connections, router, engine loop)
+            _, sample = await _ttfb(s, gw_url)
+        events = [e + b"\n\n" for e in sample.split(b"\n\n") if e]
+        await asyncio.get_running_loop().run_in_executor(None, deploy_baseline, events)
+        for _ in range(20):
+            _, same = await _ttfb(s, bl_url)
+        assert len(same) == len(sample), "baseline must stream as many bytes as the gateway"
+        gw, bl = [], []
+        for _ in range(requests):
+            gw.append((await _ttfb(s, gw_url))[0])
+            bl.append((await _ttfb(s, bl_url))[0])
+        async with s.get(base + "/admin/router") as r:
+            route_us = (await r.json()).get("route_us_p50")
+    gw_rps = await _throughput(gw_url, 32, duration_s)
+    bl_rps = await _throughput(bl_url, 32, duration_s)
+    g50, b50 = statistics.median(gw), statistics.median(bl)
+    return {"gateway_ttfb_p50_ms": round(g50, 2), "baseline_ttfb_p50_ms": round(b50, 2),
+            "ratio_p50": round(g50 / b50, 2),
+            "gateway_ttfb_p99_ms": round(_pct(gw, 0.99), 2), "baseline_ttfb_p99_ms": round(_pct(bl, 0.99), 2),
+            "gateway_streams_per_s": round(gw_rps, 1), "baseline_streams_per_s": round(bl_rps, 1),
+            "concurrency": 32, "requests_per_side": requests, "stream_bytes": len(sample),
+            "router_route_us_p50": route_us}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=300)
+    ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--port", type=int, default=8012)
+    a = ap.parse_args()
+    from serving.ray import baseline  # Ray only behind this import
+
+    baseline.start(a.port)
+    try:
+        out = asyncio.run(measure(f"http://127.0.0.1:{a.port}", a.requests, a.duration,
+                                  baseline.deploy_baseline))
+    finally:
+        baseline.stop()
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Side-by-side apps for the gateway overhead benchmark (serving.bench.overhead).
+"""Side-by-side apps for the gateway overhead benchmark (serving.bench.gateway).
 
 - `gateway`: the full Proxima app (deployments/app.py) with one zero-delay
   simulated engine (profile `zero`): proxy -> ingress -> router actor ->
