@@ -4,10 +4,9 @@ One owner (the router) mutates it. Layout, chosen for memory and speed:
 
 - each replica gets a small integer slot; `_holders[h]` is a bitmask of the
   slots that probably hold block h (one dict entry per block, not per pair);
-- each replica has an LRU of its blocks: a plain dict in recency order
-  (re-inserting moves a key to the end; the first key is the oldest), bounded
-  by the replica's KV capacity in blocks, as vLLM evicts least recently used
-  free blocks first;
+- each replica has an exact LRU of its blocks, bounded by the replica's KV
+  capacity in blocks, as vLLM evicts least recently used free blocks first
+  (see `_Lru`: two plain dicts, about half an OrderedDict's memory);
 - a "booking" records the blocks a routed-but-unfinished request added, so a
   burst sees them at once, and a failed request's guesses are taken back.
 
@@ -18,18 +17,78 @@ slots still set after block i hold the first i+1 blocks.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass
 from itertools import accumulate, repeat, takewhile
 from operator import and_
 from typing import Iterable, Sequence
 
 
+class _Lru:
+    """An exact LRU set of block hashes in two generations of plain dicts.
+
+    `young` takes every insert and refresh, in recency order. `old` holds the
+    previous generation, older than all of `young`, and is only ever deleted
+    from; `order` lists its keys in recency order and `cursor` walks it, so
+    popping the oldest key is O(1) amortised (a plain dict's first key is not:
+    the scan skips every slot deleted before it). When `old` runs dry, `young`
+    becomes `old`. Per key: a dict slot, plus 8 bytes in `order` while old;
+    an OrderedDict costs twice that (its linked-list node), and memory per
+    indexed entry is what bounds the router's index.
+    """
+
+    __slots__ = ("young", "old", "order", "cursor")
+
+    def __init__(self) -> None:
+        self.young: dict[int, None] = {}
+        self.old: dict[int, None] = {}
+        self.order: list[int] = []
+        self.cursor = 0
+
+    def __len__(self) -> int:
+        return len(self.young) + len(self.old)
+
+    def __contains__(self, h: int) -> bool:
+        return h in self.young or h in self.old
+
+    def __iter__(self):
+        """Oldest first."""
+        old = self.old
+        yield from (h for h in self.order[self.cursor:] if h in old)
+        yield from self.young
+
+    def touch(self, hashes: list[int]) -> list[int]:
+        """Insert or refresh `hashes` (most recent last); returns the new ones."""
+        young, old = self.young, self.old
+        added = [h for h in hashes if h not in young and h not in old]
+        if len(added) < len(hashes):  # move the known ones to the recent end, in order
+            deque(map(young.pop, hashes, repeat(None)), maxlen=0)
+            if old:
+                deque(map(old.pop, hashes, repeat(None)), maxlen=0)
+        young.update(dict.fromkeys(hashes))
+        return added
+
+    def discard(self, h: int) -> bool:
+        return self.young.pop(h, 0) is None or self.old.pop(h, 0) is None
+
+    def pop_oldest(self) -> int:
+        while True:
+            if self.cursor == len(self.order):  # every key of `old` was passed: it is empty
+                if not self.young:
+                    raise KeyError("pop from an empty LRU")
+                self.old, self.young = self.young, {}
+                self.order, self.cursor = list(self.old), 0
+            h = self.order[self.cursor]
+            self.cursor += 1
+            if self.old.pop(h, 0) is None:  # else it moved to `young` or was discarded
+                return h
+
+
 @dataclass(slots=True)
 class _Replica:
     slot: int
     capacity_blocks: int
-    lru: OrderedDict  # BlockHash -> None, oldest first (O(1) pop of the oldest, unlike dict)
+    lru: _Lru
 
 
 class PrefixIndex:
@@ -49,7 +108,7 @@ class PrefixIndex:
             self.set_capacity(replica_id, capacity_tokens)
             return
         slot = next(i for i in range(len(self._slot_owner) + 1) if i not in self._slot_owner)
-        self._replicas[replica_id] = _Replica(slot, max(0, capacity_tokens // self.block_size), OrderedDict())
+        self._replicas[replica_id] = _Replica(slot, max(0, capacity_tokens // self.block_size), _Lru())
         self._slot_owner[slot] = replica_id
 
     def set_capacity(self, replica_id: str, capacity_tokens: int) -> None:
@@ -122,15 +181,11 @@ class PrefixIndex:
         rep = self._replicas.get(replica_id)
         if rep is None or rep.capacity_blocks == 0:
             return []
-        lru, holders, bit = rep.lru, self._holders, 1 << rep.slot
-        hashes = list(hashes)
-        added = [h for h in hashes if h not in lru]
-        if len(added) < len(hashes):  # move the known ones to the recent end, in order
-            deque(map(lru.pop, hashes, repeat(None)), maxlen=0)
-        lru.update(dict.fromkeys(hashes))
+        holders, bit = self._holders, 1 << rep.slot
+        added = rep.lru.touch(list(hashes))
         for h in added:
             holders[h] = holders.get(h, 0) | bit
-        if len(lru) > rep.capacity_blocks:
+        if len(rep.lru) > rep.capacity_blocks:
             self._evict_to(rep, rep.capacity_blocks)
         return added
 
@@ -149,8 +204,7 @@ class PrefixIndex:
             return
         bit = 1 << rep.slot
         for h in added:
-            if h in rep.lru:
-                del rep.lru[h]
+            if rep.lru.discard(h):
                 self._drop_bit(h, bit)
 
     @property
@@ -161,7 +215,7 @@ class PrefixIndex:
     def _evict_to(self, rep: _Replica, limit: int) -> None:
         lru, bit = rep.lru, 1 << rep.slot
         while len(lru) > limit:
-            h = lru.popitem(last=False)[0]
+            h = lru.pop_oldest()
             self._drop_bit(h, bit)
             self.evictions += 1
 
