@@ -1,0 +1,227 @@
+"""Every routing policy on named cases (table-driven), through the real Router.
+
+Each case builds a small world (replica snapshots, what each replica's cache
+holds, in-flight requests) and a request; `EXPECT[case][policy]` says what the
+policy must do there: pick one replica, never pick some, or spread.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pytest
+
+from serving.errors import ModelNotFound, NoReplicaAvailable, ResidencyUnavailable
+from serving.prefix import block_hashes
+from serving.routing import Router
+from serving.routing.policies import POLICIES
+from serving.types import Health, ReplicaSnapshot, RouteRequest
+
+BS = 16
+RTT = {"us-east": {"us-east": 2, "eu-west": 75, "ap-south": 190},
+       "eu-west": {"us-east": 75, "eu-west": 2, "ap-south": 120},
+       "ap-south": {"us-east": 190, "eu-west": 120, "ap-south": 2}}
+SYSTEM = list(range(1000, 1000 + 4096))  # a 4k-token shared prefix
+ALL = sorted(POLICIES)
+
+
+@dataclass
+class World:
+    snaps: list[ReplicaSnapshot]
+    cached: dict[str, int] = field(default_factory=dict)  # replica -> tokens of SYSTEM it holds
+    inflight: dict[str, int] = field(default_factory=dict)  # replica -> routed, unfinished
+    prompt: list[int] = field(default_factory=lambda: SYSTEM + list(range(50, 150)))
+    client: str = "us-east"
+    allowed: frozenset[str] | None = None
+
+
+def snap(rid, region="us-east", **kw):
+    kw.setdefault("kv_capacity_tokens", 200_000)
+    return ReplicaSnapshot(rid, region, "m", **kw)
+
+
+def build(world: World, policy: str, seed: int = 0) -> Router:
+    router = Router(policy, block_size=BS, rtt_ms=RTT, seed=seed, clock=lambda: 0.0)
+    for s in world.snaps:
+        router.update(s)
+    for rid, tokens in world.cached.items():
+        router.index.insert(rid, block_hashes(SYSTEM[:tokens], BS, "m"))
+    for rid, n in world.inflight.items():
+        for k in range(n):
+            d = router.choose(request(world, f"busy-{rid}-{k}"))[0]
+            # book the request on `rid` itself, whatever the policy would say
+            router.on_routed(request(world, f"busy-{rid}-{k}", hashes=False),
+                             type(d)(d.request_id, rid, "", d.policy, d.predicted, 0, "test"))
+    return router
+
+
+def request(world: World, rid: str = "req", hashes: bool = True, **kw) -> RouteRequest:
+    return RouteRequest(rid, "m", len(world.prompt),
+                        block_hashes(world.prompt, BS, "m") if hashes else (),
+                        client_region=world.client, allowed_regions=world.allowed, **kw)
+
+
+CASES: dict[str, World] = {
+    # Three equal idle replicas, nothing cached anywhere.
+    "cold start": World([snap("a"), snap("b"), snap("c")]),
+    # One replica holds the whole 4k system prompt; all idle.
+    "hot prefix": World([snap("a"), snap("b"), snap("c")], cached={"b": 4096}),
+    # The holder is swamped: a deep prefill queue and 100 requests in flight.
+    "overloaded holder": World(
+        [snap("a"), snap("b", num_running=100, num_waiting=40, waiting_prefill_tokens=120_000,
+                          kv_usage=0.9), snap("c")],
+        cached={"b": 4096}, inflight={"b": 100}),
+    # The client is in ap-south; one replica there, one far away in us-east.
+    "far region": World([snap("near", "ap-south"), snap("far", "us-east")], client="ap-south",
+                        prompt=list(range(300))),
+    # Only one replica is routable: one down, one draining, one with its circuit open.
+    "unhealthy replica": World([snap("down", health=Health.DOWN), snap("drain", health=Health.DRAINING),
+                                snap("open", circuit_open=True), snap("ok")],
+                               cached={"down": 4096, "drain": 4096, "open": 4096}),
+    # The tenant may only use eu-west; a us-east replica is idle and holds the prefix.
+    "residency-forbidden": World([snap("us", "us-east"), snap("eu", "eu-west", num_running=20,
+                                                                waiting_prefill_tokens=8000)],
+                                 cached={"us": 4096}, inflight={"eu": 5},
+                                 allowed=frozenset({"eu-west"})),
+}
+
+LOAD_ONLY = ("round_robin", "random", "least_request", "power_of_two")
+
+# What each policy must do: ("pick", r) | ("never", {r...}) | ("spread", n) | ("sticky",)
+EXPECT: dict[str, dict[str, tuple]] = {
+    "cold start": {p: ("spread", 3) for p in ALL} | {"consistent_hash": ("sticky",)},
+    "hot prefix": {"latency": ("pick", "b"), "cache_aware": ("pick", "b"), "weighted": ("pick", "b"),
+                   "consistent_hash": ("sticky",), "round_robin": ("spread", 3),
+                   "random": ("spread", 3), "least_request": ("spread", 3),
+                   "power_of_two": ("spread", 3)},
+    # latency: 120k queued tokens cost far more than a 4k prefill; cache_aware: 100 vs 0
+    # in flight is past its balance thresholds; weighted keeps the cache (its known weakness).
+    "overloaded holder": {"latency": ("never", {"b"}), "cache_aware": ("never", {"b"}),
+                          "least_request": ("never", {"b"}), "power_of_two": ("never", {"b"}),
+                          "weighted": ("pick", "b"), "consistent_hash": ("sticky",),
+                          "round_robin": ("spread", 3), "random": ("spread", 3)},
+    "far region": {"latency": ("pick", "near"), "consistent_hash": ("sticky",),
+                   **{p: ("spread", 2) for p in LOAD_ONLY + ("cache_aware", "weighted")}},
+    "unhealthy replica": {p: ("pick", "ok") for p in ALL},
+    "residency-forbidden": {p: ("pick", "eu") for p in ALL},
+}
+
+
+@pytest.mark.parametrize("policy", ALL)
+@pytest.mark.parametrize("case", list(CASES))
+def test_named_case(case, policy):
+    world = CASES[case]
+    kind, *arg = EXPECT[case][policy]
+    routable = {s.replica_id for s in world.snaps if s.routable
+                and (world.allowed is None or s.region in world.allowed)}
+    picks = Counter()
+    for seed in range(12):
+        router = build(world, policy, seed)
+        for k in range(3):  # a few requests each, finished in between: load stays as built
+            d = router.route(request(world, f"r{seed}-{k}", session_id="sess-1"))
+            assert d.replica_id in routable, (case, policy, d)
+            assert d.policy == policy and d.reason
+            router.on_finished(d.request_id)
+            picks[d.replica_id] += 1
+    if kind == "pick":
+        assert set(picks) == {arg[0]}, (case, policy, picks)
+    elif kind == "never":
+        assert not set(picks) & arg[0], (case, policy, picks)
+    elif kind == "spread":
+        assert len(picks) == arg[0], (case, policy, picks)
+    elif kind == "sticky":  # one session, one replica, every time, for every router instance
+        assert len(picks) == 1, (case, policy, picks)
+
+
+def test_latency_decision_explains_itself():
+    world = CASES["hot prefix"]
+    d = build(world, "latency").route(request(world))
+    assert d.replica_id == "b"
+    assert d.cached_tokens == 4096
+    assert d.predicted.rtt_ms == 2
+    assert d.predicted_ttft_ms == pytest.approx(d.predicted.rtt_ms + d.predicted.queue_ms
+                                                + d.predicted.prefill_ms)
+    assert "cached 4096" in d.reason
+    assert set(d.alternatives) == {"a", "c"}
+
+
+def test_latency_trades_distance_against_cache():
+    """A far replica holding a long prefix wins when the prefill saved exceeds the RTT."""
+    long_prompt = SYSTEM * 4 + list(range(64))  # 16k tokens: ~280 ms of prefill on an H100 profile
+    world = World([snap("near", "ap-south"), snap("far", "us-east")], client="ap-south",
+                  prompt=long_prompt)
+    router = build(world, "latency")
+    router.index.insert("far", block_hashes(long_prompt, BS, "m"))
+    assert router.route(request(world)).replica_id == "far"
+    short = World(world.snaps, client="ap-south", prompt=SYSTEM[:512])
+    router = build(short, "latency")
+    router.index.insert("far", block_hashes(SYSTEM[:512], BS, "m"))
+    assert router.route(request(short)).replica_id == "near"  # 512 tokens save < 188 ms
+
+
+def test_round_robin_rotates_and_burst_spreads_under_latency():
+    world = CASES["cold start"]
+    router = build(world, "round_robin")
+    seq = [router.route(request(world, f"q{i}")).replica_id for i in range(6)]
+    assert seq[:3] == seq[3:] and len(set(seq[:3])) == 3
+    # A burst of identical cold requests, none finished: bookings spread them.
+    router = build(world, "latency")
+    burst = Counter(router.route(request(world, f"q{i}")).replica_id for i in range(9))
+    assert len(burst) == 3
+
+
+def test_bookings_make_a_burst_follow_the_first_request():
+    """The second request of a burst sees the first one's blocks before any engine reports."""
+    world = CASES["cold start"]
+    router = build(world, "latency")
+    first = router.route(request(world, "q1"))
+    hashes = block_hashes(world.prompt, BS, "m")
+    assert router.index.match(hashes) == {first.replica_id: len(hashes)}
+    ctx = router.context(request(world, "q2"))
+    pos = [router.table.ids[i] for i in ctx.cands].index(first.replica_id)
+    assert ctx.cached_blocks[pos] == len(hashes)
+    # ... and its uncached prefill is queued there: the holder is not predicted idle.
+    assert ctx.queue_ms[pos] > 0 and ctx.queue_ms.sum() == ctx.queue_ms[pos]
+
+
+def test_failed_request_takes_back_its_guessed_blocks():
+    world = CASES["cold start"]
+    router = build(world, "latency")
+    first = router.route(request(world, "q1"))
+    router.on_finished("q1", ok=False)
+    assert router.index.match(block_hashes(world.prompt, BS, "m")) == {}
+    assert router.inflight == 0 and first.replica_id in {"a", "b", "c"}
+
+
+@pytest.mark.parametrize("policy", ALL)
+@pytest.mark.parametrize("world, req_kw, error", [
+    (World([snap("a")]), {"model": "nope"}, ModelNotFound),
+    (World([snap("a", "us-east")], allowed=frozenset({"eu-west"})), {}, ResidencyUnavailable),
+    (World([snap("a", "eu-west", health=Health.DOWN)], allowed=frozenset({"eu-west"})), {},
+     ResidencyUnavailable),
+    (World([snap("a", health=Health.DOWN)]), {}, NoReplicaAvailable),
+    (World([snap("a")]), {"exclude": frozenset({"a"})}, NoReplicaAvailable),
+])
+def test_empty_candidate_set_says_why(policy, world, req_kw, error):
+    router = build(world, policy)
+    req = request(world)
+    fields = {f: getattr(req, f) for f in req.__dataclass_fields__} | req_kw
+    with pytest.raises(error) as e:
+        router.route(RouteRequest(**fields))
+    assert 400 <= e.value.status < 600 and e.value.message
+
+
+def test_excluded_replica_is_skipped_for_retries():
+    world = CASES["hot prefix"]
+    router = build(world, "latency")
+    req = request(world)
+    fields = {f: getattr(req, f) for f in req.__dataclass_fields__} | {"exclude": frozenset({"b"})}
+    assert router.route(RouteRequest(**fields)).replica_id in {"a", "c"}
+
+
+def test_unknown_policy_and_bad_options():
+    with pytest.raises(ValueError, match="unknown routing policy"):
+        Router("fastest")
+    with pytest.raises(ValueError, match="bad options"):
+        Router("latency", nonsense=1)
