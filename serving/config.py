@@ -199,6 +199,18 @@ class FailoverSection(_Strict):
     half_open_after_s: float | None = Field(default=5.0, gt=0)
 
 
+class ObservabilitySection(_Strict):
+    """Agent-step records, metrics merge, logs and traces (serving.observability)."""
+
+    max_sessions: int = Field(default=10_000, ge=1)  # sessions kept (LRU) for GET /v1/sessions/{id}/steps
+    max_steps_per_session: int = Field(default=256, ge=1)  # last N steps kept per session
+    metrics_push_s: float = Field(default=2.0, gt=0)  # ingress replica -> fleet metrics merge
+    log_format: Literal["json", "text"] = "json"  # Ray replicas' `proxima.*` log lines
+    access_log: bool = False  # one JSON line per completion request (proxima.access)
+    otlp_endpoint: str | None = None  # OTLP/HTTP traces endpoint; needs the `otel` extra
+    service_name: str = "proxima-gateway"
+
+
 class Config(_Strict):
     home_region: str
     rtt_ms: dict[str, dict[str, float]] = Field(default_factory=dict)
@@ -210,6 +222,7 @@ class Config(_Strict):
     budgets: BudgetsConfig = Field(default_factory=BudgetsConfig)
     delegation: DelegationSection | None = None
     failover: FailoverSection = Field(default_factory=FailoverSection)
+    observability: ObservabilitySection = Field(default_factory=ObservabilitySection)
 
     @model_validator(mode="after")
     def _cross(self) -> "Config":
