@@ -38,6 +38,9 @@ class GenerateRequest:
     # so an engine that samples from (seed, position) emits exactly the tokens the
     # uninterrupted stream would have. Real vLLM matches this only when greedy.
     token_offset: int = 0
+    # W3C traceparent/tracestate (the gateway's span), x-session-id, x-agent-step: engines
+    # pass them on (vllm_http as HTTP headers, vllm as trace_headers) or just carry them (sim)
+    trace_headers: tuple[tuple[str, str], ...] = ()
 
 
 def default_seed(request_id: str) -> int:

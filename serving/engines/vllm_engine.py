@@ -73,6 +73,13 @@ class VLLMEngine:
         self.health = Health.UP
         self._taken_at = self.clock()
 
+    def _trace_headers(self, request: GenerateRequest) -> dict[str, str] | None:
+        """The gateway's traceparent, when this engine traces (vLLM warns on every request otherwise)."""
+        obs = getattr(self.engine, "observability_config", None)
+        if not request.trace_headers or obs is None or not getattr(obs, "otlp_traces_endpoint", None):
+            return None
+        return dict(request.trace_headers)
+
     async def close(self) -> None:
         if self.engine is not None:
             self.engine.shutdown()
@@ -105,7 +112,8 @@ class VLLMEngine:
         finished = False
         total = 0
         try:
-            async for out in self.engine.generate(prompt, params, rid):
+            async for out in self.engine.generate(prompt, params, rid,
+                                                  trace_headers=self._trace_headers(request)):
                 c = out.outputs[0]
                 if c.token_ids:
                     self.pending.done(rid)

@@ -102,7 +102,8 @@ class VLLMHttpEngine:
         try:
             try:
                 resp = await session.post(self.url + "/v1/completions", json=body,
-                                          headers={"X-Request-Id": rid, **(headers or {})})
+                                          headers={"X-Request-Id": rid, **dict(request.trace_headers),
+                                                   **(headers or {})})
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
                 raise self._down(f"replica {self.replica_id} unreachable: {type(e).__name__}: {e}") from None
             if resp.status != 200:

@@ -4,11 +4,14 @@
     GET  /v1/models             GET  /health           GET /metrics (Prometheus text)
     GET  /v1/budgets            the caller's own token budgets (serving.admission)
     GET  /admin/router          the router's view (replicas, load, in-flight); admin key
+    GET  /v1/sessions/{id}/steps  the caller's own agent session, step by step (404 otherwise)
 
 Response headers: x-request-id, and where the request went: x-proxima-region,
 x-proxima-replica, x-proxima-predicted-ttft-ms. Every error, ours or a
 framework's (404, 405), leaves as an OpenAI-style JSON body with its status;
 an unexpected exception is a 500 with a generic body (details only in the log).
+/metrics is the whole gateway's (serving.observability.fleet), and every
+request is counted by route, status, tenant, model and region.
 """
 
 from __future__ import annotations
@@ -29,10 +32,13 @@ from serving.ingress.metrics import CONTENT_TYPE
 from serving.ingress.openai_api import Parsed, Responder, parse_chat, parse_completion, usage
 from serving.ingress.pipeline import Gateway
 from serving.ingress.stream import Stream
+from serving.observability.fleet import render_gateway
+from serving.observability.logs import request_context
 
 log = logging.getLogger("proxima.ingress")
-_HEADERS = ("x-session-id", "x-agent-step", "x-proxima-tier", "traceparent", "x-proxima-regions",
-            "x-proxima-slo-ttft-ms")
+_HEADERS = ("x-session-id", "x-agent-step", "x-proxima-tier", "traceparent", "tracestate",
+            "x-proxima-regions", "x-proxima-slo-ttft-ms")
+_NO_LABELS = ("", "", "")  # tenant, model, region: unknown (before auth, or not a completion)
 
 
 def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -51,11 +57,17 @@ def build_app(gw: Gateway) -> Starlette:
             try:
                 resp = await fn(request)
             except ProximaError as e:
+                request.state.error = e.code or e.type
                 resp = _error(e)
             except Exception:  # a bug: never leak its text to the client
                 log.exception("unhandled error on %s", route)
                 resp = _error(ProximaError("The server had an error while processing your request."))
-            m.requests.labels(route, str(resp.status_code)).inc()
+            tenant, model, region = getattr(request.state, "labels", _NO_LABELS)
+            status = str(resp.status_code)
+            m.requests.labels(route, status, tenant, model, region).inc()
+            if resp.status_code >= 400:
+                m.errors.labels(route, status, getattr(request.state, "error", "error"), "response",
+                                tenant, model, region).inc()
             return resp
         return handler
 
@@ -65,18 +77,26 @@ def build_app(gw: Gateway) -> Starlette:
         # The client's own x-request-id, if sane, is only echoed back.
         rid = gw.request_id(None)
         echo = {"x-request-id": gw.request_id(request.headers.get("x-request-id"))}
+        request_context(request_id=echo["x-request-id"], id=rid,
+                        session_id=request.headers.get("x-session-id"))
         try:
             principal = gw.auth.authenticate(request.headers.get("authorization"))
+            request.state.labels = (principal.tenant, "", "")
             parsed = parse(await request.body())
             region = gw.client_region(request.headers.get("x-client-region"))
             extra = tuple((k, v) for k in _HEADERS if (v := request.headers.get(k)) is not None)
-            job = gw.prepare(parsed, principal, region, rid, extra)
+            job = gw.prepare(parsed, principal, region, rid, extra + tuple(echo.items()))
+            request.state.labels = (principal.tenant, job.model, "")
             stream = await gw.start(job)
         except ProximaError as e:
+            request.state.error = e.code or e.type
             return _error(e, echo)
+        request.state.labels = labels = _labels(stream)
         resp = Responder(parsed.kind, rid, job.model, parsed.include_usage)
         if parsed.stream:
-            return StreamingResponse(_events(stream, resp), media_type=sse.MEDIA_TYPE,
+            def in_band(e: ProximaError) -> None:  # after the 200: counted as a stream-phase error
+                m.errors.labels(request.url.path, str(e.status), e.code or e.type, "stream", *labels).inc()
+            return StreamingResponse(_events(stream, resp, in_band), media_type=sse.MEDIA_TYPE,
                                      headers={**stream.headers(), **echo, "cache-control": "no-cache"})
         text = []
         async for c in stream.chunks():
@@ -88,6 +108,7 @@ def build_app(gw: Gateway) -> Starlette:
             except ProximaError as e:
                 return _error(e, echo)
             text = [c.text async for c in stream.chunks()]
+            request.state.labels = _labels(stream)
         u = usage(stream.prompt_tokens, stream.completion_tokens, stream.cached_tokens)
         return _json(resp.full("".join(text), stream.finish_reason, u), headers={**stream.headers(), **echo})
 
@@ -111,7 +132,16 @@ def build_app(gw: Gateway) -> Starlette:
         return _json(body, 200 if up else 503)
 
     async def metrics(request: Request) -> Response:
-        return Response(m.render(), media_type=CONTENT_TYPE)
+        return Response(await render_gateway(gw), media_type=CONTENT_TYPE)
+
+    async def session_steps(request: Request) -> Response:
+        """The caller's own session's steps, oldest first; another tenant's session is a 404."""
+        principal = gw.auth.authenticate(request.headers.get("authorization"))
+        sid = request.path_params["session_id"]
+        body = await gw.telemetry.steps(principal.tenant, sid)
+        if body is None:
+            raise NotFound(f"No steps recorded for session {sid[:128]!r}.")
+        return _json(body)
 
     async def budgets(request: Request) -> Response:
         """The caller's own budgets (never another tenant's): limits, used, reserved, remaining."""
@@ -143,12 +173,20 @@ def build_app(gw: Gateway) -> Starlette:
         Route("/v1/budgets", counted("/v1/budgets", budgets), methods=["GET"]),
         Route("/health", counted("/health", health), methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/v1/sessions/{session_id}/steps", counted("/v1/sessions/{id}/steps", session_steps),
+              methods=["GET"]),
         Route("/admin/router", counted("/admin/router", admin_router), methods=["GET"]),
     ]
     return Starlette(routes=routes, exception_handlers={HTTPException: not_found})
 
 
-async def _events(stream: Stream, resp: Responder) -> AsyncIterator[bytes]:
+def _labels(stream: Stream) -> tuple[str, str, str]:
+    d = stream.decision
+    return stream.job.principal.tenant, stream.job.model, d.region if d is not None else ""
+
+
+async def _events(stream: Stream, resp: Responder,
+                  in_band: Callable[[ProximaError], None]) -> AsyncIterator[bytes]:
     """SSE body: one event per engine chunk, the usage event if asked, then [DONE]."""
     first = True
     try:
@@ -159,8 +197,11 @@ async def _events(stream: Stream, resp: Responder) -> AsyncIterator[bytes]:
             yield sse.event(resp.usage_chunk(usage(stream.prompt_tokens, stream.completion_tokens,
                                                    stream.cached_tokens)))
     except ProximaError as e:  # after the first byte the status is sent: report in-band
+        in_band(e)
         yield sse.event(e.body())
     except Exception:
         log.exception("stream %s failed", stream.job.request_id)
-        yield sse.event(ProximaError("The server had an error while streaming.").body())
+        e = ProximaError("The server had an error while streaming.")
+        in_band(e)
+        yield sse.event(e.body())
     yield sse.DONE

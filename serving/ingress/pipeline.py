@@ -24,6 +24,7 @@ not delayed again (a constant delay would only shift them).
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator, Callable, Protocol
@@ -39,6 +40,10 @@ from serving.failover import RetryPolicy
 from serving.ingress.auth import Authenticator, Principal
 from serving.ingress.metrics import GatewayMetrics
 from serving.ingress.openai_api import Parsed
+from serving.observability.observer import LocalTelemetry, Observer, Telemetry
+from serving.observability.otel import make_tracer
+from serving.observability.steps import SESSION_HEADER, STEP_HEADER, check_headers
+from serving.observability.tracing import TraceContext
 from serving.prefix.hashing import block_hashes
 from serving.types import Decision, RouteRequest
 
@@ -73,6 +78,8 @@ class Job:
     session_id: str | None = None
     headers: tuple[tuple[str, str], ...] = ()  # request headers later stages may read (x-session-id, ...)
     reply_headers: tuple[tuple[str, str], ...] = ()  # stages' notes for the response (x-proxima-tier, ...)
+    trace: TraceContext | None = None  # W3C trace context: the gateway's span of this request
+    created: float = 0.0  # wall-clock time the request arrived (step records)
 
     @property
     def prompt_tokens(self) -> int:
@@ -87,7 +94,12 @@ class Job:
         p = self.parsed
         return GenerateRequest(self.request_id, self.prompt_token_ids, p.prompt or None, self.max_tokens,
                                self.model, self.cache_salt, p.temperature, p.top_p, p.seed, p.stop,
-                               block_hashes=self.block_hashes)
+                               block_hashes=self.block_hashes, trace_headers=self.trace_headers())
+
+    def trace_headers(self) -> tuple[tuple[str, str], ...]:
+        """What the engines get: our traceparent (and tracestate), the session and step."""
+        h = self.trace.headers() if self.trace is not None else ()
+        return h + tuple((k, v) for k, v in self.headers if k == SESSION_HEADER or k == STEP_HEADER)
 
 
 class Admission:
@@ -117,13 +129,17 @@ class Gateway:
                  admission: Admission | None = None, delegation: Delegation | None = None,
                  metrics: GatewayMetrics | None = None,
                  tokenizer: Callable[[str], list[int]] = encode,
-                 retry: RetryPolicy | None = None, failover: Any = None):
+                 retry: RetryPolicy | None = None, failover: Any = None,
+                 telemetry: Telemetry | None = None, tracer: Any = None):
         self.config = config
         self.router, self.engines = router, engines
         self.admission = admission or Admission()
         self.delegation = delegation or Delegation()
         self.failover = failover  # serving.failover.gateway.CircuitFeed: attempts feed the breakers
         self.metrics = metrics or GatewayMetrics()
+        obs = config.observability
+        self.telemetry = telemetry or LocalTelemetry(obs.max_sessions, obs.max_steps_per_session)
+        self.observer = Observer(self.metrics, self.telemetry, tracer or make_tracer(obs), obs.access_log)
         self.tokenizer = tokenizer
         self.retry = retry or RetryPolicy(max_attempts=config.serve.retry_attempts)
         self.auth = Authenticator(config.auth)
@@ -160,12 +176,15 @@ class Gateway:
         if max_tokens is None:
             max_tokens = self.default_max.get(parsed.model, 256)
         h = dict(headers)
+        check_headers(h.get(SESSION_HEADER), h.get(STEP_HEADER))
         principal = narrow(principal, h.get(REGIONS_HEADER))  # residency: a header only narrows
         tenant = self.config.auth.tenants.get(principal.tenant)
         salt = cache_salt(principal.tenant, self.config.auth.cache_salt_secret,
                           tenant.cache if tenant is not None else "private")
+        trace = self.observer.tracer.start(h.get("traceparent"), h.get("tracestate"))
         return Job(request_id, parsed, principal, client_region, parsed.model, tuple(ids), max_tokens,
-                   cache_salt=salt, session_id=h.get("x-session-id"), headers=headers)
+                   cache_salt=salt, session_id=h.get(SESSION_HEADER), headers=headers, trace=trace,
+                   created=time.time())
 
     def bind(self, job: Job) -> Job:
         """The model is final: check the context limit and hash the prompt's blocks for it."""
@@ -185,11 +204,16 @@ class Gateway:
         """Admission, delegation, bind, then routing and dispatch up to the first chunk."""
         from serving.ingress.stream import Stream
 
-        ticket = await self.admission.admit(job)
+        try:
+            ticket = await self.admission.admit(job)
+        except BaseException as e:
+            self.observer.rejected(job, e)
+            raise
         try:
             job = self.bind(await self.delegation.resolve(job))
-        except BaseException:
+        except BaseException as e:
             await self.admission.settle(job, ticket, 0)
+            self.observer.rejected(job, e)
             raise
         stream = Stream(self, job, ticket)
         await stream.open()

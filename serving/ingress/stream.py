@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 from serving.engines.base import Chunk, GenerateRequest
 from serving.errors import EngineError, Timeout
 from serving.failover import stream_with_failover
+from serving.failover.dispatch import Trace
 from serving.types import Decision, RouteRequest
 
 if TYPE_CHECKING:
@@ -37,10 +38,15 @@ class Stream:
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self.ttft_s: float | None = None
-        self._t0 = time.perf_counter()
+        self.routed_ttft_s: float | None = None  # from the answering replica's routing decision
+        self.engine_ttft_s: float | None = None  # from opening the engine stream
+        self.error: BaseException | None = None
+        self.trace = Trace()  # the failover loop's attempts
+        self.t0 = time.perf_counter()
+        self._routed_at = self.t0
         self._closed = False
         self._it = stream_with_failover(job.route_request(), job.generate_request(), self._route,
-                                        self._open, self._done, gw.retry)
+                                        self._open, self._done, gw.retry, self.trace)
 
     # --- the failover loop's callbacks --------------------------------------
     async def _route(self, req: RouteRequest) -> Decision:
@@ -48,7 +54,8 @@ class Stream:
             self.gw.failover.tick()
         t = time.perf_counter()
         d = await self.gw.router.route(req)
-        self.gw.metrics.routing.observe(time.perf_counter() - t)
+        self._routed_at = time.perf_counter()
+        self.gw.metrics.routing.observe(self._routed_at - t)
         self._routed = d
         return d
 
@@ -63,7 +70,8 @@ class Stream:
             async for chunk in it:
                 if first:
                     first = False
-                    engine_ms = (time.perf_counter() - t) * 1000.0
+                    self.engine_ttft_s = time.perf_counter() - t
+                    engine_ms = self.engine_ttft_s * 1000.0
                     if delay:
                         await asyncio.sleep(delay)  # response leg
                     gw.router.first_token(decision.request_id, engine_ms)
@@ -80,15 +88,16 @@ class Stream:
             first = await anext(self._it)
         except StopAsyncIteration:  # the engine ended without a chunk: nothing was produced
             first = Chunk(self.job.request_id, (), "", "length", self.job.prompt_tokens)
-        except BaseException:
+        except BaseException as e:
+            self.error = e
             await self.aclose(ok=False)
             raise
         self._take(first)
         self.first = first
-        self.ttft_s = time.perf_counter() - self._t0
+        now = time.perf_counter()
+        self.ttft_s, self.routed_ttft_s = now - self.t0, now - self._routed_at
         self.decision = self._routed
-        if self.decision is not None:
-            self.gw.metrics.ttft.labels(self.decision.region, self.job.model).observe(self.ttft_s)
+        self.gw.observer.opened(self)
         return first
 
     async def chunks(self) -> AsyncIterator[Chunk]:
@@ -102,6 +111,9 @@ class Stream:
                     self._take(c)
                     yield c
             ok = True
+        except BaseException as e:
+            self.error = e
+            raise
         finally:
             await self.aclose(ok)
 
@@ -116,6 +128,7 @@ class Stream:
             # settlement must happen anyway (it goes on in its own task).
             used = self.prompt_tokens + self.completion_tokens
             settle = asyncio.ensure_future(self.gw.admission.settle(self.job, self.ticket, used))
+            self.gw.observer.done(self, ok)
             await asyncio.shield(settle)
 
     def _take(self, c: Chunk) -> None:

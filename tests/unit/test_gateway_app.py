@@ -153,9 +153,11 @@ async def test_metrics_count_requests_by_route_and_status():
     await c.post("/v1/chat/completions", json=chat())
     await c.post("/v1/chat/completions", content=b"{")
     text = (await c.get("/metrics")).text
-    assert 'proxima_requests_total{route="/v1/chat/completions",status="200"} 1.0' in text
-    assert 'proxima_requests_total{route="/v1/chat/completions",status="400"} 1.0' in text
-    assert 'proxima_ttft_seconds_count{model="m",region="us"} 1.0' in text
+    assert ('proxima_requests_total{model="m",region="us",route="/v1/chat/completions",status="200",'
+            'tenant="default"} 1.0') in text
+    assert ('proxima_requests_total{model="",region="",route="/v1/chat/completions",status="400",'
+            'tenant="default"} 1.0') in text
+    assert 'proxima_ttft_seconds_count{model="m",region="us",tenant="default"} 1.0' in text
 
 
 async def test_injected_rtt_shows_whole_in_the_measured_ttft():
