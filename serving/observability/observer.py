@@ -29,6 +29,8 @@ access = logging.getLogger("proxima.access")
 
 
 class Telemetry(Protocol):
+    def seen_request(self) -> None: ...
+
     def record_step(self, tenant: str, session_id: str, record: dict[str, Any]) -> None: ...
 
     async def steps(self, tenant: str, session_id: str) -> dict[str, Any] | None: ...
@@ -41,6 +43,9 @@ class LocalTelemetry:
 
     def __init__(self, max_sessions: int = 10_000, max_steps: int = 256):
         self.store = StepStore(max_sessions, max_steps)
+
+    def seen_request(self) -> None:
+        return None
 
     def record_step(self, tenant: str, session_id: str, record: dict[str, Any]) -> None:
         self.store.add(tenant, session_id, record)
@@ -73,6 +78,7 @@ class Observer:
 
     def done(self, s: "Stream", ok: bool) -> None:
         job, d, m = s.job, s.decision, self.m
+        self.telemetry.seen_request()
         tenant, model = job.principal.tenant, job.model
         region = d.region if d is not None else ""
         e2e = time.perf_counter() - s.t0

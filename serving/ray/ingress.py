@@ -5,7 +5,8 @@ response, so the app's own copy of that header is dropped here. Ports over Ray: 
 (RayEngines: one streaming handle per region and model; each call carries the
 decision's replica as `target`, which DecisionRouter honours). A call that
 ends before its last chunk (client gone, dispatch moved on) is cancelled, so
-the engine replica aborts the request.
+the engine replica aborts the request. Metrics and agent steps go to the
+telemetry actor (serving.ray.telemetry), so /metrics is the whole gateway's.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from serving.ingress.pipeline import Gateway
 from serving.ingress.metrics import GatewayMetrics
 from serving.ingress.policies import budget_policies, gateway_policies
 from serving.ray.ledger import LedgerClient, start_ledger
+from serving.observability.logs import configure_logging
 from serving.ray.router_actor import RayRouter, config_digest, router_actor
+from serving.ray.telemetry import RayTelemetry, telemetry_actor
 from serving.types import Decision
 
 log = logging.getLogger("proxima.ingress")
@@ -69,10 +72,17 @@ class RayEngines:
 class IngressDeployment:
     def __init__(self, config: dict[str, Any], engines: dict[str, Any]):
         cfg = load_config(config)
-        router, metrics = RayRouter(router_actor(config)), GatewayMetrics()
+        router = RayRouter(router_actor(config))
+        metrics = GatewayMetrics()
+        obs = cfg.observability
+        configure_logging(obs.log_format)
+        telemetry = RayTelemetry(  # /metrics and session steps for the whole fleet, not this replica
+            telemetry_actor(f"proxima-telemetry-{config_digest(config)}", obs.max_sessions,
+                            obs.max_steps_per_session),
+            serve.get_replica_context().replica_id.unique_id, metrics, obs.metrics_push_s)
         ledger = LedgerClient(start_ledger(budget_policies(cfg), cfg.budgets.ledger_path,
                                            name=f"proxima-ledger-{config_digest(config)}"))
-        self.gateway = Gateway(cfg, router, RayEngines(engines), metrics=metrics,
+        self.gateway = Gateway(cfg, router, RayEngines(engines), metrics=metrics, telemetry=telemetry,
                                **gateway_policies(cfg, router, ledger, metrics))
 
     def __serve_build_asgi_app__(self):

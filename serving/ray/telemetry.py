@@ -1,0 +1,118 @@
+"""The fleet's telemetry store as one Ray actor: metric snapshots and agent steps.
+
+Each ingress replica has its own prometheus registry and sees only its own
+requests. Serving /metrics or a session's steps from one replica must show the
+whole gateway, so every ingress replica sends what it has to one named actor:
+
+- metrics: its full cumulative snapshot every `observability.metrics_push_s`
+  (one call per period, none per request) and with every scrape it answers;
+  the actor keeps each replica's last snapshot and returns their sum;
+- steps: buffered and sent together at most every `flush_s` (fire-and-forget),
+  and flushed before the replica reads a session.
+
+So a scrape of any replica is at most one push period behind the others, and a
+session's steps at most `flush_s`. If the actor restarts, the step history is
+lost (it is recent history, bounded anyway) but the counters are not: each
+replica's next push carries its whole cumulative state again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import ray
+from ray.exceptions import RayError
+
+from serving.errors import ProximaError
+from serving.ingress.metrics import Family, GatewayMetrics
+from serving.observability.fleet import merge
+from serving.observability.steps import StepStore
+
+log = logging.getLogger("proxima.telemetry")
+NAMESPACE = "proxima"
+Steps = list[tuple[str, str, dict[str, Any]]]
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class TelemetryActor:
+    def __init__(self, max_sessions: int = 10_000, max_steps: int = 256):
+        self.store = StepStore(max_sessions, max_steps)
+        self.snapshots: dict[str, list[Family]] = {}
+
+    def push(self, replica: str, snapshot: list[Family] | None, steps: Steps) -> None:
+        if snapshot is not None:
+            self.snapshots[replica] = snapshot
+        self.store.add_many(steps)
+
+    def merged(self, replica: str, snapshot: list[Family], steps: Steps) -> tuple[list[Family], int]:
+        self.push(replica, snapshot, steps)
+        return merge(self.snapshots.values()), len(self.snapshots)
+
+    def steps(self, tenant: str, session_id: str, pending: Steps) -> dict[str, Any] | None:
+        self.store.add_many(pending)
+        return self.store.get(tenant, session_id)
+
+
+def telemetry_actor(name: str, max_sessions: int, max_steps: int):
+    return TelemetryActor.options(name=name, namespace=NAMESPACE, get_if_exists=True,
+                                  lifetime="detached").remote(max_sessions, max_steps)
+
+
+class RayTelemetry:
+    """serving.observability.observer.Telemetry over the actor, for one ingress replica."""
+
+    def __init__(self, handle, replica: str, metrics: GatewayMetrics, push_s: float = 2.0,
+                 flush_s: float = 0.1):
+        self.handle, self.replica, self.metrics = handle, replica, metrics
+        self.push_s, self.flush_s = push_s, flush_s
+        self._steps: Steps = []
+        self._flusher: asyncio.Task | None = None
+        self._pusher: asyncio.Task | None = None
+
+    def seen_request(self) -> None:
+        """Called per request: starts the periodic push once (needs the running loop)."""
+        if self._pusher is None:
+            self._pusher = asyncio.get_running_loop().create_task(self._push_loop())
+
+    def record_step(self, tenant: str, session_id: str, record: dict[str, Any]) -> None:
+        self._steps.append((tenant, session_id, record))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_later())
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(self.flush_s)
+        if self._steps:
+            batch, self._steps = self._steps, []
+            self.handle.push.remote(self.replica, None, batch)
+
+    async def _push_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.push_s)
+            try:
+                batch, self._steps = self._steps, []
+                await self.handle.push.remote(self.replica, self.metrics.snapshot(), batch)
+            except RayError as e:  # restarting: the next push carries everything again
+                log.warning("metrics push failed: %s", type(e).__name__)
+
+    async def merged(self, own: list[Family]) -> tuple[list[list[Family]], int]:
+        batch, self._steps = self._steps, []
+        try:
+            fams, n = await self.handle.merged.remote(self.replica, own, batch)
+            return [fams], n
+        except RayError as e:  # serve this replica's slice rather than nothing
+            log.warning("fleet metrics unavailable, serving this replica's only: %s", type(e).__name__)
+            return [own], 1
+
+    async def steps(self, tenant: str, session_id: str) -> dict[str, Any] | None:
+        batch, self._steps = self._steps, []
+        for attempt in range(3):
+            try:
+                return await self.handle.steps.remote(tenant, session_id, batch if attempt == 0 else [])
+            except RayError as e:
+                why = type(e).__name__
+                await asyncio.sleep(0.2 * (attempt + 1))
+        err = ProximaError(f"The session step store is unavailable ({why}); please retry.")
+        err.status = 503
+        raise err

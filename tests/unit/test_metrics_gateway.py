@@ -1,0 +1,152 @@
+"""The gateway's /metrics through the in-process app: every family the issue names, with exact values."""
+
+import pytest
+
+from obs_helpers import ACME, CONFIG, FrozenRouter, build, chat, samples, value
+from serving.ingress.metrics import GatewayMetrics
+from serving.observability.fleet import exposition, merge
+
+CHAT = "/v1/chat/completions"
+
+
+async def metrics(c) -> str:
+    r = await c.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return r.text
+
+
+async def test_requests_and_errors_by_route_status_tenant_model_region():
+    c, _, _ = build()
+    assert (await c.post(CHAT, json=chat(), headers={**ACME, "x-client-region": "eu"})).status_code == 200
+    assert (await c.post(CHAT, json=chat())).status_code == 401  # no key: tenant unknown
+    assert (await c.post(CHAT, content=b"{", headers=ACME)).status_code == 400
+    assert (await c.post(CHAT, json=chat(model="made-up-model-x1"), headers=ACME)).status_code == 404
+    t = await metrics(c)
+    s = samples(t)
+    req = "proxima_requests_total"
+    assert s[(req, (("model", "m"), ("region", "eu"), ("route", CHAT), ("status", "200"),
+                    ("tenant", "acme")))] == 1
+    assert s[(req, (("model", ""), ("region", ""), ("route", CHAT), ("status", "401"), ("tenant", "")))] == 1
+    assert value(t, req, status="400", tenant="acme", model="") == 1
+    assert value(t, req, status="404", tenant="acme", model="") == 1  # never the client's raw model name
+    assert "made-up-model-x1" not in t
+    err = "proxima_errors_total"
+    assert value(t, err, status="401", type="invalid_api_key", phase="response") == 1
+    assert value(t, err, status="404", type="model_not_found", tenant="acme") == 1
+    assert value(t, err, status="400", type="invalid_request_error", tenant="acme") == 1
+    assert value(t, err) == 3
+
+
+async def test_ttft_tpot_e2e_and_predicted_versus_observed_ttft():
+    c, _, _ = build()
+    r = await c.post(CHAT, json=chat(max_tokens=4), headers=ACME)
+    predicted_s = float(r.headers["x-proxima-predicted-ttft-ms"]) / 1000
+    t = await metrics(c)
+    lab = {"region": "us", "model": "m"}
+    for name in ("proxima_ttft_seconds_count", "proxima_tpot_seconds_count", "proxima_e2e_seconds_count"):
+        assert value(t, name, tenant="acme", **lab) == 1, name
+    assert value(t, "proxima_ttft_predicted_seconds_sum", **lab) == pytest.approx(predicted_s, abs=1e-3)
+    observed = value(t, "proxima_ttft_observed_seconds_sum", **lab)
+    assert 0 < observed <= value(t, "proxima_ttft_seconds_sum", **lab)  # routing is inside the gateway TTFT
+    assert value(t, "proxima_ttft_prediction_error_seconds_count", **lab) == 1
+    # the error histogram has the observed-minus-predicted sample in the right bucket
+    err = observed - predicted_s
+    bucket = value(t, "proxima_ttft_prediction_error_seconds_bucket", le="0.0", **lab)
+    assert bucket == (1 if err <= 0 else 0)
+    assert value(t, "proxima_routing_decision_seconds_count") == 1
+    assert value(t, "proxima_prompt_tokens_total", tenant="acme", **lab) == 4
+    assert value(t, "proxima_completion_tokens_total", tenant="acme", **lab) == 4
+
+
+async def test_cache_hits_as_predicted_and_as_the_engine_reports_them():
+    c, _, gw = build()
+    prompt = " ".join(f"w{i}" for i in range(400))
+    r1 = await c.post(CHAT, json=chat(prompt, max_tokens=2), headers=ACME)
+    r2 = await c.post(CHAT, json=chat(prompt, max_tokens=2), headers=ACME)
+    assert r1.headers["x-proxima-replica"] == r2.headers["x-proxima-replica"]
+    engine_cached = r2.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert engine_cached > 0
+    t = await metrics(c)
+    assert value(t, "proxima_cached_tokens_total", source="engine") == engine_cached
+    assert value(t, "proxima_cached_tokens_total", source="predicted") > 0
+    replica = r2.headers["x-proxima-replica"]
+    assert value(t, "proxima_engine_prefix_cache_hits_total", replica=replica) == engine_cached
+    assert value(t, "proxima_engine_prefix_cache_queries_total", replica=replica) >= 2 * 400
+
+
+async def test_retries_and_cross_region_failovers():
+    c, engines, _ = build(router_cls=FrozenRouter)
+    engines["us-0"].kill()
+    engines["us-1"].kill()  # the frozen view still offers both
+    r = await c.post(CHAT, json=chat(), headers=ACME)
+    assert r.status_code == 200 and r.headers["x-proxima-region"] == "eu"
+    t = await metrics(c)
+    assert value(t, "proxima_retries_total", model="m", kind="retry") == 2
+    assert value(t, "proxima_retries_total", kind="continuation") == 0
+    assert value(t, "proxima_failovers_total", from_region="us", to_region="eu") == 1
+
+
+async def test_an_error_after_the_first_token_is_counted_in_band():
+    cfg = dict(CONFIG, serve={"inject_rtt": False, "retry_attempts": 1})
+    c, engines, _ = build(cfg, router_cls=FrozenRouter)
+    for e in engines.values():
+        e.crash_after = 2
+    r = await c.post(CHAT, json=chat(max_tokens=64, stream=True), headers=ACME)
+    assert r.status_code == 200
+    events = [line for line in r.text.splitlines() if line.startswith("data: ")]
+    assert '"error"' in events[-2] and events[-1] == "data: [DONE]"
+    t = await metrics(c)
+    assert value(t, "proxima_errors_total", phase="stream", status="502", type="engine_error",
+                 tenant="acme", model="m") == 1
+    assert value(t, "proxima_requests_total", status="200", tenant="acme") == 1
+
+
+async def test_budget_charged_and_the_ledgers_gauges():
+    c, _, _ = build()
+    r = await c.post(CHAT, json=chat(max_tokens=3), headers=ACME)
+    u = r.json()["usage"]
+    t = await metrics(c)
+    charged = u["prompt_tokens"] + u["completion_tokens"]
+    assert value(t, "proxima_budget_charged_tokens_total", tenant="acme") == charged
+    assert value(t, "proxima_budget_used_tokens", tenant="acme", budget="tokens_per_day") == charged
+    assert value(t, "proxima_budget_limit_tokens", tenant="acme") == 100000
+    assert value(t, "proxima_budget_limit_tokens", tenant="globex") == 30
+    assert value(t, "proxima_budget_reserved_tokens", tenant="acme") == 0
+
+
+async def test_fleet_gauges_replicas_per_region_and_queue_depth_per_replica():
+    c, _, gw = build()
+    gw.router.set_circuit("us-1", True)
+    t = await metrics(c)
+    assert value(t, "proxima_replicas", region="us", state="routable") == 1
+    assert value(t, "proxima_replicas", region="us", state="circuit_open") == 1
+    assert value(t, "proxima_replicas", region="eu", state="routable") == 1
+    s = samples(t)
+    depth = {dict(lab)["replica"] for (n, lab) in s if n == "proxima_replica_queue_depth"}
+    assert depth == {"us-0", "us-1", "eu-0"}
+    assert value(t, "proxima_ingress_replicas") == 1 and value(t, "proxima_router_inflight") == 0
+
+
+async def test_merge_sums_every_replicas_counters_and_histograms():
+    (a, _, ga), (b, _, gb) = build(), build()
+    for _ in range(2):
+        await a.post(CHAT, json=chat(), headers=ACME)
+    await b.post(CHAT, json=chat(), headers=ACME)
+    await b.post(CHAT, content=b"{", headers=ACME)
+    merged = exposition(merge([ga.metrics.snapshot(), gb.metrics.snapshot()])).decode()
+    assert value(merged, "proxima_requests_total", status="200") == 3
+    assert value(merged, "proxima_requests_total", status="400") == 1
+    assert value(merged, "proxima_ttft_seconds_count") == 3
+    assert value(merged, "proxima_ttft_seconds_bucket", le="+Inf") == 3
+    one = exposition(merge([ga.metrics.snapshot()])).decode()
+    assert value(one, "proxima_ttft_seconds_sum") == pytest.approx(
+        value(ga.metrics.render().decode(), "proxima_ttft_seconds_sum"))
+    assert "_created" not in merged
+
+
+def test_a_fresh_registry_renders_every_family_with_help_and_type():
+    text = exposition(merge([GatewayMetrics().snapshot()])).decode()
+    for fam in ("proxima_requests_total", "proxima_errors_total", "proxima_ttft_seconds",
+                "proxima_tpot_seconds", "proxima_e2e_seconds", "proxima_retries_total",
+                "proxima_failovers_total", "proxima_budget_charged_tokens_total"):
+        assert f"# TYPE {fam} " in text, fam
