@@ -175,7 +175,7 @@ def test_models_health_metrics(client):
     assert client.get("/v1/models").json()["data"][0]["id"] == MODEL
     assert client.get("/health").json() == {"status": "ok", "replicas_up": 4, "replicas": 4}
     text = client.get("/metrics").text
-    assert 'proxima_requests_total{route="/v1/chat/completions",status="200"}' in text
+    assert 'proxima_requests_total{model="llama3-8b",region="' in text  # by route, status, tenant too
     assert "proxima_ttft_seconds_bucket" in text and "proxima_routing_decision_seconds_count" in text
     r = client.get("/v1/nothing")
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
