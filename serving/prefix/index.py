@@ -16,11 +16,10 @@ slots still set after block i hold the first i+1 blocks.
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass
-from itertools import accumulate, repeat, takewhile
-from operator import and_
+from itertools import accumulate, compress, filterfalse, islice, repeat, takewhile
+from operator import and_, ne, not_
 from typing import Iterable, Sequence
 
 
@@ -60,7 +59,10 @@ class _Lru:
     def touch(self, hashes: list[int]) -> list[int]:
         """Insert or refresh `hashes` (most recent last); returns the new ones."""
         young, old = self.young, self.old
-        added = [h for h in hashes if h not in young and h not in old]
+        # (filters and maps at C level: no Python frame per block)
+        added = list(filterfalse(young.__contains__, hashes))
+        if old and added:
+            added = list(filterfalse(old.__contains__, added))
         if len(added) < len(hashes):  # move the known ones to the recent end, in order
             deque(map(young.pop, hashes, repeat(None)), maxlen=0)
             if old:
@@ -82,6 +84,28 @@ class _Lru:
             self.cursor += 1
             if self.old.pop(h, 0) is None:  # else it moved to `young` or was discarded
                 return h
+
+    def pop_oldest_many(self, n: int) -> list[int]:
+        """The n oldest keys, removed, oldest first (fewer if the LRU holds fewer)."""
+        out: list[int] = []
+        while len(out) < n:
+            old, order = self.old, self.order
+            if self.cursor == len(order) or not old:  # `old` is empty: `young` takes its place
+                if not self.young:
+                    break
+                self.old, self.young = self.young, {}
+                self.order, self.cursor = list(self.old), 0
+                continue
+            # the next keys of `order` still in `old` (others moved to `young` or were
+            # discarded), found and popped at C level
+            got = list(islice(filter(old.__contains__, islice(order, self.cursor, None)), n - len(out)))
+            if not got:
+                self.cursor = len(order)
+                continue
+            self.cursor = order.index(got[-1], self.cursor) + 1
+            deque(map(old.pop, got), maxlen=0)
+            out += got
+        return out
 
 
 @dataclass(slots=True)
@@ -158,14 +182,24 @@ class PrefixIndex:
         # (no Python frame per block). cum[i] = slots holding blocks 0..i.
         cum = list(takewhile(bool, accumulate(map(get, hashes, repeat(0)), and_)))
         n = len(cum)
-        out: dict[str, int] = {}
         owner = self._slot_owner
-        while live:
-            low = live & -live
-            live ^= low
-            # Bits only drop along cum, so the first index without this bit is its length.
-            out[owner[low.bit_length() - 1]] = bisect_left(cum, True, key=lambda m: not m & low)
-        return out
+        found: list[tuple[int, int]] = []  # (slot, blocks)
+        # Bits only drop along cum: where cum[i] differs from cum[i-1], the slots
+        # that dropped out hold exactly i blocks; those left at the end hold n.
+        # The change points are found at C level; Python touches only the holders.
+        for i in compress(range(1, n), map(ne, cum, islice(cum, 1, None))):
+            gone = cum[i - 1] & ~cum[i]
+            while gone:
+                low = gone & -gone
+                gone ^= low
+                found.append((low.bit_length() - 1, i))
+        last = cum[-1]
+        while last:
+            low = last & -last
+            last ^= low
+            found.append((low.bit_length() - 1, n))
+        found.sort()
+        return {owner[slot]: blocks for slot, blocks in found}
 
     def blocks(self, replica_id: str) -> list[int]:
         """A replica's blocks, least recently used first."""
@@ -183,8 +217,8 @@ class PrefixIndex:
             return []
         holders, bit = self._holders, 1 << rep.slot
         added = rep.lru.touch(list(hashes))
-        for h in added:
-            holders[h] = holders.get(h, 0) | bit
+        if added:  # holders[h] |= bit for each, at C level
+            holders.update(zip(added, map(int.__or__, map(holders.get, added, repeat(0)), repeat(bit))))
         if len(rep.lru) > rep.capacity_blocks:
             self._evict_to(rep, rep.capacity_blocks)
         return added
@@ -213,11 +247,16 @@ class PrefixIndex:
 
     # --- internals --------------------------------------------------------
     def _evict_to(self, rep: _Replica, limit: int) -> None:
-        lru, bit = rep.lru, 1 << rep.slot
-        while len(lru) > limit:
-            h = lru.pop_oldest()
-            self._drop_bit(h, bit)
-            self.evictions += 1
+        lru = rep.lru
+        if len(lru) <= limit:
+            return
+        gone = lru.pop_oldest_many(len(lru) - limit)
+        self.evictions += len(gone)
+        # clear this slot's bit in each evicted block's mask; delete masks left empty
+        holders = self._holders
+        masks = list(map(and_, map(holders.__getitem__, gone), repeat(~(1 << rep.slot))))
+        holders.update(zip(gone, masks))
+        deque(map(holders.__delitem__, compress(gone, map(not_, masks))), maxlen=0)
 
     def _drop_bit(self, h: int, bit: int) -> None:
         mask = self._holders[h] & ~bit
