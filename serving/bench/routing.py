@@ -2,11 +2,22 @@
 
     python -m serving.bench.routing [--replicas 64] [--blocks 100000] [--decisions 20000]
 
-Fills the prefix index of `replicas` replicas (3 regions) with at least
-`blocks` (block, replica) entries from prompts that share system prompts, then
-times `route` for fresh 4,096-token prompts: block hashing of the prompt,
-filters, prefix match, the latency model and the pick, plus the lifecycle
-hooks that release each request. Prints one JSON object.
+A router over `replicas` replicas in 3 regions (random load), its prefix index
+warmed to at least `blocks` (block, replica) entries, times one decision:
+block hashing of the prompt's token ids, filters, prefix match, the latency
+model and the pick (`choose`), and apart from it the booking of the request's
+blocks in the index that `route` adds (`on_routed`). The
+request's end (`on_finished`, `--inflight` decisions later, so load feeds
+back into routing) is not timed. Two workloads, side by side:
+
+- agentic: sessions over 128 shared 1,024-token system prompts whose history
+  grows by `--step-tokens` per call (prompts 1k to 8k tokens, as coding agents'
+  tool loops); each call re-sends and re-hashes the whole prompt.
+- unique_tail: every prompt is a shared 1,024-token system prompt plus 3,072
+  fresh tokens (4k): each decision books 192 new blocks and evicts as many (a
+  worst case for the index).
+
+Prints one JSON object, with the index's measured bytes per entry.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ import json
 import random
 import time
 import tracemalloc
+from collections import deque
 
 import numpy as np
 
@@ -28,6 +40,8 @@ REGIONS = ("us-east", "eu-west", "ap-south")
 RTT = {"us-east": {"us-east": 2, "eu-west": 75, "ap-south": 190},
        "eu-west": {"us-east": 75, "eu-west": 2, "ap-south": 120},
        "ap-south": {"us-east": 190, "eu-west": 120, "ap-south": 2}}
+SYSTEM_TOKENS = 1024
+MAX_PROMPT = 8192
 
 
 def bytes_per_entry(block_size: int = 16, replicas: int = 64, blocks: int = 200_000) -> float:
@@ -51,8 +65,45 @@ def bytes_per_entry(block_size: int = 16, replicas: int = 64, blocks: int = 200_
     return used / len(index)
 
 
-def run(replicas: int, blocks: int, decisions: int, prompt_tokens: int, policy: str,
-        block_size: int, seed: int) -> dict:
+class Workload:
+    def __init__(self, kind: str, replicas: int, step_tokens: int, seed: int):
+        self.kind, self.replicas, self.step = kind, replicas, step_tokens
+        self.rng = np.random.default_rng(seed)
+        self.systems = [self.rng.integers(0, 32000, SYSTEM_TOKENS).tolist() for _ in range(128)]
+        self.sessions: list[list[int]] = []
+        self.n = 0
+
+    def _fresh(self, i: int) -> list[int]:
+        if self.kind == "unique_tail":
+            return self.systems[i % 128] + self.rng.integers(0, 32000, 3 * SYSTEM_TOKENS).tolist()
+        start = int(self.rng.integers(0, MAX_PROMPT - SYSTEM_TOKENS))
+        return self.systems[i % 128] + self.rng.integers(0, 32000, start).tolist()
+
+    def warm_prompt(self) -> tuple[str, list[int]]:
+        """A prompt some replica already served (its blocks are in that replica's cache)."""
+        i = self.n
+        self.n += 1
+        if self.kind == "agentic":
+            if len(self.sessions) < 1024:
+                self.sessions.append(self._fresh(i))
+            p = self.sessions[i % len(self.sessions)]
+            return f"r{(i % len(self.sessions)) % self.replicas}", p
+        return f"r{i % self.replicas}", self._fresh(i)
+
+    def next_prompt(self, i: int) -> list[int]:
+        if self.kind == "unique_tail":
+            return self._fresh(i)
+        k = i % len(self.sessions)
+        p = self.sessions[k]
+        if len(p) + self.step > MAX_PROMPT:  # the session ends; a new one starts
+            p = self.systems[int(self.rng.integers(128))][:]
+        p = p + self.rng.integers(0, 32000, self.step).tolist()  # tool result + reply
+        self.sessions[k] = p
+        return p
+
+
+def run(kind: str, replicas: int, blocks: int, decisions: int, policy: str, block_size: int,
+        step_tokens: int, inflight: int, seed: int) -> dict:
     rng = random.Random(seed)
     router = Router(policy, block_size=block_size, rtt_ms=RTT, seed=seed)
     cap = max(1, 4 * blocks // replicas) * block_size  # the index, not the LRU, is the limit
@@ -60,50 +111,45 @@ def run(replicas: int, blocks: int, decisions: int, prompt_tokens: int, policy: 
         router.update(ReplicaSnapshot(f"r{r}", REGIONS[r % 3], "m", num_running=rng.randrange(0, 40),
                                       waiting_prefill_tokens=rng.randrange(0, 8000),
                                       kv_capacity_tokens=cap, kv_usage=rng.random()))
-    # Warm the index: shared system prompts plus unique tails, routed for real.
-    systems = [[rng.randrange(32000) for _ in range(1024)] for _ in range(128)]
-    n = 0
-    while len(router.index) < blocks and n < 50 * blocks:
-        toks = systems[n % 128] + [rng.randrange(32000) for _ in range(prompt_tokens - 1024)]
-        req = RouteRequest(f"w{n}", "m", len(toks), block_hashes(toks, block_size, "m"),
-                           client_region=REGIONS[n % 3])
-        router.route(req)
-        router.on_finished(req.request_id)
-        n += 1
-    prompts = [systems[i % 128] + [rng.randrange(32000) for _ in range(prompt_tokens - 1024)]
-               for i in range(256)]
-    times = np.empty(decisions)
+    w = Workload(kind, replicas, step_tokens, seed)
+    while len(router.index) < blocks:
+        rid, p = w.warm_prompt()
+        router.index.insert(rid, block_hashes(p, block_size, "m"))
+    prompts = [w.next_prompt(i) for i in range(min(decisions, 4096))]
+    sizes = np.array([len(p) for p in prompts])
+    total, decided, hashing = np.empty(decisions), np.empty(decisions), np.empty(decisions)
     perf = time.perf_counter
+    live: deque[str] = deque()
     gc.disable()
     try:
         for i in range(decisions):
-            toks = prompts[i % 256]
+            toks = prompts[i % len(prompts)]
             t0 = perf()
-            req = RouteRequest(f"q{i}", "m", prompt_tokens, block_hashes(toks, block_size, "m"),
-                               client_region=REGIONS[i % 3])
-            router.route(req)
-            times[i] = perf() - t0
-            router.on_finished(req.request_id)
+            hashes = block_hashes(toks, block_size, "m")
+            t1 = perf()
+            req = RouteRequest(f"q{i}", "m", len(toks), hashes, client_region=REGIONS[i % 3])
+            decision, ctx, pos = router.choose(req)
+            t2 = perf()
+            router.on_routed(req, decision, ctx, pos)  # booking: what `route` adds to `choose`
+            t3 = perf()
+            hashing[i], decided[i], total[i] = t1 - t0, t2 - t0, t3 - t0
+            live.append(req.request_id)
+            if len(live) > inflight:  # the oldest request ends: load feeds back into routing
+                router.on_finished(live.popleft())
     finally:
         gc.enable()
-    t0 = perf()
-    for i in range(2000):
-        req = RouteRequest(f"t{i}", "m", prompt_tokens, block_hashes(prompts[i % 256], block_size, "m"),
-                           client_region=REGIONS[i % 3])
-        router.route(req)
-        router.on_finished(req.request_id)
-    rate = 2000 / (perf() - t0)
+    us = lambda a, q: round(float(np.percentile(a, q)) * 1e6, 1)  # noqa: E731
     return {
-        "policy": policy,
-        "replicas": replicas,
+        "prompt_tokens_mean": round(float(sizes.mean())),
+        "prompt_tokens_p50": int(np.median(sizes)),
         "indexed_entries": len(router.index),
-        "prompt_tokens": prompt_tokens,
-        "block_size": block_size,
-        "decisions": decisions,
-        "decision_p50_us": round(float(np.percentile(times, 50)) * 1e6, 1),
-        "decision_p99_us": round(float(np.percentile(times, 99)) * 1e6, 1),
-        "decisions_per_s": round(rate),
-        "bytes_per_index_entry": round(bytes_per_entry(block_size, replicas), 1),
+        "decision_p50_us": us(decided, 50),  # hashing + filters, match, model, pick
+        "decision_p99_us": us(decided, 99),
+        "hashing_p50_us": us(hashing, 50),
+        "booking_p50_us": us(total - decided, 50),  # index update for the routed request
+        "with_booking_p50_us": us(total, 50),
+        "with_booking_p99_us": us(total, 99),
+        "decisions_per_s": round(decisions / float(total.sum())),
     }
 
 
@@ -112,13 +158,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--replicas", type=int, default=64)
     ap.add_argument("--blocks", type=int, default=100_000)
     ap.add_argument("--decisions", type=int, default=20_000)
-    ap.add_argument("--prompt-tokens", type=int, default=4096)
     ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--step-tokens", type=int, default=256)
+    ap.add_argument("--inflight", type=int, default=256,
+                    help="requests in flight: each decision ends the oldest beyond this")
     ap.add_argument("--policy", default="latency")
+    ap.add_argument("--workload", action="append", choices=("agentic", "unique_tail"))
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    print(json.dumps(run(a.replicas, a.blocks, a.decisions, a.prompt_tokens, a.policy,
-                         a.block_size, a.seed)))
+    out = {"policy": a.policy, "replicas": a.replicas, "block_size": a.block_size,
+           "workloads": {k: run(k, a.replicas, a.blocks, a.decisions, a.policy, a.block_size,
+                                a.step_tokens, a.inflight, a.seed)
+                         for k in (a.workload or ["agentic", "unique_tail"])},
+           "bytes_per_index_entry": round(bytes_per_entry(a.block_size, a.replicas), 1)}
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":
