@@ -35,17 +35,18 @@ async def render_gateway(gw: Any) -> bytes:
     fams = merge(snapshots)
     try:
         fams += fleet_families(await gw.router.stats(), n)
-    except Exception as e:  # the router restarting: still serve the counters
+    except Exception as e:  # the router restarting: still serve the counters (gauges declared, empty)
         log.warning("fleet gauges unavailable: %s", type(e).__name__)
+        fams += [(name, typ, doc, []) for name, typ, doc, _ in fleet_families({}, n)]
     ledger = getattr(gw.admission, "ledger", None)
     tenants = [name for name, t in gw.config.auth.tenants.items() if t.budget]
+    views: dict[str, dict[str, Any]] = {}
     if ledger is not None and tenants:
         try:
-            views = await asyncio.gather(*(ledger.remaining(t) for t in tenants))
-            fams += budget_families(dict(zip(tenants, views)))
+            views = dict(zip(tenants, await asyncio.gather(*(ledger.remaining(t) for t in tenants))))
         except Exception as e:
             log.warning("budget gauges unavailable: %s", type(e).__name__)
-    return exposition(fams)
+    return exposition(fams + budget_families(views))  # declared even when empty: dashboards stay valid
 
 
 def merge(snapshots: Iterable[list[Family]]) -> list[Family]:

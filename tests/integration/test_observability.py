@@ -76,3 +76,17 @@ def test_telemetry_actor_sums_every_ingress_replicas_snapshot(gateway_url):
         assert ray.get(actor.steps.remote("other-tenant", "s", [])) is None
     finally:
         ray.kill(actor)
+
+
+def test_grafana_dashboard_queries_only_what_the_serve_app_exports(client):
+    import json
+    from pathlib import Path
+
+    from serving.observability.dashboard import check
+
+    dash = json.loads((Path(__file__).resolve().parents[2] / "infra/grafana/proxima-dashboard.json").read_text())
+    r = client.post("/v1/chat/completions", json={"model": "llama3-8b", "max_tokens": 1,
+                                                  "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200
+    res = check(dash, client.get("/metrics").text)
+    assert res["missing"] == [] and res["without_query"] == [] and res["ok"]

@@ -3,6 +3,7 @@
 import pytest
 
 from obs_helpers import ACME, CONFIG, FrozenRouter, build, chat, samples, value
+from serving.ingress.local import LocalRouter
 from serving.ingress.metrics import GatewayMetrics
 from serving.observability.fleet import exposition, merge
 
@@ -150,3 +151,18 @@ def test_a_fresh_registry_renders_every_family_with_help_and_type():
                 "proxima_tpot_seconds", "proxima_e2e_seconds", "proxima_retries_total",
                 "proxima_failovers_total", "proxima_budget_charged_tokens_total"):
         assert f"# TYPE {fam} " in text, fam
+
+
+class StatsDown(LocalRouter):
+    """Routes, but its stats call fails, as an actor restarting between the two would."""
+
+    async def stats(self):
+        raise ConnectionError("router restarting")
+
+
+async def test_metrics_still_answer_when_the_router_is_unreachable():
+    c, _, _ = build(router_cls=StatsDown)
+    await c.post(CHAT, json=chat(), headers=ACME)
+    t = await metrics(c)
+    assert value(t, "proxima_requests_total", status="200") == 1
+    assert "# TYPE proxima_replicas gauge" in t and value(t, "proxima_replicas") == 0
