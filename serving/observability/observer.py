@@ -63,18 +63,38 @@ class Observer:
         self.m, self.telemetry = metrics, telemetry
         self.tracer = tracer or NoTracer()
         self.access_log = access_log
+        self._spans = not isinstance(self.tracer, NoTracer)
+        # children per label tuple (bounded: regions, models and tenants come from the config);
+        # .labels() costs a few microseconds each, a dict hit a fraction of one
+        self._open: dict[tuple[str, str, str], tuple] = {}
+        self._done: dict[tuple[str, str, str], tuple] = {}
+
+    def _open_children(self, region: str, model: str, tenant: str) -> tuple:
+        m = self.m
+        return (m.ttft.labels(region, model, tenant), m.predicted.labels(region, model),
+                m.observed.labels(region, model), m.prediction_error.labels(region, model))
+
+    def _done_children(self, region: str, model: str, tenant: str) -> tuple:
+        m = self.m
+        return (m.e2e.labels(region, model, tenant), m.tpot.labels(region, model, tenant),
+                m.prompt_tokens.labels(region, model, tenant), m.completion_tokens.labels(region, model, tenant),
+                m.cached_tokens.labels(region, model, "engine"), m.cached_tokens.labels(region, model, "predicted"))
 
     def opened(self, s: "Stream") -> None:
         d = s.decision
         if d is None or s.ttft_s is None:
             return
-        model = s.job.model
-        self.m.ttft.labels(d.region, model, s.job.principal.tenant).observe(s.ttft_s)
+        key = (d.region, s.job.model, s.job.principal.tenant)
+        ch = self._open.get(key)
+        if ch is None:
+            ch = self._open[key] = self._open_children(*key)
+        ttft, predicted, observed, error = ch
+        ttft.observe(s.ttft_s)
         pred = d.predicted_ttft_ms / 1000.0
-        self.m.predicted.labels(d.region, model).observe(pred)
+        predicted.observe(pred)
         if s.routed_ttft_s is not None:
-            self.m.observed.labels(d.region, model).observe(s.routed_ttft_s)
-            self.m.prediction_error.labels(d.region, model).observe(s.routed_ttft_s - pred)
+            observed.observe(s.routed_ttft_s)
+            error.observe(s.routed_ttft_s - pred)
 
     def done(self, s: "Stream", ok: bool) -> None:
         job, d, m = s.job, s.decision, self.m
@@ -84,13 +104,18 @@ class Observer:
         e2e = time.perf_counter() - s.t0
         charged = s.prompt_tokens + s.completion_tokens if s.ticket is not None else 0
         if d is not None:
-            m.e2e.labels(region, model, tenant).observe(e2e)
+            key = (region, model, tenant)
+            ch = self._done.get(key)
+            if ch is None:
+                ch = self._done[key] = self._done_children(*key)
+            e2e_h, tpot_h, prompt_c, completion_c, cached_engine, cached_predicted = ch
+            e2e_h.observe(e2e)
             if s.ttft_s is not None and s.completion_tokens > 1:
-                m.tpot.labels(region, model, tenant).observe((e2e - s.ttft_s) / (s.completion_tokens - 1))
-            m.prompt_tokens.labels(region, model, tenant).inc(s.prompt_tokens)
-            m.completion_tokens.labels(region, model, tenant).inc(s.completion_tokens)
-            m.cached_tokens.labels(region, model, "engine").inc(s.cached_tokens)
-            m.cached_tokens.labels(region, model, "predicted").inc(d.cached_tokens)
+                tpot_h.observe((e2e - s.ttft_s) / (s.completion_tokens - 1))
+            prompt_c.inc(s.prompt_tokens)
+            completion_c.inc(s.completion_tokens)
+            cached_engine.inc(s.cached_tokens)
+            cached_predicted.inc(d.cached_tokens)
         if charged:
             m.budget_charged.labels(tenant).inc(charged)
         attempts = s.trace.attempts
@@ -101,11 +126,14 @@ class Observer:
             to_region = attempts[i + 1][1]
             if to_region != from_region:
                 m.failovers.labels(from_region, to_region).inc()
+        if job.session_id is None and not self._spans and not self.access_log:
+            return  # nobody reads a record: don't build one
         err = None if ok else _error_type(s.error)
         record = step_record(job, s, e2e, charged, err)
         if job.session_id is not None:
             self.telemetry.record_step(tenant, job.session_id, record)
-        self.tracer.end(job.trace, _span_attributes(record), err)
+        if self._spans:
+            self.tracer.end(job.trace, _span_attributes(record), err)
         if self.access_log:
             access.info("request done", extra={"summary": record})
 
