@@ -5,6 +5,7 @@
     GET  /v1/budgets            the caller's own token budgets (serving.admission)
     GET  /admin/router          the router's view (replicas, load, in-flight); admin key
     GET  /v1/sessions/{id}/steps  the caller's own agent session, step by step (404 otherwise)
+    GET  /openapi.json          this API as an OpenAPI 3.1 document (serving.ingress.openapi)
 
 Response headers: x-request-id, and where the request went: x-proxima-region,
 x-proxima-replica, x-proxima-predicted-ttft-ms. Every error, ours or a
@@ -29,6 +30,7 @@ from starlette.routing import Route
 from serving.errors import InvalidRequest, NotFound, ProximaError
 from serving.ingress import sse
 from serving.ingress.metrics import CONTENT_TYPE
+from serving.ingress.openapi import openapi_schema
 from serving.ingress.openai_api import Parsed, Responder, parse_chat, parse_completion, usage
 from serving.ingress.pipeline import Gateway
 from serving.ingress.stream import Stream
@@ -155,6 +157,11 @@ def build_app(gw: Gateway) -> Starlette:
         gw.auth.require_admin(request.headers.get("authorization"))
         return _json(await gw.router.stats())
 
+    schema = sse.dumps(openapi_schema(gw.model_names(), sorted(gw.config.regions)))
+
+    async def openapi(request: Request) -> Response:
+        return Response(schema, media_type="application/json")
+
     async def not_found(request: Request, exc: HTTPException) -> Response:
         if exc.status_code == 405:
             e: ProximaError = InvalidRequest(f"Method {request.method} is not allowed on {request.url.path}.")
@@ -176,6 +183,7 @@ def build_app(gw: Gateway) -> Starlette:
         Route("/v1/sessions/{session_id}/steps", counted("/v1/sessions/{id}/steps", session_steps),
               methods=["GET"]),
         Route("/admin/router", counted("/admin/router", admin_router), methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
     ]
     return Starlette(routes=routes, exception_handlers={HTTPException: not_found})
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -65,8 +65,11 @@ class ChatRequest(_Common):
     response_format: dict[str, Any] | None = None
 
 
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]  # token ids are hashed as 32-bit words
+
+
 class CompletionRequest(_Common):
-    prompt: str | list[str] | list[int] = Field()
+    prompt: str | list[str] | list[TokenId] = Field()
     max_tokens: int | None = Field(default=16, ge=1)
     echo: bool = False
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator, Callable, Protocol
 
 from serving.admission.gateway import narrow
-from serving.admission.residency import HEADER as REGIONS_HEADER
+from serving.admission.residency import HEADER as REGIONS_HEADER, parse_regions
 from serving.admission.tenancy import cache_salt
 from serving.config import Config
 from serving.engines.base import Chunk, GenerateRequest
@@ -177,6 +177,10 @@ class Gateway:
             max_tokens = self.default_max.get(parsed.model, 256)
         h = dict(headers)
         check_headers(h.get(SESSION_HEADER), h.get(STEP_HEADER))
+        unknown = sorted((parse_regions(h.get(REGIONS_HEADER)) or frozenset()) - self.config.regions.keys())
+        if unknown:  # a typo must not read as "no replica in your regions" (503)
+            raise InvalidRequest(f"Unknown region(s) {unknown} in {REGIONS_HEADER}; known: "
+                                 f"{sorted(self.config.regions)}.", param=REGIONS_HEADER)
         principal = narrow(principal, h.get(REGIONS_HEADER))  # residency: a header only narrows
         tenant = self.config.auth.tenants.get(principal.tenant)
         salt = cache_salt(principal.tenant, self.config.auth.cache_salt_secret,

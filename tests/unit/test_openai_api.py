@@ -54,6 +54,8 @@ BAD_COMPLETION = [
     ("two-prompts", {"prompt": ["a", "b"]}, "prompt"),
     ("echo", {"prompt": "a", "echo": True}, "echo"),
     ("max-tokens-zero", {"prompt": "a", "max_tokens": 0}, "max_tokens"),
+    ("token-id-negative", {"prompt": [5, -1]}, "prompt"),  # found by the fuzz drill: was a 500
+    ("token-id-over-32-bit", {"prompt": [2**32]}, "prompt"),
 ]
 
 

@@ -102,7 +102,9 @@ async def test_budget_exhausted_is_429_naming_the_budget(gw):
     ("euco", "us", 403, None),
     ("acme", "us", 200, "us"),
     ("acme", "eu", 200, "eu"),
-], ids=["tenant-rule", "header-same", "header-widens", "header-narrows-us", "header-narrows-eu"])
+    ("acme", "eu,mars", 400, None),  # found by the fuzz drill: an unknown region read as 503
+], ids=["tenant-rule", "header-same", "header-widens", "header-narrows-us", "header-narrows-eu",
+        "header-unknown-region"])
 async def test_residency_header_only_narrows(gw, tenant, header, status, region):
     h = auth(tenant, **({"x-proxima-regions": header} if header else {}))
     async with client(gw) as c:
