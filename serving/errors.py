@@ -11,6 +11,7 @@
     ├── RateLimited (429, rate_limit_error, Retry-After)
     ├── NoReplicaAvailable (503, code=no_replica_available)
     │   └── ResidencyUnavailable (503, code=residency_unavailable)
+    ├── RouterUnavailable (503, code=router_unavailable, Retry-After)  # restarting past the retry window
     ├── EngineError (502, code=engine_error)  # an engine failed; retriable
     └── Timeout (504, code=timeout)
 
@@ -93,6 +94,16 @@ class NoReplicaAvailable(ProximaError):
 
 class ResidencyUnavailable(NoReplicaAvailable):
     code = "residency_unavailable"
+
+
+class RouterUnavailable(ProximaError):
+    """The central router is down or still rebuilding its view after a restart."""
+
+    status, type, code = 503, "service_unavailable", "router_unavailable"
+
+    def __init__(self, message: str, **kw: Any):
+        super().__init__(message, **kw)
+        self.headers.setdefault("Retry-After", "1")
 
 
 class EngineError(ProximaError):

@@ -19,6 +19,7 @@ import logging
 from typing import Any, AsyncIterator
 
 from ray import serve
+from ray.exceptions import ActorDiedError
 
 from serving.config import load_config
 from serving.engines.base import GenerateRequest
@@ -44,6 +45,7 @@ class EngineDeployment:
             await start()
         self.counters = {"started": 0, "finished": 0, "aborted": 0, "failed": 0, "misrouted": 0}
         self.router = router_actor(config)
+        self.config = config
         self.period_s = cfg.router.snapshot_period_s
         await self._push()  # known to the router before the first request can arrive
         self._task = asyncio.get_running_loop().create_task(self._report())
@@ -109,6 +111,12 @@ class EngineDeployment:
         while True:
             try:
                 await self._push()
+            except ActorDiedError:  # the router is gone for good: find or create it again
+                log.warning("router gone; %s reconnects", self.replica_id)
+                try:
+                    self.router = await asyncio.to_thread(router_actor, self.config)
+                except Exception as e:
+                    log.warning("reconnect from %s failed: %s", self.replica_id, type(e).__name__)
             except Exception as e:  # the router restarting: keep serving, report next time
                 log.warning("snapshot push from %s failed: %s", self.replica_id, type(e).__name__)
             await asyncio.sleep(self.period_s)

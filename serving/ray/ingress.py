@@ -72,7 +72,7 @@ class RayEngines:
 class IngressDeployment:
     def __init__(self, config: dict[str, Any], engines: dict[str, Any]):
         cfg = load_config(config)
-        router = RayRouter(router_actor(config))
+        router = RayRouter(router_actor(config), reconnect=lambda: router_actor(config))
         metrics = GatewayMetrics()
         obs = cfg.observability
         configure_logging(obs.log_format)

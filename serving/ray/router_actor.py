@@ -11,21 +11,35 @@ dropped, so a dead replica stops being chosen even if nobody said goodbye.
 The actor is detached and named after a digest of the config, so every
 replica of one deployment finds the same router, and a redeploy with a
 different config gets a fresh one instead of stale state.
+
+Restarts. Ray restarts the actor when its process dies (max_restarts=-1);
+the new incarnation starts empty and rebuilds its view from the engines'
+next snapshots (one `snapshot_period_s` or two). For `rebuild_s` after it
+starts, "no replica" answers RouterUnavailable instead of
+NoReplicaAvailable, and RayRouter retries every call that met a dead,
+restarting or rebuilding router (backoff up to `retry_s`), so requests in
+routing wait out the restart instead of failing; streams already dispatched
+never touch the router. A router gone for good (killed without restart) is
+created afresh by the next caller (`reconnect`). Lost with a restart: the
+prefix index (cache affinity is re-learned) and bookings of requests
+already running (their `finished` events are ignored).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import json
 import time
 from collections import deque
-from typing import Any
+from typing import Any, Callable
 
 import ray
+from ray.exceptions import ActorDiedError, RayActorError
 
 from serving.config import load_config
-from serving.errors import ProximaError
+from serving.errors import NoReplicaAvailable, ProximaError, RouterUnavailable
 from serving.ingress.local import router_stats
 from serving.routing.router import Router
 from serving.types import Decision, ReplicaSnapshot, RouteRequest
@@ -43,7 +57,14 @@ class RouterActor:
         self.counters: dict[str, dict[str, int]] = {}
         self.seen: dict[str, float] = {}
         self.route_us: deque[float] = deque(maxlen=4096)  # the actor's own time per decision
-        self._swept = time.monotonic()
+        self._swept = self.started = time.monotonic()
+        self.rebuild_s = max(1.0, 5 * cfg.router.snapshot_period_s)  # engines re-report within this
+
+    def _rebuilding(self, e: ProximaError) -> ProximaError:
+        """Just (re)started and no replica known yet: say so, so the caller waits instead of failing."""
+        if type(e) is NoReplicaAvailable and time.monotonic() - self.started < self.rebuild_s:
+            return RouterUnavailable(f"The router is rebuilding its view after a restart: {e.message}")
+        return e
 
     def route(self, req: RouteRequest) -> Decision | ProximaError:
         t = time.perf_counter()
@@ -51,7 +72,7 @@ class RouterActor:
             self._sweep()
             return self.router.route(req)
         except ProximaError as e:  # errors travel as values: the caller raises our type
-            return e
+            return self._rebuilding(e)
         finally:
             self.route_us.append((time.perf_counter() - t) * 1e6)
 
@@ -87,7 +108,7 @@ class RouterActor:
             self._sweep()
             return self.router.choose(req)[0].predicted_ttft_ms
         except ProximaError as e:
-            return e
+            return self._rebuilding(e)
 
     def set_circuit(self, replica_id: str, open_: bool) -> None:
         self.router.set_circuit(replica_id, open_)
@@ -95,11 +116,15 @@ class RouterActor:
     def stats(self) -> dict[str, Any]:
         self._sweep()
         out = router_stats(self.router, {r: {"counters": c} for r, c in self.counters.items()})
+        out["router_uptime_s"] = round(time.monotonic() - self.started, 3)
         us = sorted(self.route_us)
         if us:
             out["route_us_p50"] = round(us[len(us) // 2], 1)
             out["route_us_p99"] = round(us[min(len(us) - 1, int(len(us) * 0.99))], 1)
         return out
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def _sweep(self) -> None:
         now = time.monotonic()
@@ -124,15 +149,23 @@ def router_actor(config: dict[str, Any]):
 class RayRouter:
     """RouterPort over the actor: awaited calls for answers, batched fire-and-forget hooks.
 
+    Calls that meet a dead or restarting actor, or a router still rebuilding
+    its view, are retried with backoff for up to `retry_s` (then
+    RouterUnavailable, 503); a router dead for good is looked up or created
+    again through `reconnect`. Hooks lost in a restart only cost bookings.
+
     first_token/finished are buffered for up to `flush_s` and sent as one
     `events` call: under load that turns two actor calls per request into a
     fraction of one, and the router learns of them a few ms later, well inside
     the engines' own snapshot period.
     """
 
-    def __init__(self, handle, flush_s: float = 0.005):
+    def __init__(self, handle, flush_s: float = 0.005, reconnect: Callable[[], Any] | None = None,
+                 retry_s: float = 20.0):
         self.handle = handle
         self.flush_s = flush_s
+        self.reconnect, self.retry_s = reconnect, retry_s
+        self.retries = 0  # calls repeated because the router was down or rebuilding
         self._events: list[tuple[str, str, Any]] = []
         self._flusher: asyncio.Task | None = None
 
@@ -150,8 +183,32 @@ class RayRouter:
             batch, self._events = self._events, []
             self.handle.events.remote(batch)
 
+    async def _ask(self, method: str, *args: Any, retry_s: float | None = None) -> Any:
+        """One actor call, repeated while the router is down, restarting or rebuilding."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.retry_s if retry_s is None else retry_s)
+        delay = 0.02
+        while True:
+            try:
+                res = await getattr(self.handle, method).remote(*args)
+                if not isinstance(res, RouterUnavailable):
+                    return res
+                why = res.message
+            except RayActorError as e:
+                why = f"{type(e).__name__}"
+                if isinstance(e, ActorDiedError) and self.reconnect is not None:
+                    try:  # gone for good: the named actor is found again, or created afresh
+                        self.handle = await asyncio.to_thread(self.reconnect)
+                    except Exception as e2:  # e.g. the name still held while Ray cleans up
+                        why += f"; reconnect: {type(e2).__name__}"
+            if loop.time() + delay > deadline:
+                raise RouterUnavailable(f"The router is unavailable ({why}); please retry.")
+            self.retries += 1
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 0.5)
+
     async def route(self, req: RouteRequest) -> Decision:
-        res = await self.handle.route.remote(req)
+        res = await self._ask("route", req)
         if isinstance(res, ProximaError):
             raise res
         return res
@@ -163,7 +220,7 @@ class RayRouter:
         self._post(("done", request_id, ok))
 
     async def predict(self, req: RouteRequest) -> float:
-        res = await self.handle.predict.remote(req)
+        res = await self._ask("predict", req)
         if isinstance(res, ProximaError):
             raise res
         return res
@@ -173,4 +230,6 @@ class RayRouter:
 
     async def stats(self) -> dict[str, Any]:
         self.flush()  # same caller, same actor: the batch lands before the stats call
-        return await self.handle.stats.remote()
+        out = await self._ask("stats", retry_s=2.0)
+        out["router_retries"] = self.retries
+        return out
