@@ -90,10 +90,11 @@ class RayTelemetry:
     async def _push_loop(self) -> None:
         while True:
             await asyncio.sleep(self.push_s)
+            batch, self._steps = self._steps, []
             try:
-                batch, self._steps = self._steps, []
                 await self.handle.push.remote(self.replica, self.metrics.snapshot(), batch)
             except RayError as e:  # restarting: the next push carries everything again
+                self._steps = batch + self._steps
                 log.warning("metrics push failed: %s", type(e).__name__)
 
     async def merged(self, own: list[Family]) -> tuple[list[list[Family]], int]:
@@ -102,17 +103,20 @@ class RayTelemetry:
             fams, n = await self.handle.merged.remote(self.replica, own, batch)
             return [fams], n
         except RayError as e:  # serve this replica's slice rather than nothing
+            self._steps = batch + self._steps
             log.warning("fleet metrics unavailable, serving this replica's only: %s", type(e).__name__)
             return [own], 1
 
     async def steps(self, tenant: str, session_id: str) -> dict[str, Any] | None:
         batch, self._steps = self._steps, []
-        for attempt in range(3):
+        why = ""
+        for attempt in range(3):  # the actor restarting: it is back within a second or two
             try:
-                return await self.handle.steps.remote(tenant, session_id, batch if attempt == 0 else [])
+                return await self.handle.steps.remote(tenant, session_id, batch)
             except RayError as e:
                 why = type(e).__name__
                 await asyncio.sleep(0.2 * (attempt + 1))
+        self._steps = batch + self._steps
         err = ProximaError(f"The session step store is unavailable ({why}); please retry.")
         err.status = 503
         raise err
