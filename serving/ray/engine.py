@@ -25,6 +25,7 @@ from serving.config import load_config
 from serving.engines.base import GenerateRequest
 from serving.engines.factory import EngineSpec, make_engine
 from serving.errors import EngineError, ProximaError
+from serving.observability.logs import configure_logging, request_context
 from serving.ray.router_actor import router_actor
 
 log = logging.getLogger("proxima.engine")
@@ -35,6 +36,7 @@ _END = object()
 class EngineDeployment:
     async def __init__(self, config: dict[str, Any], region: str, model: str):
         cfg = load_config(config)
+        configure_logging(cfg.observability.log_format)
         r = cfg.regions[region]
         uid = serve.get_replica_context().replica_id.unique_id
         self.replica_id = f"{region}-{uid}"
@@ -62,6 +64,7 @@ class EngineDeployment:
             yield EngineError(f"call for {target} reached {self.replica_id}")
             return
         self.counters["started"] += 1
+        request_context(id=gen.request_id)  # the pump task below inherits it: its log lines carry the id
         queue: asyncio.Queue = asyncio.Queue()
         pump = asyncio.get_running_loop().create_task(self._pump(gen, queue))
         outcome = "aborted"

@@ -1,6 +1,8 @@
 """Agent-step records: bounded store, tenant isolation, and what each step says (through the app)."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from obs_helpers import ACME, GLOBEX, build, chat
 from serving.errors import InvalidRequest
@@ -114,3 +116,29 @@ async def test_requests_without_a_session_leave_no_steps():
     c, _, gw = build()
     await c.post(CHAT, json=chat(), headers=ACME)
     assert len(gw.telemetry.store) == 0
+
+
+@given(st.lists(st.tuples(st.sampled_from(["acme", "globex"]), st.sampled_from("abcdef"),
+                          st.integers(0, 999)), max_size=200),
+       st.integers(1, 4), st.integers(1, 5))
+@settings(max_examples=100, deadline=None)
+def test_store_bounds_order_and_isolation_hold_for_any_sequence(ops, max_sessions, max_steps):
+    s = StepStore(max_sessions, max_steps)
+    model: list[tuple[tuple[str, str], list[int]]] = []  # sessions, least recently written first
+    for tenant, sid, v in ops:
+        s.add(tenant, sid, {"v": v, "tenant": tenant})
+        old = [vals for key, vals in model if key == (tenant, sid)]
+        model = [(key, vals) for key, vals in model if key != (tenant, sid)]
+        model.append(((tenant, sid), (old[0] if old else []) + [v]))
+        model = model[-max_sessions:]
+    assert len(s) == len(model) <= max_sessions
+    kept = dict(model)
+    for tenant, sid, _ in ops:
+        body = s.get(tenant, sid)
+        if (tenant, sid) not in kept:
+            assert body is None  # evicted: least recently written first
+            continue
+        values = kept[(tenant, sid)]
+        assert [r["v"] for r in body["data"]] == values[-max_steps:]
+        assert all(r["tenant"] == tenant for r in body["data"])
+        assert (body["total_steps"], body["dropped"]) == (len(values), max(0, len(values) - max_steps))
