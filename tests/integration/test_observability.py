@@ -90,3 +90,33 @@ def test_grafana_dashboard_queries_only_what_the_serve_app_exports(client):
     assert r.status_code == 200
     res = check(dash, client.get("/metrics").text)
     assert res["missing"] == [] and res["without_query"] == [] and res["ok"]
+
+
+def test_telemetry_actor_restart_loses_no_counter_and_keeps_recording(client):
+    import ray
+
+    from serving.ray.router_actor import config_digest
+    from serving.ray.telemetry import NAMESPACE
+
+    body = {"model": "llama3-8b", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+
+    def ok_total() -> float:
+        s = _samples(client.get("/metrics").text)
+        return sum(v for lab, v in s["proxima_requests_total"] if lab["status"] == "200")
+
+    before = ok_total()
+    actor = ray.get_actor(f"proxima-telemetry-{config_digest(CONFIG)}", namespace=NAMESPACE)
+    ray.kill(actor, no_restart=False)  # Ray restarts it empty
+    deadline = time.monotonic() + 30
+    while True:  # /metrics answers throughout; the scrape's own push makes the sum whole again
+        r = client.get("/metrics")
+        assert r.status_code == 200
+        if ok_total() >= before:
+            break
+        assert time.monotonic() < deadline, "counters did not come back after the restart"
+        time.sleep(0.5)
+    sid = f"after-restart-{time.monotonic_ns()}"
+    assert client.post("/v1/chat/completions", json=body, headers={"x-session-id": sid}).status_code == 200
+    steps = client.get(f"/v1/sessions/{sid}/steps")
+    assert steps.status_code == 200 and steps.json()["total_steps"] == 1
