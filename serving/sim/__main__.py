@@ -1,6 +1,6 @@
 """The simulator's command line.
 
-    python -m serving.sim run SCENARIO.yaml --out DIR [--policy NAME ...] [--no-plots]
+    python -m serving.sim run SCENARIO.yaml --out DIR [--policy NAME ...] [--autoscaler NAME ...] [--no-plots]
     python -m serving.sim SCENARIO.yaml ...              (same as `run`)
     python -m serving.sim trace SCENARIO.yaml --out trace.jsonl
 
@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from serving.sim.loop import run_policies
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("scenario")
     r.add_argument("--out", help="directory for results.json and plots")
     r.add_argument("--policy", action="append", help="a policy name (repeatable); default: the scenario's")
+    r.add_argument("--autoscaler", action="append",
+                   help="an autoscaler from the scenario's autoscaling.compare (repeatable); default: all")
     r.add_argument("--no-plots", action="store_true")
     r.add_argument("--quiet", action="store_true", help="no progress on stderr")
     t = sub.add_parser("trace", help="write the scenario's arrivals as Mooncake JSONL")
@@ -52,6 +55,13 @@ def main(argv: list[str] | None = None) -> int:
             specs = [by_label.get(name) or PolicySpec(name, name) for name in args.policy]
             from serving.sim.scenario import _policies
             _policies([s.policy for s in specs])  # validates the names
+        if args.autoscaler:
+            known = {v.name: v for v in (sc.autoscaling.variants if sc.autoscaling else ())}
+            for name in args.autoscaler:
+                if name not in known:
+                    raise ScenarioError(f"--autoscaler {name}: not in autoscaling.compare {sorted(known)}")
+            sc = replace(sc, autoscaling=replace(sc.autoscaling,
+                                                 variants=tuple(known[n] for n in args.autoscaler)))
     except ScenarioError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

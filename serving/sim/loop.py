@@ -18,6 +18,7 @@ from __future__ import annotations
 import heapq
 import random
 import sys
+from dataclasses import replace
 from typing import Callable, Iterable
 
 from serving.engines.profiles import get_profile
@@ -167,6 +168,8 @@ class Simulator:
                 if ver == obj.version:
                     self._end(obj, t)
             elif kind == SNAP:
+                if obj.died is not None:  # stopped by an autoscaler: it reports no more
+                    continue
                 if obj.dirty or obj.state == RUN:
                     self.router.update(obj.snapshot(t))
                 self._push(t + self.sc.snapshot_interval_ms / 1000.0, SNAP, obj)
@@ -294,13 +297,22 @@ def run_policies(sc: Scenario, policies: list[PolicySpec] | None = None, *, prog
     out: dict = {"scenario": sc.name, "policies": {}}
     hasher = Hasher(get_profile(next(iter(sc.regions.values())).profile).block_size)
     oracle = oracle_hit_rate(arrivals(sc), hasher)
-    for spec in policies or list(sc.policies):
-        sim = Simulator(sc, spec, hooks=hooks_factory() if hooks_factory else None,
-                        progress=progress, hasher=hasher)
+    specs = policies or list(sc.policies)
+    auto = sc.autoscaling  # autoscalers to compare: every policy runs under each
+    for spec, variant in [(s, v) for s in specs for v in (auto.variants if auto else (None,))]:
+        hooks = hooks_factory() if hooks_factory else None
+        if variant is not None:
+            from serving.autoscaler.sim import make_hooks
+            hooks = make_hooks(sc, auto, variant)
+            spec = replace(spec, label=variant.name if len(specs) == 1 else f"{spec.label}+{variant.name}")
+        sim = Simulator(sc, spec, hooks=hooks, progress=progress, hasher=hasher)
         res = sim.run()
         res["oracle_hit_rate"] = oracle
         series = sim.rec.series()
         res["by_client_region"] = series["by_client_region"]
+        if variant is not None:
+            res["autoscaler"] = {"kind": variant.kind, **hooks.stats()}
+            series["autoscaler"] = hooks.series()
         out["policies"][spec.label] = res
         out.setdefault("_series", {})[spec.label] = series
     return out

@@ -91,8 +91,9 @@ class Recorder:
         queries = sum(r.core.queries for r in replicas)
         hits = sum(r.core.hits for r in replicas)
         span = max(1e-9, now)
-        hours = sum(now - r.born for r in replicas) / 3600.0
-        cost = sum((now - r.born) / 3600.0 * self.sc.regions[r.region].usd_per_hour for r in replicas)
+        alive = [(r.died if r.died is not None else now) - r.born for r in replicas]
+        hours = sum(alive) / 3600.0
+        cost = sum(s / 3600.0 * self.sc.regions[r.region].usd_per_hour for s, r in zip(alive, replicas))
         arrivals_span = max(1e-9, min(self.sc.duration_s, self.last_arrival) or self.sc.duration_s)
         return {
             "requests": total, "finished": finished, "failed": failed,

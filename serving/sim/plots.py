@@ -1,4 +1,5 @@
-"""PNG plots of a run: TTFT CDF per policy, TTFT by client region, queue depth over time.
+"""PNG plots of a run: TTFT CDF per policy, TTFT by client region, queue depth over time,
+and replicas per region over time when autoscalers are compared.
 
 matplotlib is optional (the `dev` extra installs it); without it `plot`
 returns an empty list and the JSON results are unaffected.
@@ -53,6 +54,21 @@ def plot(series: dict, out: Path) -> list[str]:
     ax.set_title("Queue depth over time")
     ax.legend()
     made.append(_save(fig, out / "queue_depth.png"))
+
+    scaled = {label: s["autoscaler"] for label, s in series.items() if "autoscaler" in s}
+    if scaled:
+        fig, axes = plt.subplots(len(scaled), 1, figsize=(8, 2.6 * len(scaled)), sharex=True, squeeze=False)
+        for ax, (label, a) in zip(axes[:, 0], scaled.items()):
+            total = np.sum([np.asarray(v) for v in a["replicas"].values()], axis=0)
+            for region, v in a["replicas"].items():
+                ax.step(a["t_s"], v, where="post", label=region)
+            ax.step(a["t_s"], total, where="post", color="black", linestyle="--", label="total")
+            ax.set_title(label)
+            ax.set_ylabel("replicas")
+            ax.grid(True, alpha=0.3)
+        axes[0, 0].legend(loc="upper right", fontsize="small", ncol=4)
+        axes[-1, 0].set_xlabel("virtual time (s)")
+        made.append(_save(fig, out / "replicas_over_time.png"))
     return made
 
 

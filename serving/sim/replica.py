@@ -27,7 +27,7 @@ _EMPTY = StepResult(0.0, 0, 0, 0, [], [])
 
 class Replica:
     __slots__ = ("id", "region", "model", "profile", "core", "health", "state", "t_end",
-                 "version", "res", "t0", "d", "k", "dirty", "busy_s", "kv_capacity", "born", "jumps")
+                 "version", "res", "t0", "d", "k", "dirty", "busy_s", "kv_capacity", "born", "died", "jumps")
 
     def __init__(self, replica_id: str, region: str, model: str, profile: EngineProfile,
                  kv_capacity_tokens: int, jumps: bool = True):
@@ -45,6 +45,7 @@ class Replica:
         self.dirty = True  # changed since the last snapshot
         self.busy_s = 0.0  # seconds spent stepping
         self.born = 0.0  # when it joined (replica-hours count from here)
+        self.died: float | None = None  # when an autoscaler stopped it (replica-hours end here)
 
     def plan(self, t: float) -> float | None:
         """The replica is free at t: plan its next step or run; returns when it ends."""

@@ -85,6 +85,7 @@ class Scenario:
     max_retries: int = 2  # reroutes of a request whose replica crashed
     events: tuple[Event, ...] = ()
     name: str = "scenario"
+    autoscaling: Any = None  # serving.autoscaler.spec.AutoscalingSpec: autoscalers to compare
 
     @property
     def total_replicas(self) -> int:
@@ -102,7 +103,7 @@ def load(path: str | Path) -> Scenario:
 
 
 _TOP = {"seed", "duration_s", "regions", "rtt_ms", "workload", "slo", "policies", "name",
-        "snapshot_interval_ms", "drain_s", "max_retries", "events"}
+        "snapshot_interval_ms", "drain_s", "max_retries", "events", "autoscaling"}
 
 
 def parse(raw: Any, base_dir: Path | str = ".", name: str = "scenario") -> Scenario:
@@ -137,8 +138,16 @@ def parse(raw: Any, base_dir: Path | str = ".", name: str = "scenario") -> Scena
         max_retries=integer(d.get("max_retries", 2), "max_retries", lo=0),
         events=tuple(_event(e, f"events[{i}]", regions)
                      for i, e in enumerate(as_list(d.get("events", []), "events"))),
-        name=str(d.get("name", name)))
+        name=str(d.get("name", name)),
+        autoscaling=_autoscaling(d.get("autoscaling"), regions))
     return sc
+
+
+def _autoscaling(raw: Any, regions: dict[str, Region]):
+    if raw is None:
+        return None
+    from serving.autoscaler.spec import parse_autoscaling  # the autoscaler owns its keys
+    return parse_autoscaling(raw, regions)
 
 
 def _regions(raw: Any) -> dict[str, Region]:

@@ -1,0 +1,129 @@
+"""The autoscaler's parts: demand window, cache-aware choices, Serve's policy model, scenario keys,
+and the control loops on the simulator's virtual clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from serving.autoscaler.cache import ReplicaHeat, coldest, hottest_prefixes
+from serving.autoscaler.serve_baseline import ServeConfig, ServeDeploymentScaler
+from serving.autoscaler.window import DemandWindow
+from serving.prefix import PrefixIndex
+from serving.sim.checks import ScenarioError
+from serving.sim.loop import run_policies
+from serving.sim.scenario import parse
+
+
+# --- demand window ---------------------------------------------------------------
+def test_window_averages_demand_per_client_region_and_forgets_the_old():
+    w = DemandWindow(window_s=10)
+    for i in range(100):  # 10 rps from us for 10 s
+        w.arrival(i / 10, "us", "m", 1000, 100)
+    d = w.demand(10.0)["m"]["us"]
+    assert d.rps == pytest.approx(10, rel=0.05)
+    assert d.prompt_tps == pytest.approx(10_000, rel=0.05)
+    assert d.decode_tps == pytest.approx(1_000, rel=0.05)
+    assert w.demand(30.0) == {}
+
+
+def test_window_trend_and_cache_share():
+    w = DemandWindow(window_s=20)
+    t = 0.0
+    for sec in range(20):  # the rate doubles halfway: rising
+        for _ in range(5 if sec < 10 else 10):
+            w.arrival(sec + 0.5, "eu", "m", 100, 10)
+    w.cache(0.0, "m", 1000, 100)
+    w.cache(20.0, "m", 3000, 1100)
+    d = w.demand(20.0)["m"]["eu"]
+    assert d.growth > 0
+    assert d.cached_frac == pytest.approx(0.5)
+    assert t == 0.0
+
+
+# --- cache-aware choices --------------------------------------------------------------
+def test_the_coldest_replica_is_the_one_whose_cache_served_least():
+    heat = [ReplicaHeat("a", 5000, 3), ReplicaHeat("b", 100, 9), ReplicaHeat("c", 100, 2)]
+    assert coldest(heat) == "c"  # tie on hits: fewer in flight drains sooner
+
+
+def test_hottest_prefixes_are_the_most_widely_held_blocks():
+    idx = PrefixIndex(16)
+    for r in ("r1", "r2", "r3"):
+        idx.add_replica(r, 16 * 100)
+    shared = [1, 2, 3]  # a system prompt every replica holds
+    for r, own in (("r1", [10, 11]), ("r2", [20]), ("r3", [30])):
+        idx.insert(r, shared + own)
+    idx.insert("r1", [1, 2, 40])  # 40 is held once
+    hot = hottest_prefixes(idx, ["r1", "r2", "r3"], max_blocks=3)
+    assert hot == [1, 2, 3] or sorted(hot) == [1, 2, 3]
+    assert set(hottest_prefixes(idx, ["r1", "r2", "r3"], max_blocks=100)) == {1, 2, 3, 10, 11, 20, 30, 40}
+
+
+# --- Ray Serve's target_ongoing_requests policy ------------------------------------------
+def test_serve_model_waits_upscale_delay_then_scales_to_ongoing_over_target():
+    s = ServeDeploymentScaler(ServeConfig(target_ongoing_requests=10, upscale_delay_s=3, downscale_delay_s=20,
+                                          look_back_period_s=2, min_replicas=1, max_replicas=10))
+    target = 2
+    seen = []
+    for t in range(8):
+        s.record(float(t), 60.0)  # 60 ongoing, 2 replicas: wants 6
+        target = s.decide(float(t), 2, target)
+        seen.append(target)
+    assert seen[:3] == [2, 2, 2] and seen[3] == 6
+
+
+def test_serve_model_downscale_needs_its_own_delay_and_a_flip_resets_it():
+    s = ServeDeploymentScaler(ServeConfig(target_ongoing_requests=10, upscale_delay_s=0, downscale_delay_s=5,
+                                          look_back_period_s=1))
+    target = 4
+    for t, ongoing in enumerate([5, 5, 5, 50, 5, 5, 5, 5, 5, 5]):
+        s.record(float(t), ongoing)
+        target = s.decide(float(t), 4 if target >= 4 else target, target)
+    assert target == 5 or target == 1  # up at t=3 (no delay), then down only after 5 s of low load
+
+
+# --- scenario keys ------------------------------------------------------------------------
+BASE = {"duration_s": 60, "regions": {"us": {"replicas": 2, "profile": "llama3-8b-a100"},
+                                      "eu": {"replicas": 2, "profile": "llama3-8b-a100"}},
+        "rtt_ms": {"us": {"us": 1, "eu": 80}, "eu": {"eu": 1}},
+        "workload": [{"generator": "shared_prefix", "rate_per_s": {"eu": 30}, "groups": 4,
+                      "prefix_tokens": 512, "question_tokens": [200, 600], "output_tokens": [20, 60]}]}
+
+
+@pytest.mark.parametrize("bad, msg", [
+    ({"compare": [{"name": "x", "kind": "magic"}]}, "autoscaling.compare[0].kind"),
+    ({"compare": [{"name": "serve", "upscale_delay": 3}]}, "autoscaling.compare[0].upscale_delay"),
+    ({"budget": 1, "min_replicas": 1}, "autoscaling.budget"),
+    ({"min_replicas": {"mars": 1}}, "autoscaling.min_replicas.mars"),
+])
+def test_bad_autoscaling_keys_are_named(bad, msg):
+    with pytest.raises(ScenarioError, match=msg.replace("[", r"\[").replace("]", r"\]")):
+        parse({**BASE, "autoscaling": bad})
+
+
+# --- control loops in the simulator ----------------------------------------------------------
+def test_in_the_simulator_replicas_follow_demand_and_none_is_lost_draining():
+    sc = parse({**BASE, "autoscaling": {
+        "tick_s": 2, "replica_start_s": 2, "budget": 4, "min_replicas": 1,
+        "compare": [{"name": "static"},
+                    {"name": "proxima", "kind": "proxima", "downscale_delay_s": 6, "move_delay_s": 4,
+                     "upscale_cooldown_s": 2, "window_s": 6, "lead_s": 0, "replica_cost_ms": 0.5}]}})
+    out = run_policies(sc)
+    static, prox = out["policies"]["static"], out["policies"]["proxima"]
+    assert prox["failed"] == 0 and static["failed"] == 0
+    reps = out["_series"]["proxima"]["autoscaler"]["replicas"]
+    assert reps["eu"][-1] > reps["us"][-1], reps  # all demand is in eu: replicas moved there
+    assert max(a + b for a, b in zip(reps["us"], reps["eu"])) <= 4  # the budget, draining ones included
+    assert prox["autoscaler"]["replicas_stopped"] >= 1
+
+
+def test_serve_baseline_runs_in_the_simulator_within_the_budget():
+    sc = parse({**BASE, "autoscaling": {
+        "tick_s": 2, "replica_start_s": 2, "budget": 5, "min_replicas": 1,
+        "compare": [{"name": "serve", "kind": "serve", "target_ongoing_requests": 1, "upscale_delay_s": 2,
+                     "downscale_delay_s": 10, "look_back_period_s": 2}]}})
+    out = run_policies(sc)
+    reps = out["_series"]["serve"]["autoscaler"]["replicas"]
+    assert out["policies"]["serve"]["failed"] == 0
+    assert max(a + b for a, b in zip(reps["us"], reps["eu"])) <= 5
+    assert reps["us"][-1] == 1  # no load at us: Serve scaled it down to its minimum
