@@ -19,7 +19,7 @@ import logging
 from typing import Any, AsyncIterator
 
 from ray import serve
-from ray.exceptions import ActorDiedError
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from serving.config import load_config
 from serving.engines.base import GenerateRequest
@@ -114,7 +114,9 @@ class EngineDeployment:
         while True:
             try:
                 await self._push()
-            except ActorDiedError:  # the router is gone for good: find or create it again
+            except ActorUnavailableError:  # restarting: report next period
+                log.warning("router restarting; %s reports next period", self.replica_id)
+            except RayActorError:  # dead, or gone for good: find the named actor again (or create it)
                 log.warning("router gone; %s reconnects", self.replica_id)
                 try:
                     self.router = await asyncio.to_thread(router_actor, self.config)

@@ -36,10 +36,10 @@ from collections import deque
 from typing import Any, Callable
 
 import ray
-from ray.exceptions import ActorDiedError, RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from serving.config import load_config
-from serving.errors import NoReplicaAvailable, ProximaError, RouterUnavailable
+from serving.errors import ModelNotFound, NoReplicaAvailable, ProximaError, RouterUnavailable
 from serving.ingress.local import router_stats
 from serving.routing.router import Router
 from serving.types import Decision, ReplicaSnapshot, RouteRequest
@@ -61,8 +61,14 @@ class RouterActor:
         self.rebuild_s = max(1.0, 5 * cfg.router.snapshot_period_s)  # engines re-report within this
 
     def _rebuilding(self, e: ProximaError) -> ProximaError:
-        """Just (re)started and no replica known yet: say so, so the caller waits instead of failing."""
-        if type(e) is NoReplicaAvailable and time.monotonic() - self.started < self.rebuild_s:
+        """Just (re)started and its view still partial: say so, so the caller waits instead of failing.
+
+        Every "nothing to route to" answer (no replica, none in the allowed
+        regions, no replica of the model at all) may only mean the engines have
+        not reported yet; the ingress checked the model against the config.
+        """
+        if isinstance(e, (NoReplicaAvailable, ModelNotFound)) and \
+                time.monotonic() - self.started < self.rebuild_s:
             return RouterUnavailable(f"The router is rebuilding its view after a restart: {e.message}")
         return e
 
@@ -151,8 +157,9 @@ class RayRouter:
 
     Calls that meet a dead or restarting actor, or a router still rebuilding
     its view, are retried with backoff for up to `retry_s` (then
-    RouterUnavailable, 503); a router dead for good is looked up or created
-    again through `reconnect`. Hooks lost in a restart only cost bookings.
+    RouterUnavailable, 503); after any error but "temporarily unavailable"
+    the named actor is looked up (or created, if it is gone for good) again
+    through `reconnect`. Hooks lost in a restart only cost bookings.
 
     first_token/finished are buffered for up to `flush_s` and sent as one
     `events` call: under load that turns two actor calls per request into a
@@ -196,7 +203,7 @@ class RayRouter:
                 why = res.message
             except RayActorError as e:
                 why = f"{type(e).__name__}"
-                if isinstance(e, ActorDiedError) and self.reconnect is not None:
+                if not isinstance(e, ActorUnavailableError) and self.reconnect is not None:
                     try:  # gone for good: the named actor is found again, or created afresh
                         self.handle = await asyncio.to_thread(self.reconnect)
                     except Exception as e2:  # e.g. the name still held while Ray cleans up

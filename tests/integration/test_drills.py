@@ -221,9 +221,9 @@ def test_router_actor_restarted_under_load(dr):
                     if s["router_uptime_s"] < time.monotonic() - t + 1 and sum(
                             r["routable"] for r in s["replicas"].values()) == REPLICAS:
                         break
-                except (httpx.HTTPError, KeyError, ValueError):
-                    pass
-                assert time.monotonic() - t < 30, "router view not rebuilt"
+                except (httpx.HTTPError, KeyError, ValueError) as e:
+                    s = repr(e)
+                assert time.monotonic() - t < 30, f"router view not rebuilt (no_restart={no_restart}): {s}"
                 time.sleep(0.1)
             rebuilt_s = time.monotonic() - t
             time.sleep(1.5)
