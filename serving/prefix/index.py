@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from itertools import accumulate, compress, filterfalse, islice, repeat, takewhile
+from itertools import compress, filterfalse, islice, repeat, takewhile
 from operator import and_, ne, not_
 from typing import Iterable, Sequence
 
@@ -125,6 +125,7 @@ class PrefixIndex:
         self._slot_owner: dict[int, str] = {}
         self._bookings: dict[str, tuple[str, list[int]]] = {}
         self.evictions = 0
+        self.membership = 0  # bumped whenever a slot is taken or freed
 
     # --- membership -------------------------------------------------------
     def add_replica(self, replica_id: str, capacity_tokens: int) -> None:
@@ -134,6 +135,7 @@ class PrefixIndex:
         slot = next(i for i in range(len(self._slot_owner) + 1) if i not in self._slot_owner)
         self._replicas[replica_id] = _Replica(slot, max(0, capacity_tokens // self.block_size), _Lru())
         self._slot_owner[slot] = replica_id
+        self.membership += 1
 
     def set_capacity(self, replica_id: str, capacity_tokens: int) -> None:
         rep = self._replicas[replica_id]
@@ -153,6 +155,7 @@ class PrefixIndex:
             else:
                 del holders[h]
         del self._slot_owner[rep.slot]
+        self.membership += 1
         for rid in [r for r, (rep_id, _) in self._bookings.items() if rep_id == replica_id]:
             del self._bookings[rid]
 
@@ -174,32 +177,47 @@ class PrefixIndex:
     # --- queries ----------------------------------------------------------
     def match(self, hashes: Sequence[int]) -> dict[str, int]:
         """Longest cached prefix, in blocks, per replica that holds at least one."""
-        get = self._holders.get
-        live = get(hashes[0], 0) if hashes else 0
-        if not live:
-            return {}
-        # Running AND of the holder masks, cut where it reaches 0: all at C level
-        # (no Python frame per block). cum[i] = slots holding blocks 0..i.
-        cum = list(takewhile(bool, accumulate(map(get, hashes, repeat(0)), and_)))
-        n = len(cum)
-        owner = self._slot_owner
         found: list[tuple[int, int]] = []  # (slot, blocks)
-        # Bits only drop along cum: where cum[i] differs from cum[i-1], the slots
-        # that dropped out hold exactly i blocks; those left at the end hold n.
-        # The change points are found at C level; Python touches only the holders.
-        for i in compress(range(1, n), map(ne, cum, islice(cum, 1, None))):
-            gone = cum[i - 1] & ~cum[i]
-            while gone:
-                low = gone & -gone
-                gone ^= low
-                found.append((low.bit_length() - 1, i))
-        last = cum[-1]
-        while last:
-            low = last & -last
-            last ^= low
-            found.append((low.bit_length() - 1, n))
+        for mask, blocks in self.match_groups(hashes):
+            while mask:
+                low = mask & -mask
+                mask ^= low
+                found.append((low.bit_length() - 1, blocks))
         found.sort()
+        owner = self._slot_owner
         return {owner[slot]: blocks for slot, blocks in found}
+
+    def match_groups(self, hashes: Sequence[int]) -> list[tuple[int, int]]:
+        """`match` as (slot bitmask, blocks) groups: the slots of a mask hold exactly
+        that many leading blocks. A hot prefix held by hundreds of replicas is one
+        group, so a caller can scatter it without a Python step per replica."""
+        # Holder masks up to the first block nobody holds, at C level. Along a chain
+        # the mask rarely changes, so the running AND is taken only where it does
+        # (comparing big ints allocates nothing; AND-ing them does).
+        masks = list(takewhile(bool, map(self._holders.get, hashes, repeat(0))))
+        if not masks:
+            return []
+        out: list[tuple[int, int]] = []
+        cur = masks[0]  # slots holding every block so far
+        for i in compress(range(1, len(masks)), map(ne, masks, islice(masks, 1, None))):
+            nxt = cur & masks[i]
+            if nxt != cur:  # the slots that dropped out hold exactly i blocks
+                out.append((cur & ~nxt, i))
+                if not nxt:
+                    return out
+                cur = nxt
+        out.append((cur, len(masks)))
+        return out
+
+    def slot(self, replica_id: str) -> int | None:
+        """The replica's bit position in `match_groups` masks (None if not indexed)."""
+        rep = self._replicas.get(replica_id)
+        return None if rep is None else rep.slot
+
+    @property
+    def slots(self) -> int:
+        """One more than the highest slot in use (the width of a mask)."""
+        return max(self._slot_owner, default=-1) + 1
 
     def blocks(self, replica_id: str) -> list[int]:
         """A replica's blocks, least recently used first."""

@@ -23,6 +23,7 @@ class ReplicaTable:
         self.regions: list[str] = []
         self._region_masks: dict[frozenset[str] | str, np.ndarray] = {}
         self._model_masks: dict[str, np.ndarray] = {}
+        self.generation = 0  # bumped when rows are added, removed or renumbered
         n = 0
         self.routable = np.zeros(n, bool)
         self.outstanding = np.zeros(n, np.int64)  # routed by us, not finished
@@ -70,6 +71,7 @@ class ReplicaTable:
 
     def _rebuild(self, keep_counters: bool = False) -> None:
         n = len(self.ids)
+        self.generation += 1
         self.index = {rid: i for i, rid in enumerate(self.ids)}
         self.regions = [s.region for s in self.snaps]
         if not keep_counters:
