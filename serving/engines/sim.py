@@ -83,7 +83,7 @@ class SimEngine:
         c = self.core
         return ReplicaSnapshot(
             self.replica_id, self.region, self.model, num_running=len(c.running),
-            num_waiting=len(c.waiting), waiting_prefill_tokens=c.pending_prefill,
+            num_waiting=len(c.waiting), waiting_prefill_tokens=c.uncached_pending,
             running_tokens=sum(s.computed + s.out for s in c.running),
             kv_capacity_tokens=c.kv_capacity_tokens, kv_usage=c.pool.usage,
             prefix_cache_queries=c.queries, prefix_cache_hits=c.hits, health=self.health,

@@ -79,6 +79,24 @@ class SimCore:
     def idle(self) -> bool:
         return not self.waiting and not self.running
 
+    def hit_blocks(self, s: Seq) -> int:
+        """Leading blocks of `s` that admitting it now would take from the prefix cache."""
+        hit = self.pool.cached_prefix(s.hashes)
+        if hit * self.bs >= s.prompt_len:  # vLLM recomputes at least the last token
+            hit = (s.prompt_len - 1) // self.bs
+        return hit
+
+    @property
+    def uncached_pending(self) -> int:
+        """Prompt tokens still to compute, as an engine reports its queue to the router.
+
+        `pending_prefill` counts waiting prompts whole; the part of each that is
+        already in the prefix cache (as of now) costs nothing and is left out."""
+        pending = self.pending_prefill
+        if self.waiting:
+            pending -= sum(map(self.hit_blocks, self.waiting)) * self.bs
+        return pending
+
     def add(self, seq: Seq) -> None:
         if seq.max_tokens < 1:
             raise ValueError("max_tokens must be >= 1")
@@ -184,9 +202,7 @@ class SimCore:
 
     def _admit(self, s: Seq) -> bool:
         pool, bs = self.pool, self.bs
-        hit = pool.cached_prefix(s.hashes)
-        if hit * bs >= s.prompt_len:  # vLLM recomputes at least the last token
-            hit = (s.prompt_len - 1) // bs
+        hit = self.hit_blocks(s)
         need = -(-s.prompt_len // bs) - hit
         refs = s.hashes[:hit]
         if not pool.can_allocate(need, refs):

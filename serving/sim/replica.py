@@ -106,9 +106,7 @@ class Replica:
         pool, bs = core.pool, core.bs
         if core.waiting and len(running) < p.max_num_seqs:
             head = core.waiting[0]
-            hit = pool.cached_prefix(head.hashes)
-            if hit * bs >= head.prompt_len:
-                hit = (head.prompt_len - 1) // bs
+            hit = core.hit_blocks(head)
             if pool.can_allocate(-(-head.prompt_len // bs) - hit, head.hashes[:hit]):
                 return 0  # the head can be admitted: the next step prefills
         need = 0
@@ -121,15 +119,8 @@ class Replica:
     def snapshot(self, now: float) -> ReplicaSnapshot:
         c = self.core
         self.dirty = False
-        # Queued work is what the engine will compute: a waiting prompt's cached
-        # prefix costs nothing, so it is not reported as queued prefill.
-        pending = c.pending_prefill
-        if c.waiting:
-            pool, bs = c.pool, c.bs
-            for s in c.waiting:
-                pending -= min(pool.cached_prefix(s.hashes) * bs, s.prompt_len - 1)
         return ReplicaSnapshot(
             self.id, self.region, self.model, num_running=len(c.running), num_waiting=len(c.waiting),
-            waiting_prefill_tokens=pending, kv_capacity_tokens=c.kv_capacity_tokens,
+            waiting_prefill_tokens=c.uncached_pending, kv_capacity_tokens=c.kv_capacity_tokens,
             kv_usage=c.pool.usage, prefix_cache_queries=c.queries, prefix_cache_hits=c.hits,
             health=self.health, profile=self.profile.name, timestamp=now)

@@ -74,6 +74,27 @@ def test_counters_match_what_was_served():
     assert len(core.pool.evictable) == 1600 // 16
 
 
+@pytest.mark.parametrize("name, queued, expect", [
+    ("cold prompt: all of it", [(5000, 500)], 500),
+    ("half cached: only the uncached half", [(0, 3000)], 3000 - 1504),
+    ("wholly cached: the last block is recomputed", [(0, 1504)], 16),
+    ("several waiting", [(0, 3000), (5000, 500), (0, 1504)], 1496 + 500 + 16),
+])
+def test_snapshot_queue_is_the_uncached_prefill_still_to_compute(name, queued, expect):
+    from serving.sim.replica import Replica
+    eng = SimEngine("e0", model="m", profile=P, kv_capacity_tokens=100_000)
+    run_to_first_token(eng.core, seq("warm", PROMPT[:1504]))
+    drain(eng.core)
+    for k, (start, n) in enumerate(queued):  # queued, not yet admitted: no step runs
+        eng.core.add(seq(f"q{k}", list(range(start, start + n))))
+    assert eng.snapshot().waiting_prefill_tokens == expect, name
+    rep = Replica("r0", "local", "m", P, 100_000)  # the simulator's replica reports the same
+    rep.core = eng.core
+    assert rep.snapshot(0.0).waiting_prefill_tokens == expect, name
+    admitted = eng.core.step().prefill_tokens  # what the engine then really computes
+    assert admitted == min(expect, P.max_num_batched_tokens), name
+
+
 def test_eviction_under_pressure_is_lru():
     core = SimCore(P, 64 * 16)  # 64 blocks
     a, b, c = (list(range(k * 10_000, k * 10_000 + 480)) for k in range(3))  # 30 blocks each
