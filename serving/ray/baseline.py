@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
 from deployments.app import build_app
+from serving.ray.runtime import apply_serve_env
 
 GATEWAY_CONFIG: dict[str, Any] = {
     "home_region": "local",
@@ -49,6 +50,7 @@ class Baseline:
 
 def start(port: int) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    apply_serve_env()  # the Serve settings production uses, for both apps: Ray's processes inherit them
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="proxima-bench")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(GATEWAY_CONFIG), name="gateway", route_prefix="/")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Any, AsyncIterator
 
+import grpc
 from ray import serve
 from ray.exceptions import RayError
 
@@ -59,7 +60,7 @@ class RayEngines:
                         done = True
                     yield chunk
             done = True
-        except RayError as e:  # the replica died or Serve gave up: retriable
+        except (RayError, grpc.aio.AioRpcError) as e:  # replica died or Serve gave up (gRPC: its own error)
             done = True
             raise EngineError(f"replica {decision.replica_id} failed: {type(e).__name__}") from None
         finally:
