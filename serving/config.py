@@ -163,6 +163,7 @@ class ServeConfig(_Strict):
     region_resources: bool = False  # place each region's engines with `ray_resource`
     inject_rtt: bool = True  # sleep the configured RTT on the simulated network path
     retry_attempts: int = Field(default=3, ge=1)  # replicas tried before the first token
+    stream_interval_ms: float = Field(default=5.0, ge=0)  # engine -> ingress: later chunks coalesce this long
 
 
 class BudgetsConfig(_Strict):
