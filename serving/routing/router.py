@@ -100,14 +100,24 @@ class Router:
     def context(self, req: RouteRequest) -> Context:
         table = self.table
         cands = filters.candidates(table, req)
+        every = cands.size == len(table)  # the usual case: whole columns, no gathers
         groups = self.index.match_groups(req.block_hashes)
-        cached = self._cached_by_row(groups)[cands] if groups else np.zeros(cands.size, np.int64)
+        if not groups:
+            cached = np.zeros(cands.size, np.int64)
+        else:
+            cached = self._cached_by_row(groups)
+            if not every:
+                cached = cached[cands]
         uncached = np.maximum(1, req.prompt_tokens - cached * self.index.block_size)
-        steps = np.maximum(1, np.ceil(uncached / table.budget[cands]))
-        prefill = steps * table.step0_ms[cands] + table.b_ms[cands] * uncached
-        rtt = table.rtt_row(req.client_region, self.rtt_ms)[cands]
-        return Context(req, table, cands, cached, self.index.block_size, rtt,
-                       table.queue_ms[cands], prefill, self.rng)
+        rtt = table.rtt_row(req.client_region, self.rtt_ms)
+        if every:
+            budget, step0, b_ms, queue, rtt = table.budget, table.step0_ms, table.b_ms, table.queue_ms.copy(), rtt
+        else:
+            budget, step0, b_ms = table.budget[cands], table.step0_ms[cands], table.b_ms[cands]
+            queue, rtt = table.queue_ms[cands], rtt[cands]
+        steps = np.maximum(1, np.ceil(uncached / budget))
+        prefill = steps * step0 + b_ms * uncached
+        return Context(req, table, cands, cached, self.index.block_size, rtt, queue, prefill, self.rng)
 
     def choose(self, req: RouteRequest) -> tuple[Decision, Context, int]:
         ctx = self.context(req)
