@@ -10,7 +10,10 @@ models, regions, auth, serve), inline under the application's `args:`, or
   `num_replicas` = the region's replicas, routed by serving.ray.request_router:
   DecisionRouter so each call reaches the replica the central router chose;
   with `serve.region_resources` each is pinned by its region's Ray resource;
-- the ingress deployment (the OpenAI API), holding handles to all of them.
+- the ingress deployment (the OpenAI API), holding handles to all of them;
+- with an `autoscaler:` section, the autoscaler controller (serving.ray.autoscaler),
+  which sets the engine deployments' replica counts through Serve's controller:
+  deploy the app with `external_scaler_enabled: true`.
 
 The router actor is created by the first replica that needs it (see
 serving.ray.router_actor), not here: with a config file this builder runs in a
@@ -28,6 +31,7 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from serving.config import load_config
+from serving.ray.autoscaler import AutoscalerDeployment
 from serving.ray.engine import EngineDeployment
 from serving.ray.ingress import IngressDeployment, engine_key
 
@@ -73,8 +77,12 @@ def build_app(args: dict[str, Any]) -> Application:
                 ray_actor_options=actor, **placement,
                 request_router_config=RequestRouterConfig(request_router_class=ROUTER_CLASS),
             ).bind(raw, region, model)
+    autoscaler = None
+    if cfg.autoscaler is not None:  # needs the app deployed with external_scaler_enabled: true
+        autoscaler = AutoscalerDeployment.options(name="autoscaler").bind(
+            raw, {k: engine_name(*k.split("/", 1)) for k in engines})
     return IngressDeployment.options(
         name="ingress", num_replicas=cfg.serve.ingress_replicas,
         max_ongoing_requests=cfg.serve.ingress_max_ongoing_requests,
         ray_actor_options={"num_cpus": 0},
-    ).bind(raw, engines)
+    ).bind(raw, engines, autoscaler)

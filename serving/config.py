@@ -212,6 +212,40 @@ class ObservabilitySection(_Strict):
     service_name: str = "proxima-gateway"
 
 
+class PoolBounds(_Strict):
+    min_replicas: int | None = Field(default=None, ge=0)
+    max_replicas: int | None = Field(default=None, ge=0)
+
+
+class AutoscalerSection(_Strict):
+    """Proxima's autoscaler (serving.autoscaler.policy; docs/autoscaling.md). Needs the app
+    deployed with `external_scaler_enabled: true`: it sets replica counts through Serve's
+    controller."""
+
+    interval_s: float = Field(default=10.0, gt=0)  # control loop period
+    window_s: float = Field(default=60.0, gt=0)  # demand averaged over this
+    budget: int | None = Field(default=None, ge=1)  # global replica (GPU) budget
+    min_replicas: int = Field(default=1, ge=0)  # per region and model; at least 1 on Ray Serve
+    max_replicas: int = Field(default=8, ge=0)
+    regions: dict[str, PoolBounds] = Field(default_factory=dict)  # per-region overrides
+    slo_ttft_ms: float = Field(default=1000.0, gt=0)
+    slo_weight: float = Field(default=10.0, ge=0)
+    max_utilization: float = Field(default=0.85, gt=0, le=1)
+    replica_cost_ms: float = Field(default=1.0, ge=0)
+    hysteresis: float = Field(default=0.15, ge=0)
+    upscale_cooldown_s: float = Field(default=30.0, ge=0)
+    downscale_delay_s: float = Field(default=300.0, ge=0)
+    move_delay_s: float = Field(default=60.0, ge=0)
+    lead_s: float = Field(default=60.0, ge=0)
+    max_down_step: int = Field(default=2, ge=1)
+    drain_timeout_s: float = Field(default=30.0, ge=0)  # wait this long for in-flight requests
+
+    def bounds(self, region: str) -> tuple[int, int]:
+        b = self.regions.get(region, PoolBounds())
+        return (self.min_replicas if b.min_replicas is None else b.min_replicas,
+                self.max_replicas if b.max_replicas is None else b.max_replicas)
+
+
 class Config(_Strict):
     home_region: str
     rtt_ms: dict[str, dict[str, float]] = Field(default_factory=dict)
@@ -224,6 +258,7 @@ class Config(_Strict):
     delegation: DelegationSection | None = None
     failover: FailoverSection = Field(default_factory=FailoverSection)
     observability: ObservabilitySection = Field(default_factory=ObservabilitySection)
+    autoscaler: AutoscalerSection | None = None
 
     @model_validator(mode="after")
     def _cross(self) -> "Config":
@@ -234,6 +269,9 @@ class Config(_Strict):
             raise _Keyed("regions", "at least one region is required")
         if self.home_region not in self.regions:
             raise _Keyed("home_region", f"{self.home_region!r} is not under regions {sorted(self.regions)}")
+        for reg in (self.autoscaler.regions if self.autoscaler else {}):
+            if reg not in self.regions:
+                raise _Keyed(f"autoscaler.regions.{reg}", "unknown region (not under regions)")
         for client, row in self.rtt_ms.items():
             if client not in self.regions:
                 raise _Keyed(f"rtt_ms.{client}", "unknown region (not under regions)")

@@ -71,8 +71,9 @@ class RayEngines:
 @serve.deployment(max_ongoing_requests=512, ray_actor_options={"num_cpus": 0})
 @serve.ingress()
 class IngressDeployment:
-    def __init__(self, config: dict[str, Any], engines: dict[str, Any]):
+    def __init__(self, config: dict[str, Any], engines: dict[str, Any], autoscaler: Any = None):
         cfg = load_config(config)
+        self.autoscaler = autoscaler  # bound here so Serve deploys it with the app; it runs on its own
         router = RayRouter(router_actor(config), reconnect=lambda: router_actor(config))
         metrics = GatewayMetrics()
         obs = cfg.observability

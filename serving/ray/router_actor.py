@@ -33,16 +33,18 @@ import os
 import json
 import time
 from collections import deque
+from dataclasses import replace
 from typing import Any, Callable
 
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
+from serving.autoscaler.window import DemandWindow
 from serving.config import load_config
 from serving.errors import ModelNotFound, NoReplicaAvailable, ProximaError, RouterUnavailable
 from serving.ingress.local import router_stats
 from serving.routing.router import Router
-from serving.types import Decision, ReplicaSnapshot, RouteRequest
+from serving.types import Decision, Health, ReplicaSnapshot, RouteRequest
 
 NAMESPACE = "proxima"
 
@@ -59,6 +61,10 @@ class RouterActor:
         self.route_us: deque[float] = deque(maxlen=4096)  # the actor's own time per decision
         self._swept = self.started = time.monotonic()
         self.rebuild_s = max(1.0, 5 * cfg.router.snapshot_period_s)  # engines re-report within this
+        # The autoscaler's inputs: demand as routed, and the replicas it is draining.
+        self.window = DemandWindow(cfg.autoscaler.window_s) if cfg.autoscaler else None
+        self.draining: set[str] = set()
+        self.first_seen: dict[str, float] = {}
 
     def _rebuilding(self, e: ProximaError) -> ProximaError:
         """Just (re)started and its view still partial: say so, so the caller waits instead of failing.
@@ -76,6 +82,9 @@ class RouterActor:
         t = time.perf_counter()
         try:
             self._sweep()
+            if self.window is not None and not req.exclude:  # a retry is not new demand
+                self.window.arrival(time.monotonic(), req.client_region, req.model, req.prompt_tokens,
+                                    req.max_tokens)
             return self.router.route(req)
         except ProximaError as e:  # errors travel as values: the caller raises our type
             return self._rebuilding(e)
@@ -83,14 +92,19 @@ class RouterActor:
             self.route_us.append((time.perf_counter() - t) * 1e6)
 
     def update(self, snap: ReplicaSnapshot, counters: dict[str, int] | None = None) -> None:
+        if snap.replica_id in self.draining:
+            snap = replace(snap, health=Health.DRAINING)
         self.router.update(snap)
         self.seen[snap.replica_id] = time.monotonic()
+        self.first_seen.setdefault(snap.replica_id, self.seen[snap.replica_id])
         if counters is not None:
             self.counters[snap.replica_id] = counters
 
     def remove(self, replica_id: str) -> None:
         self.router.remove(replica_id)
         self.seen.pop(replica_id, None)
+        self.draining.discard(replica_id)
+        self.first_seen.pop(replica_id, None)
         self.counters.pop(replica_id, None)
 
     def first_token(self, request_id: str, engine_ttft_ms: float | None = None) -> None:
@@ -118,6 +132,37 @@ class RouterActor:
 
     def set_circuit(self, replica_id: str, open_: bool) -> None:
         self.router.set_circuit(replica_id, open_)
+
+    def drain(self, replica_ids: list[str]) -> None:
+        """Route nothing new to these replicas (they are about to be stopped)."""
+        table = self.router.table
+        for rid in replica_ids:
+            self.draining.add(rid)
+            i = table.index.get(rid)
+            if i is not None:
+                self.router.update(replace(table.snaps[i], health=Health.DRAINING))
+
+    def autoscale_view(self) -> dict[str, Any]:
+        """Demand over the window and every replica's load, for the autoscaler."""
+        self._sweep()
+        now = time.monotonic()
+        table = self.router.table
+        rows = []
+        totals: dict[str, list[int]] = {}
+        for i, rid in enumerate(table.ids):
+            s = table.snaps[i]
+            t = totals.setdefault(s.model, [0, 0])
+            t[0] += s.prefix_cache_queries
+            t[1] += s.prefix_cache_hits
+            rows.append({"replica_id": rid, "region": s.region, "model": s.model,
+                         "outstanding": int(table.outstanding[i]), "age_s": now - self.first_seen.get(rid, now),
+                         "draining": rid in self.draining, "hits": s.prefix_cache_hits})
+        demand = {}
+        if self.window is not None:
+            for model, (q, h) in totals.items():
+                self.window.cache(now, model, q, h)
+            demand = self.window.demand(now)
+        return {"demand": demand, "replicas": rows}
 
     def stats(self) -> dict[str, Any]:
         self._sweep()

@@ -1,0 +1,123 @@
+"""The autoscaler controller on Ray Serve: one replica runs serving.autoscaler.policy.decide.
+
+Every `autoscaler.interval_s` it reads the router actor's view (demand over
+the window by client region and model, every replica's load), decides target
+replicas per engine deployment (region, model), and applies them through
+Serve's controller (`update_deployment_replicas`, Serve's external-scaler
+API: the app is deployed with `external_scaler_enabled: true`). Nothing is
+redeployed; Serve starts and stops the replicas.
+
+Scale-down drains first: the replicas to stop are marked draining in the
+router (it routes nothing new to them), the controller waits until their
+in-flight requests finished (or `drain_timeout_s`), and only then lowers the
+count; Serve's own graceful shutdown covers anything still running. On one
+node Serve stops a deployment's newest replicas, so those are the ones
+drained here. (The simulator, which owns its replicas, drains the coldest
+replica instead: serving.autoscaler.cache.)
+
+A pool with 0 replicas has no replica to report from; keep min_replicas >= 1
+on Ray Serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import ray
+from ray import serve
+
+from serving.autoscaler.policy import Limits, Observation, PolicyConfig, PoolLimits, decide
+from serving.config import load_config
+from serving.engines.profiles import get_profile
+from serving.ray.router_actor import router_actor
+
+log = logging.getLogger("proxima.autoscaler")
+
+
+def _controller():
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+    return ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+
+
+@serve.deployment(num_replicas=1, max_ongoing_requests=16, ray_actor_options={"num_cpus": 0})
+class AutoscalerDeployment:
+    def __init__(self, config: dict[str, Any], deployments: dict[str, str]):
+        """`deployments`: "<region>/<model>" -> the engine deployment's name."""
+        cfg = load_config(config)
+        a = cfg.autoscaler
+        self.a = a
+        self.app = serve.get_replica_context().app_name
+        self.names = {tuple(k.split("/", 1)): v for k, v in deployments.items()}
+        self.limits = Limits({p: PoolLimits(*a.bounds(p[0])) for p in self.names}, a.budget)
+        self.cfg = PolicyConfig(
+            {p: get_profile(cfg.regions[p[0]].profile) for p in self.names}, cfg.rtt(),
+            slo_ttft_ms=a.slo_ttft_ms, slo_weight=a.slo_weight, max_utilization=a.max_utilization,
+            replica_cost_ms=a.replica_cost_ms, hysteresis=a.hysteresis,
+            upscale_cooldown_s=a.upscale_cooldown_s, downscale_delay_s=a.downscale_delay_s,
+            move_delay_s=a.move_delay_s, lead_s=a.lead_s, max_down_step=a.max_down_step)
+        self.targets = {p: cfg.regions[p[0]].replicas for p in self.names}
+        self.state: dict = {}
+        self.draining: dict[tuple, asyncio.Task] = {}
+        self.events: list[dict[str, Any]] = []  # what it did, newest last (bounded)
+        self.last: dict[str, Any] = {}
+        self.router = router_actor(config)
+        self.controller = _controller()
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.a.interval_s)
+            try:
+                await self.step()
+            except Exception as e:  # the router restarting: decide again next time
+                log.warning("autoscaler step failed: %s", type(e).__name__)
+
+    async def step(self) -> None:
+        view = await self.router.autoscale_view.remote()
+        now = time.monotonic()
+        busy = {p for p, t in self.draining.items() if not t.done()}
+        draining = {p: sum(1 for r in view["replicas"] if (r["region"], r["model"]) == p and r["draining"])
+                    for p in self.names}
+        obs = Observation(now, view["demand"], dict(self.targets), draining)
+        decision, self.state = decide(obs, self.limits, self.cfg, self.state)
+        self.last = {"targets": {"/".join(p): n for p, n in decision.targets.items()},
+                     "plan": {"/".join(p): n for p, n in decision.plan.items()},
+                     "predicted_ttft_ms": decision.predicted_ttft_ms,
+                     "reasons": {"/".join(p): r for p, r in decision.reasons.items()}}
+        for p, target in decision.targets.items():
+            cur = self.targets[p]
+            if target == cur or p in busy:
+                continue
+            if target > cur:
+                await self._set(p, target)
+            else:
+                victims = sorted((r for r in view["replicas"]
+                                  if (r["region"], r["model"]) == p and not r["draining"]),
+                                 key=lambda r: r["age_s"])[: cur - target]  # newest first, as Serve stops
+                self.draining[p] = asyncio.get_running_loop().create_task(
+                    self._drain_then_set(p, target, [r["replica_id"] for r in victims]))
+
+    async def _drain_then_set(self, p: tuple, target: int, victims: list[str]) -> None:
+        await self.router.drain.remote(victims)
+        deadline = time.monotonic() + self.a.drain_timeout_s
+        while time.monotonic() < deadline:
+            view = await self.router.autoscale_view.remote()
+            if not any(r["outstanding"] for r in view["replicas"] if r["replica_id"] in victims):
+                break
+            await asyncio.sleep(0.2)
+        await self._set(p, target, drained=victims)
+
+    async def _set(self, p: tuple, n: int, drained: list[str] | None = None) -> None:
+        from ray.serve._private.common import DeploymentID
+        await self.controller.update_deployment_replicas.remote(DeploymentID(name=self.names[p], app_name=self.app), n)
+        self.events.append({"t": round(time.time(), 3), "pool": "/".join(p), "from": self.targets[p], "to": n,
+                            "drained": drained or []})
+        del self.events[:-200]
+        self.targets[p] = n
+
+    async def status(self) -> dict[str, Any]:
+        return {"targets": {"/".join(p): n for p, n in self.targets.items()}, "last": self.last,
+                "events": list(self.events)}
