@@ -1,7 +1,7 @@
 """One Ray session and one deployed gateway for the whole integration tier.
 
 Ray starts once (ray.init with 2 CPUs, no dashboard), Serve listens on
-127.0.0.1:8011, and the app from deployments/app.py is deployed once with the
+127.0.0.1:8011 (PROXIMA_TEST_PORT), and the app from deployments/app.py is deployed once with the
 config below: three regions like deployments/local.yaml, fewer replicas so it
 starts fast. Teardown shuts down Serve and this Ray session only.
 """
@@ -14,7 +14,10 @@ import time
 import httpx
 import pytest
 
-PORT = 8011
+# Serve's proxy binds with SO_REUSEPORT: two test sessions on one port silently share
+# its connections (each app then answers the other's requests). Pick another port
+# when several sessions run on one machine.
+PORT = int(os.environ.get("PROXIMA_TEST_PORT", "8011"))
 URL = f"http://127.0.0.1:{PORT}"
 
 CONFIG = {
