@@ -96,7 +96,8 @@ async def stream_with_failover(req: RouteRequest, gen: GenerateRequest, route: R
                 while True:
                     limit = policy.first_token_timeout_s if got == 0 else policy.stall_timeout_s
                     try:
-                        chunk = await asyncio.wait_for(anext(it), limit)
+                        async with asyncio.timeout(limit):  # no task per chunk, as wait_for makes
+                            chunk = await anext(it)
                     except StopAsyncIteration:
                         break
                     except asyncio.TimeoutError:
