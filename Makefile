@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 # The gateway in the foreground on 127.0.0.1:8000: three logical regions of
 # simulated engines (deployments/local.yaml). Ctrl-C stops it and its Ray.
 run: $(STAMP)
-	RAY_AUTH_MODE=disabled $(BIN)/serve run deployments/local.yaml
+	RAY_AUTH_MODE=disabled $(BIN)/python -m serving.ray.runtime $(BIN)/serve run deployments/local.yaml
 
 demo: $(STAMP)
 	$(BIN)/python -m serving.demo

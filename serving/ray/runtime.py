@@ -2,6 +2,7 @@
 
     SERVE_ENV          the settings, as Ray Serve names them
     apply_serve_env()  sets any of them the environment does not set already
+    python -m serving.ray.runtime CMD...   runs CMD with them (`make run` does)
 
 Ray Serve ships them as part of its `RAY_SERVE_THROUGHPUT_OPTIMIZED` preset.
 That preset also turns on direct ingress (each ingress replica serves HTTP on
@@ -26,6 +27,7 @@ Measured effect in docs/configuration.md.
 from __future__ import annotations
 
 import os
+import sys
 from typing import MutableMapping
 
 SERVE_ENV: dict[str, str] = {
@@ -40,3 +42,15 @@ SERVE_ENV: dict[str, str] = {
 def apply_serve_env(env: MutableMapping[str, str] = os.environ) -> None:
     for k, v in SERVE_ENV.items():
         env.setdefault(k, v)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        raise SystemExit("usage: python -m serving.ray.runtime serve run deployments/local.yaml")
+    apply_serve_env()
+    os.execvp(argv[0], argv)
+
+
+if __name__ == "__main__":
+    main()
