@@ -12,7 +12,7 @@ router (it routes nothing new to them), the controller waits until their
 in-flight requests finished (or `drain_timeout_s`), and only then lowers the
 count; Serve's own graceful shutdown covers anything still running. On one
 node Serve stops a deployment's newest replicas, so those are the ones
-drained here. (The simulator, which owns its replicas, drains the coldest
+drained here (should Serve keep one of them, it is un-drained). (The simulator, which owns its replicas, drains the coldest
 replica instead: serving.autoscaler.cache.)
 
 A pool with 0 replicas has no replica to report from; keep min_replicas >= 1
@@ -44,7 +44,7 @@ def _controller():
 
 @serve.deployment(num_replicas=1, max_ongoing_requests=16, ray_actor_options={"num_cpus": 0})
 class AutoscalerDeployment:
-    def __init__(self, config: dict[str, Any], deployments: dict[str, str]):
+    async def __init__(self, config: dict[str, Any], deployments: dict[str, str]):
         """`deployments`: "<region>/<model>" -> the engine deployment's name."""
         cfg = load_config(config)
         a = cfg.autoscaler
@@ -109,6 +109,17 @@ class AutoscalerDeployment:
                 break
             await asyncio.sleep(0.2)
         await self._set(p, target, drained=victims)
+        # Serve picks which replica to stop; if it kept one we drained, that one serves again.
+        deadline = time.monotonic() + self.a.drain_timeout_s + 30.0
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+            rows = [r["replica_id"] for r in (await self.router.autoscale_view.remote())["replicas"]
+                    if (r["region"], r["model"]) == p]
+            if len(rows) <= target:
+                kept = [rid for rid in rows if rid in victims]
+                if kept:
+                    await self.router.undrain.remote(kept)
+                return
 
     async def _set(self, p: tuple, n: int, drained: list[str] | None = None) -> None:
         from ray.serve._private.common import DeploymentID

@@ -142,6 +142,15 @@ class RouterActor:
             if i is not None:
                 self.router.update(replace(table.snaps[i], health=Health.DRAINING))
 
+    def undrain(self, replica_ids: list[str]) -> None:
+        """Serve stopped another replica than the one drained: this one serves again."""
+        table = self.router.table
+        for rid in replica_ids:
+            self.draining.discard(rid)
+            i = table.index.get(rid)
+            if i is not None:
+                self.router.update(replace(table.snaps[i], health=Health.UP))
+
     def autoscale_view(self) -> dict[str, Any]:
         """Demand over the window and every replica's load, for the autoscaler."""
         self._sweep()
