@@ -12,8 +12,7 @@ LRU among cached blocks).
 from __future__ import annotations
 
 from collections import OrderedDict
-from itertools import compress, repeat, takewhile
-from operator import not_
+from itertools import takewhile
 
 
 class BlockPool:
@@ -95,12 +94,12 @@ class BlockPool:
 
     def free(self, hashes, n_anon: int) -> None:
         """Release a request's blocks, its last blocks first (they evict first)."""
-        if hashes:  # (a prompt's chained hashes are distinct: one C-level pass each)
-            refs = self.refs
-            last_first = hashes[::-1]
-            counts = list(map(int.__sub__, map(refs.__getitem__, last_first), repeat(1)))
-            refs.update(zip(last_first, counts))
-            self.evictable.update(dict.fromkeys(compress(last_first, map(not_, counts))))
+        refs, ev = self.refs, self.evictable
+        for h in reversed(hashes):
+            c = refs[h] - 1
+            refs[h] = c
+            if c == 0:
+                ev[h] = None
         self.free_anon += n_anon
 
     def reset(self) -> None:

@@ -16,10 +16,6 @@ from serving.types import RouteRequest
 
 def candidates(table: ReplicaTable, req: RouteRequest) -> np.ndarray:
     """Indices of the replicas that may serve `req`; raises if there are none."""
-    if req.allowed_regions is None and not req.exclude:
-        idx = table.routable_rows(req.model)
-        if idx.size:
-            return idx
     model = table.model_mask(req.model)
     mask = model & table.routable
     if req.allowed_regions is not None:

@@ -53,9 +53,6 @@ class Router:
         # snapshot recount looks at), so a snapshot costs O(its own), not O(all).
         self._unprefilled: dict[str, dict[str, _InFlight]] = {}
         self._received: dict[str, float] = {}
-        self._slots_key: tuple[int, int] | None = None  # (index membership, table generation)
-        self._nslots = 0
-        self._row_slot = np.zeros(0, np.intp)  # table row -> its index slot
 
     @property
     def block_size(self) -> int:
@@ -100,24 +97,23 @@ class Router:
     def context(self, req: RouteRequest) -> Context:
         table = self.table
         cands = filters.candidates(table, req)
-        every = cands.size == len(table)  # the usual case: whole columns, no gathers
-        groups = self.index.match_groups(req.block_hashes)
-        if not groups:
-            cached = np.zeros(cands.size, np.int64)
-        else:
-            cached = self._cached_by_row(groups)
-            if not every:
-                cached = cached[cands]
+        cached = np.zeros(cands.size, np.int64)
+        if req.block_hashes:
+            matches = self.index.match(req.block_hashes)
+            if matches:  # scatter by table row, gather the candidates: O(matches) in Python
+                full = np.zeros(len(table), np.int64)
+                index = table.index
+                for rid, n in matches.items():
+                    i = index.get(rid)
+                    if i is not None:
+                        full[i] = n
+                cached = full[cands]
         uncached = np.maximum(1, req.prompt_tokens - cached * self.index.block_size)
-        rtt = table.rtt_row(req.client_region, self.rtt_ms)
-        if every:
-            budget, step0, b_ms, queue, rtt = table.budget, table.step0_ms, table.b_ms, table.queue_ms.copy(), rtt
-        else:
-            budget, step0, b_ms = table.budget[cands], table.step0_ms[cands], table.b_ms[cands]
-            queue, rtt = table.queue_ms[cands], rtt[cands]
-        steps = np.maximum(1, np.ceil(uncached / budget))
-        prefill = steps * step0 + b_ms * uncached
-        return Context(req, table, cands, cached, self.index.block_size, rtt, queue, prefill, self.rng)
+        steps = np.maximum(1, np.ceil(uncached / table.budget[cands]))
+        prefill = steps * table.step0_ms[cands] + table.b_ms[cands] * uncached
+        rtt = table.rtt_row(req.client_region, self.rtt_ms)[cands]
+        return Context(req, table, cands, cached, self.index.block_size, rtt,
+                       table.queue_ms[cands], prefill, self.rng)
 
     def choose(self, req: RouteRequest) -> tuple[Decision, Context, int]:
         ctx = self.context(req)
@@ -189,30 +185,6 @@ class Router:
         return len(self._inflight)
 
     # --- internals --------------------------------------------------------
-    def _cached_by_row(self, groups: list[tuple[int, int]]) -> np.ndarray:
-        """Cached blocks per table row, from the index's (slot mask, blocks) groups.
-
-        A hot prefix is held by most replicas: scattering each group's mask as
-        bits (numpy) costs the same for 3 holders or 300, where a Python step
-        per holder cost ~0.3 us each."""
-        index = self.index
-        key = (index.membership, self.table.generation)
-        if self._slots_key != key:
-            self._slots_key = key
-            self._nslots = index.slots
-            slots = [index.slot(rid) for rid in self.table.ids]
-            self._row_slot = np.array([self._nslots if s is None else s for s in slots], np.intp)
-        nslots = self._nslots
-        per_slot = np.zeros(nslots + 1, np.int64)  # the last: rows the index does not know
-        for mask, blocks in groups:
-            if not mask & (mask - 1):  # one holder
-                per_slot[mask.bit_length() - 1] = blocks
-            else:
-                bits = np.unpackbits(np.frombuffer(mask.to_bytes((nslots + 7) // 8, "little"), np.uint8),
-                                     count=nslots, bitorder="little")
-                per_slot[:nslots][bits.view(bool)] = blocks
-        return per_slot[self._row_slot]
-
     def _recount_booked(self, replica_id: str, now: float) -> None:
         """After a snapshot, count only bookings the engine could not have seen yet."""
         i = self.table.index[replica_id]

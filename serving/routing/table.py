@@ -23,8 +23,6 @@ class ReplicaTable:
         self.regions: list[str] = []
         self._region_masks: dict[frozenset[str] | str, np.ndarray] = {}
         self._model_masks: dict[str, np.ndarray] = {}
-        self.generation = 0  # bumped when rows are added, removed or renumbered
-        self._candidates: dict[str, np.ndarray] = {}  # model -> routable rows (read-only)
         n = 0
         self.routable = np.zeros(n, bool)
         self.outstanding = np.zeros(n, np.int64)  # routed by us, not finished
@@ -72,7 +70,6 @@ class ReplicaTable:
 
     def _rebuild(self, keep_counters: bool = False) -> None:
         n = len(self.ids)
-        self.generation += 1
         self.index = {rid: i for i, rid in enumerate(self.ids)}
         self.regions = [s.region for s in self.snaps]
         if not keep_counters:
@@ -90,7 +87,6 @@ class ReplicaTable:
         self.budget = np.ones(n)
         self._region_masks.clear()
         self._model_masks.clear()
-        self._candidates.clear()
         for i in range(n):
             self.refresh(i)
 
@@ -99,9 +95,7 @@ class ReplicaTable:
         """Recompute row i's derived columns from its snapshot, perf and bookings."""
         s, perf = self.snaps[i], self.perf[i]
         queued = s.waiting_prefill_tokens + int(self.booked_tokens[i])
-        if self.routable[i] != s.routable:
-            self.routable[i] = s.routable
-            self._candidates.clear()
+        self.routable[i] = s.routable
         self.num_waiting[i] = s.num_waiting
         self.kv_usage[i] = s.kv_usage
         self.queue_ms[i] = perf.queue_ms(queued, s.num_running, s.num_waiting)
@@ -117,15 +111,6 @@ class ReplicaTable:
             self._model_masks[model] = m
         return m
 
-    def routable_rows(self, model: str) -> np.ndarray:
-        """Rows serving `model` that are routable (cached until one's routability or membership changes)."""
-        idx = self._candidates.get(model)
-        if idx is None:
-            idx = np.flatnonzero(self.model_mask(model) & self.routable)
-            idx.flags.writeable = False
-            self._candidates[model] = idx
-        return idx
-
     def region_mask(self, regions: frozenset[str]) -> np.ndarray:
         m = self._region_masks.get(regions)
         if m is None:
@@ -139,6 +124,5 @@ class ReplicaTable:
         if m is None:
             row = rtt_ms.get(client_region, {})
             m = np.fromiter((float(row.get(r, 0.0)) for r in self.regions), float, len(self.regions))
-            m.flags.writeable = False  # shared by every decision's context
             self._region_masks[key] = m
         return m
