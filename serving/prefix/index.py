@@ -125,7 +125,6 @@ class PrefixIndex:
         self._slot_owner: dict[int, str] = {}
         self._bookings: dict[str, tuple[str, list[int]]] = {}
         self.evictions = 0
-        self.membership = 0  # bumped whenever a slot is taken or freed
 
     # --- membership -------------------------------------------------------
     def add_replica(self, replica_id: str, capacity_tokens: int) -> None:
@@ -135,7 +134,6 @@ class PrefixIndex:
         slot = next(i for i in range(len(self._slot_owner) + 1) if i not in self._slot_owner)
         self._replicas[replica_id] = _Replica(slot, max(0, capacity_tokens // self.block_size), _Lru())
         self._slot_owner[slot] = replica_id
-        self.membership += 1
 
     def set_capacity(self, replica_id: str, capacity_tokens: int) -> None:
         rep = self._replicas[replica_id]
@@ -155,7 +153,6 @@ class PrefixIndex:
             else:
                 del holders[h]
         del self._slot_owner[rep.slot]
-        self.membership += 1
         for rid in [r for r, (rep_id, _) in self._bookings.items() if rep_id == replica_id]:
             del self._bookings[rid]
 
@@ -189,8 +186,7 @@ class PrefixIndex:
 
     def match_groups(self, hashes: Sequence[int]) -> list[tuple[int, int]]:
         """`match` as (slot bitmask, blocks) groups: the slots of a mask hold exactly
-        that many leading blocks. A hot prefix held by hundreds of replicas is one
-        group, so a caller can scatter it without a Python step per replica."""
+        that many leading blocks."""
         # Holder masks up to the first block nobody holds, at C level. Along a chain
         # the mask rarely changes, so the running AND is taken only where it does
         # (comparing big ints allocates nothing; AND-ing them does).
@@ -208,16 +204,6 @@ class PrefixIndex:
                 cur = nxt
         out.append((cur, len(masks)))
         return out
-
-    def slot(self, replica_id: str) -> int | None:
-        """The replica's bit position in `match_groups` masks (None if not indexed)."""
-        rep = self._replicas.get(replica_id)
-        return None if rep is None else rep.slot
-
-    @property
-    def slots(self) -> int:
-        """One more than the highest slot in use (the width of a mask)."""
-        return max(self._slot_owner, default=-1) + 1
 
     def blocks(self, replica_id: str) -> list[int]:
         """A replica's blocks, least recently used first."""
