@@ -21,8 +21,10 @@ pytestmark = pytest.mark.integration
 
 APP, PREFIX = "autoscale", "/as"
 ENGINES = {"us-east": "engine-us-east-llama3-8b", "eu-west": "engine-eu-west-llama3-8b"}
+# Downs only through a move (move_delay_s) within the test: a plain scale-down waits
+# downscale_delay_s, longer than the test, so noise in a 4 s window cannot shrink a pool.
 AUTOSCALER = {"interval_s": 1.0, "window_s": 4.0, "budget": 3, "min_replicas": 1, "max_replicas": 2,
-              "upscale_cooldown_s": 1.0, "downscale_delay_s": 3.0, "move_delay_s": 2.0, "lead_s": 0.0,
+              "upscale_cooldown_s": 1.0, "downscale_delay_s": 30.0, "move_delay_s": 2.0, "lead_s": 0.0,
               "replica_cost_ms": 0.5, "hysteresis": 0.1, "slo_ttft_ms": 500, "drain_timeout_s": 15.0}
 # Reaction time: a full window of the new demand, the move delay, the drain and Serve
 # starting a replica (a few seconds, more on a loaded 2-core runner).
@@ -125,6 +127,8 @@ def test_replicas_follow_load_from_us_east_to_eu_west_and_nothing_fails(app):
     status = autoscaler_status()
     assert running() == {"us-east": 1, "eu-west": 2}, (eu_s, status)
     assert eu_s < REACTION_S
+    print(f"autoscaler reaction: us-east load {us_s:.1f} s, eu-west load {eu_s:.1f} s "
+          f"(bound {REACTION_S:.0f} s); requests {len(us.codes) + len(eu.codes)}")
     moves = [e for e in status["events"] if e["pool"] == "us-east/llama3-8b" and e["to"] < e["from"]]
     assert moves and moves[-1]["drained"], status["events"]  # drained before it was stopped
     codes = us.codes + eu.codes
