@@ -225,7 +225,7 @@ class AutoscalerSection(_Strict):
     interval_s: float = Field(default=10.0, gt=0)  # control loop period
     window_s: float = Field(default=60.0, gt=0)  # demand averaged over this
     budget: int | None = Field(default=None, ge=1)  # global replica (GPU) budget
-    min_replicas: int = Field(default=1, ge=0)  # per region and model; at least 1 on Ray Serve
+    min_replicas: int = Field(default=1, ge=0)  # per region and model
     max_replicas: int = Field(default=8, ge=0)
     regions: dict[str, PoolBounds] = Field(default_factory=dict)  # per-region overrides
     slo_ttft_ms: float = Field(default=1000.0, gt=0)

@@ -15,8 +15,10 @@ node Serve stops a deployment's newest replicas, so those are the ones
 drained here (should Serve keep one of them, it is un-drained). (The simulator, which owns its replicas, drains the coldest
 replica instead: serving.autoscaler.cache.)
 
-A pool with 0 replicas has no replica to report from; keep min_replicas >= 1
-on Ray Serve.
+Demand comes from the router (requests by client region), not from the
+replicas, so a pool scaled to 0 can grow again (not covered by a test); a
+region configured with `replicas: 0` gets no engine deployment at all, so it
+cannot be grown: configure at least 1.
 """
 
 from __future__ import annotations
