@@ -113,8 +113,27 @@ def test_long_shared_prefix_goes_back_to_its_replica(client):
             assert again.json()["usage"]["prompt_tokens_details"]["cached_tokens"] >= 2992
 
 
+def settled_view(client, timeout=15.0):
+    """The router's view once no request is anywhere in flight.
+
+    Engines push their counters every few hundred ms, so a view read right
+    after an earlier test can still miss that test's last `finished`: wait
+    until every replica's started == finished + aborted + failed.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        view = client.get("/admin/router").json()
+        idle = view["inflight"] == 0 and all(
+            r["counters"]["started"] == r["counters"]["finished"] + r["counters"]["aborted"]
+            + r["counters"]["failed"] for r in view["replicas"].values() if "counters" in r)
+        if idle:
+            return view
+        assert time.monotonic() < deadline, f"gateway never went idle: {view}"
+        time.sleep(0.1)
+
+
 def test_client_disconnect_aborts_engine_work(gateway_url, client):
-    before = client.get("/admin/router").json()
+    before = settled_view(client)
     body = json.dumps(chat("a long answer please", max_tokens=4000, stream=True)).encode()
     port = int(gateway_url.rsplit(":", 1)[1])
     s = socket.create_connection(("127.0.0.1", port), timeout=10)
