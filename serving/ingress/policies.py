@@ -46,7 +46,8 @@ def delegation_config(cfg: Config) -> DelegationConfig | None:
 
 def gateway_policies(cfg: Config, router: Any, ledger: AsyncLedger | None = None,
                      metrics: Any = None) -> dict[str, Any]:
-    out: dict[str, Any] = {"admission": BudgetAdmission(ledger or local_ledger(cfg))}
+    policies = {t: BudgetPolicy(**p) for t, p in budget_policies(cfg).items()}
+    out: dict[str, Any] = {"admission": BudgetAdmission(ledger or local_ledger(cfg), policies)}
     dcfg = delegation_config(cfg)
     if dcfg is not None:
         on_choice = None

@@ -235,3 +235,46 @@ async def test_delegation_stays_inside_residency(gw):
                              headers=auth("euco", **{"x-proxima-slo-ttft-ms": "0.001"}))
             assert r.headers["x-proxima-tier"] == "small" and r.headers["x-proxima-region"] == "eu"
             assert r.headers["x-proxima-replica"].startswith("eu-small-")
+
+
+class CountingLedger:
+    """The real local ledger, with its calls counted (what crosses to the actor in Ray)."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    async def reserve(self, *a, **k):
+        self.calls.append("reserve")
+        return await self.inner.reserve(*a, **k)
+
+    async def reconcile(self, *a, **k):
+        self.calls.append("reconcile")
+        return await self.inner.reconcile(*a, **k)
+
+    async def remaining(self, *a, **k):
+        return await self.inner.remaining(*a, **k)
+
+
+@pytest.mark.parametrize("tenant,reserves", [("euco", False), ("acme", True)])
+async def test_only_a_capped_tenant_waits_for_a_reservation_and_every_tenant_is_charged(tenant, reserves):
+    from serving.ingress.policies import local_ledger
+
+    cfg = load_config(CONFIG)
+    engines = {f"{r}-big-0": SimEngine(f"{r}-big-0", r, "big", profile="llama3-1b-h100") for r in ("us", "eu")}
+    local = LocalEngines(engines)
+    router = LocalRouter(Router("latency", seed=0, default_profile="llama3-1b-h100"), local)
+    ledger = CountingLedger(local_ledger(cfg))
+    gw = Gateway(cfg, router, local, **gateway_policies(cfg, router, ledger=ledger))
+    try:
+        async with client(gw) as c:
+            r = await c.post("/v1/chat/completions", json=chat(tenant, max_tokens=10), headers=auth(tenant))
+            assert r.status_code == 200
+            used = r.json()["usage"]["total_tokens"]
+            b = (await c.get("/v1/budgets", headers=auth(tenant))).json()
+    finally:
+        for e in engines.values():
+            await e.close()
+    assert ledger.calls == (["reserve", "reconcile"] if reserves else ["reconcile"])
+    day = next(x for x in b["budgets"] if x["name"] == "tokens_per_day")
+    assert day["used"] == used > 0 and day["reserved"] == 0
+    assert day["limit"] == (400 if reserves else None)
