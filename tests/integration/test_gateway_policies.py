@@ -17,6 +17,7 @@ import time
 
 import httpx
 import pytest
+from chaos import RegionOutage, kill_replica
 
 pytestmark = pytest.mark.integration
 
@@ -88,17 +89,6 @@ def chat(model="big", max_tokens=8, words=12, unique: str = "", **extra) -> dict
     text = " ".join(f"{unique}{k}" for k in range(words)) if unique else " ".join(["route"] * words)
     return {"model": model, "max_tokens": max_tokens,
             "messages": [{"role": "user", "content": text}], **extra}
-
-
-def kill_replica(replica_id: str, region: str, model: str) -> None:
-    """Crash an engine replica's actor, as a dead process would."""
-    import ray
-
-    from deployments.app import engine_name
-
-    uid = replica_id[len(region) + 1:]
-    actor = ray.get_actor(f"SERVE_REPLICA::{APP}#{engine_name(region, model)}#{uid}", namespace="serve")
-    ray.kill(actor, no_restart=True)
 
 
 def sse_text(lines) -> tuple[str, list]:
@@ -194,7 +184,7 @@ def test_replica_killed_mid_stream_continues_exactly(gp):
             for line in r.iter_lines():
                 lines.append(line)
                 if not killed and len(lines) >= 40:
-                    kill_replica(first, "eu-west", "big")
+                    kill_replica(APP, first, "eu-west", "big")
                     killed = True
         text, errors = sse_text(lines)
     assert killed and not errors
@@ -246,32 +236,8 @@ def _owns(actor_name: str, url: str) -> bool:
     return actor_name.endswith(config_digest(_CFG[url])) if url in _CFG else True
 
 
-class RegionOutage:
-    """Keep every engine replica of one region dead: Serve restarts them, this kills them again."""
-
-    def __init__(self, region: str, model: str):
-        from deployments.app import engine_name
-
-        self.prefix = f"SERVE_REPLICA::{APP}#{engine_name(region, model)}#"
-        self.stop = False
-        self.kills = 0
-
-    def run(self) -> None:
-        import ray
-
-        while not self.stop:
-            for a in ray.util.list_named_actors(all_namespaces=True):
-                if a["name"].startswith(self.prefix):
-                    try:
-                        ray.kill(ray.get_actor(a["name"], namespace="serve"), no_restart=True)
-                        self.kills += 1
-                    except ValueError:  # already gone
-                        pass
-            time.sleep(0.05)
-
-
 def test_whole_region_killed_residency_holds_and_others_fail_over(gp):
-    outage = RegionOutage("eu-west", "big")
+    outage = RegionOutage(APP, "eu-west", "big")
     with cf.ThreadPoolExecutor(1) as pool, httpx.Client(base_url=gp, timeout=60) as c:
         killer = pool.submit(outage.run)
         try:
