@@ -121,6 +121,8 @@ def app_pids() -> dict[str, int]:
 
 
 def test_soak_steady_load_no_errors_no_memory_growth(dr, tmp_path):
+    import ray
+
     duration = int(os.environ.get("PROXIMA_SOAK_S", "60"))
     # Warm-up fills what is bounded but starts empty (KV and prefix LRUs, pools): that is not growth.
     warmup = max(10, min(60, duration // 10))
@@ -135,6 +137,7 @@ def test_soak_steady_load_no_errors_no_memory_growth(dr, tmp_path):
     try:
         time.sleep(warmup)
         before = process_rss(pids)
+        router_before = ray.get(router_actor().memory.remote())
         series = []  # total RSS of the app's processes, about every 30 s: does it level off?
         while proc.poll() is None and len(series) < duration // 30:
             time.sleep(30)
@@ -143,6 +146,9 @@ def test_soak_steady_load_no_errors_no_memory_growth(dr, tmp_path):
     finally:
         proc.kill()
     after = process_rss(pids)
+    deadline = time.monotonic() + 10  # the ingress batches its "done" events to the router
+    while (router_after := ray.get(router_actor().memory.remote()))["inflight"] and time.monotonic() < deadline:
+        time.sleep(0.2)
     rows = {(r["Type"], r["Name"]): r for r in csv.DictReader(open(prefix + "_stats.csv"))}
     total = rows[("", "Aggregated")]
     assert int(total["Request Count"]) > duration, out[-3000:]  # steady traffic, not a trickle
@@ -150,7 +156,8 @@ def test_soak_steady_load_no_errors_no_memory_growth(dr, tmp_path):
     assert {n for t, n in rows if t == "TTFT"} >= {"agent", "chat", "voice"}
     growth = {k: round(after[k] / before[k] - 1, 4) for k in pids}
     print(f"soak {duration} s: {total['Request Count']} requests, 0 failed; RSS growth {growth}; "
-          f"total RSS MiB every 30 s {series}")
+          f"total RSS MiB every 30 s {series}; router before {router_before}, after {router_after}")
+    assert router_after["inflight"] == 0 and router_after["index_bookings"] == 0, router_after  # nothing leaked
     assert all(g < 0.10 for g in growth.values()), growth
 
 
