@@ -126,8 +126,17 @@ def build_app(gw: Gateway) -> Starlette:
         data = [{"id": n, "object": "model", "created": now, "owned_by": "proxima"} for n in gw.model_names()]
         return _json({"object": "list", "data": data})
 
+    def router_view():
+        # Due half-open trials start before the view is read, not only before the next
+        # routing decision: an idle gateway (no traffic after an outage) would otherwise
+        # keep reporting those replicas down, and a load balancer that trusts /health
+        # would keep the traffic away that could close them.
+        if gw.failover is not None:
+            gw.failover.tick()
+        return gw.router.stats()
+
     async def health(request: Request) -> Response:
-        stats = await gw.router.stats()
+        stats = await router_view()
         up = sum(1 for r in stats.get("replicas", {}).values() if r.get("routable"))
         body = {"status": "ok" if up else "degraded", "replicas_up": up,
                 "replicas": len(stats.get("replicas", {}))}
@@ -155,7 +164,7 @@ def build_app(gw: Gateway) -> Starlette:
 
     async def admin_router(request: Request) -> Response:
         gw.auth.require_admin(request.headers.get("authorization"))
-        return _json(await gw.router.stats())
+        return _json(await router_view())
 
     schema = sse.dumps(openapi_schema(gw.model_names(), sorted(gw.config.regions)))
 

@@ -7,6 +7,7 @@ app (httpx's ASGI transport); Ray is covered by tests/integration.
 import asyncio
 import hashlib
 import json
+import time
 
 import httpx
 import pytest
@@ -278,3 +279,28 @@ async def test_only_a_capped_tenant_waits_for_a_reservation_and_every_tenant_is_
     day = next(x for x in b["budgets"] if x["name"] == "tokens_per_day")
     assert day["used"] == used > 0 and day["reserved"] == 0
     assert day["limit"] == (400 if reserves else None)
+
+
+async def test_an_idle_gateway_reports_a_half_open_replica_up_again():
+    """After an outage nothing may route for a while: /health must not wait for traffic
+    to start the half-open trial (a load balancer trusting it would never send any)."""
+    cfg = load_config(CONFIG | {"failover": {"failures": 1, "half_open_after_s": 0.2}})
+    engines = {f"{r}-big-0": SimEngine(f"{r}-big-0", r, "big", profile="llama3-1b-h100") for r in ("us", "eu")}
+    local = LocalEngines(engines)
+    router = LocalRouter(Router("latency", seed=0, default_profile="llama3-1b-h100"), local)
+    gw = Gateway(cfg, router, local, **gateway_policies(cfg, router))
+    try:
+        async with client(gw) as c:
+            assert (await c.get("/health")).json()["replicas_up"] == 2
+            for rid, region in (("us-big-0", "us"), ("eu-big-0", "eu")):  # both failed: a full outage
+                gw.failover.view.add(rid, region)
+                gw.failover.view.failure(rid, time.monotonic())
+            gw.failover.push()
+            down = await c.get("/health")
+            assert down.status_code == 503 and down.json()["replicas_up"] == 0
+            await asyncio.sleep(0.3)  # past half_open_after_s, with no request in between
+            up = await c.get("/health")
+            assert up.status_code == 200 and up.json()["replicas_up"] == 2
+    finally:
+        for e in engines.values():
+            await e.close()
