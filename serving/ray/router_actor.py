@@ -15,7 +15,7 @@ different config gets a fresh one instead of stale state.
 Restarts. Ray restarts the actor when its process dies (max_restarts=-1);
 the new incarnation starts empty and rebuilds its view from the engines'
 next snapshots (one `snapshot_period_s` or two). For `rebuild_s` after it
-starts, "no replica" answers RouterUnavailable instead of
+starts (at least `stale_after_s`, the silence after which a replica counts as gone), "no replica" answers RouterUnavailable instead of
 NoReplicaAvailable, and RayRouter retries every call that met a dead,
 restarting or rebuilding router (backoff up to `retry_s`), so requests in
 routing wait out the restart instead of failing; streams already dispatched
@@ -61,7 +61,10 @@ class RouterActor:
         self.seen: dict[str, float] = {}
         self.route_us: deque[float] = deque(maxlen=4096)  # the actor's own time per decision
         self._swept = self.started = time.monotonic()
-        self.rebuild_s = max(1.0, 5 * cfg.router.snapshot_period_s)  # engines re-report within this
+        # Engines re-report within a period or two, but on a busy machine later: a replica
+        # counts as present until silent for stale_after_s, so "no replica" is not believed
+        # sooner after a restart either (1 s here once let a 404 through in CI).
+        self.rebuild_s = max(1.0, 5 * cfg.router.snapshot_period_s, self.stale_after_s)
         # The autoscaler's inputs: demand as routed, and the replicas it is draining.
         self.window = DemandWindow(cfg.autoscaler.window_s) if cfg.autoscaler else None
         self.draining: set[str] = set()
