@@ -116,20 +116,25 @@ def test_long_shared_prefix_goes_back_to_its_replica(client):
 def settled_view(client, timeout=15.0):
     """The router's view once no request is anywhere in flight.
 
-    Engines push their counters every few hundred ms, so a view read right
-    after an earlier test can still miss that test's last `finished`: wait
-    until every replica's started == finished + aborted + failed.
+    Engines push their counters every snapshot period (0.1 s here), so a view
+    read right after an earlier test can show counters from before that test's
+    last requests (a 14 ms request fits between two pushes, and the stale
+    counters even look consistent). Settled: nothing in flight, every replica's
+    started == finished + aborted + failed, and the same counters in two views
+    0.3 s (three pushes) apart.
     """
     deadline = time.monotonic() + timeout
+    last = None
     while True:
         view = client.get("/admin/router").json()
+        counters = {r: v.get("counters") for r, v in view["replicas"].items()}
         idle = view["inflight"] == 0 and all(
-            r["counters"]["started"] == r["counters"]["finished"] + r["counters"]["aborted"]
-            + r["counters"]["failed"] for r in view["replicas"].values() if "counters" in r)
-        if idle:
+            c["started"] == c["finished"] + c["aborted"] + c["failed"] for c in counters.values() if c)
+        if idle and counters == last:
             return view
+        last = counters if idle else None
         assert time.monotonic() < deadline, f"gateway never went idle: {view}"
-        time.sleep(0.1)
+        time.sleep(0.3)
 
 
 def test_client_disconnect_aborts_engine_work(gateway_url, client):
