@@ -27,6 +27,11 @@ class BudgetPolicy:
     session_tokens: int | None = None
     session_tokens_per_minute: int | None = None
 
+    @property
+    def unlimited(self) -> bool:
+        """No rate and no cap: admission has nothing to hold or refuse."""
+        return all(getattr(self, k) is None for k in LIMITS)
+
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None, where: str = "budget") -> "BudgetPolicy":
         d = dict(d or {})

@@ -37,7 +37,7 @@ class BudgetAdmission:
         if self.policies is None:
             return False
         p = self.policies.get(tenant, self.policies.get("*"))
-        return p is None or p == _UNLIMITED
+        return p is None or p.unlimited
 
     async def admit(self, job: Any) -> Reservation:
         tenant = job.principal.tenant
@@ -50,9 +50,6 @@ class BudgetAdmission:
     async def settle(self, job: Any, ticket: Reservation | None, used_tokens: int) -> None:
         if ticket is not None:
             await settle(self.ledger, ticket, used_tokens)
-
-
-_UNLIMITED = BudgetPolicy()
 
 
 async def budgets_body(ledger: AsyncLedger, tenant: str, session: str | None) -> dict:
