@@ -27,9 +27,12 @@ def budget_policies(cfg: Config) -> dict[str, dict[str, Any]]:
     return {name: t.budget.model_dump() for name, t in cfg.auth.tenants.items() if t.budget}
 
 
+def _policies(cfg: Config) -> dict[str, BudgetPolicy]:
+    return {t: BudgetPolicy(**p) for t, p in budget_policies(cfg).items()}
+
+
 def local_ledger(cfg: Config) -> LocalLedger:
-    pol = {t: BudgetPolicy(**p) for t, p in budget_policies(cfg).items()}
-    return LocalLedger(Ledger(pol, cfg.budgets.ledger_path,
+    return LocalLedger(Ledger(_policies(cfg), cfg.budgets.ledger_path,
                               reservation_ttl_s=cfg.budgets.reservation_ttl_s))
 
 
@@ -46,8 +49,7 @@ def delegation_config(cfg: Config) -> DelegationConfig | None:
 
 def gateway_policies(cfg: Config, router: Any, ledger: AsyncLedger | None = None,
                      metrics: Any = None) -> dict[str, Any]:
-    policies = {t: BudgetPolicy(**p) for t, p in budget_policies(cfg).items()}
-    out: dict[str, Any] = {"admission": BudgetAdmission(ledger or local_ledger(cfg), policies)}
+    out: dict[str, Any] = {"admission": BudgetAdmission(ledger or local_ledger(cfg), _policies(cfg))}
     dcfg = delegation_config(cfg)
     if dcfg is not None:
         on_choice = None

@@ -15,7 +15,8 @@ different config gets a fresh one instead of stale state.
 Restarts. Ray restarts the actor when its process dies (max_restarts=-1);
 the new incarnation starts empty and rebuilds its view from the engines'
 next snapshots (one `snapshot_period_s` or two). For `rebuild_s` after it
-starts (at least `stale_after_s`, the silence after which a replica counts as gone), "no replica" answers RouterUnavailable instead of
+starts (at least `stale_after_s`, the silence after which a replica counts
+as gone), "no replica" answers RouterUnavailable instead of
 NoReplicaAvailable, and RayRouter retries every call that met a dead,
 restarting or rebuilding router (backoff up to `retry_s`), so requests in
 routing wait out the restart instead of failing; streams already dispatched

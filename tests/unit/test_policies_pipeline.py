@@ -238,6 +238,14 @@ async def test_delegation_stays_inside_residency(gw):
             assert r.headers["x-proxima-replica"].startswith("eu-small-")
 
 
+def one_big_per_region(cfg, ledger=None):
+    """A gateway over one `big` SimEngine in each region (the caller closes the engines)."""
+    engines = {f"{r}-big-0": SimEngine(f"{r}-big-0", r, "big", profile="llama3-1b-h100") for r in ("us", "eu")}
+    local = LocalEngines(engines)
+    router = LocalRouter(Router("latency", seed=0, default_profile="llama3-1b-h100"), local)
+    return Gateway(cfg, router, local, **gateway_policies(cfg, router, ledger=ledger)), engines
+
+
 class CountingLedger:
     """The real local ledger, with its calls counted (what crosses to the actor in Ray)."""
 
@@ -261,11 +269,8 @@ async def test_only_a_capped_tenant_waits_for_a_reservation_and_every_tenant_is_
     from serving.ingress.policies import local_ledger
 
     cfg = load_config(CONFIG)
-    engines = {f"{r}-big-0": SimEngine(f"{r}-big-0", r, "big", profile="llama3-1b-h100") for r in ("us", "eu")}
-    local = LocalEngines(engines)
-    router = LocalRouter(Router("latency", seed=0, default_profile="llama3-1b-h100"), local)
     ledger = CountingLedger(local_ledger(cfg))
-    gw = Gateway(cfg, router, local, **gateway_policies(cfg, router, ledger=ledger))
+    gw, engines = one_big_per_region(cfg, ledger)
     try:
         async with client(gw) as c:
             r = await c.post("/v1/chat/completions", json=chat(tenant, max_tokens=10), headers=auth(tenant))
@@ -284,11 +289,8 @@ async def test_only_a_capped_tenant_waits_for_a_reservation_and_every_tenant_is_
 async def test_an_idle_gateway_reports_a_half_open_replica_up_again():
     """After an outage nothing may route for a while: /health must not wait for traffic
     to start the half-open trial (a load balancer trusting it would never send any)."""
-    cfg = load_config(CONFIG | {"failover": {"failures": 1, "half_open_after_s": 0.2}})
-    engines = {f"{r}-big-0": SimEngine(f"{r}-big-0", r, "big", profile="llama3-1b-h100") for r in ("us", "eu")}
-    local = LocalEngines(engines)
-    router = LocalRouter(Router("latency", seed=0, default_profile="llama3-1b-h100"), local)
-    gw = Gateway(cfg, router, local, **gateway_policies(cfg, router))
+    gw, engines = one_big_per_region(load_config(CONFIG | {"failover": {"failures": 1,
+                                                                       "half_open_after_s": 0.2}}))
     try:
         async with client(gw) as c:
             assert (await c.get("/health")).json()["replicas_up"] == 2
