@@ -211,7 +211,7 @@ class ProximaHooks(ScalerHooks):
         pool.allocate(len(blocks))  # as if their prompts were prefilled: cached, evictable, hottest last out
         pool.promote_many(blocks)
         pool.free(blocks, 0)
-        sim.router.index.insert(rep.id, list(reversed(blocks)))
+        sim.router.index.insert(rep.id, blocks)  # hottest first: the most recent
         p, tokens = rep.profile, len(blocks) * rep.profile.block_size
         warm_ms = -(-tokens // p.max_num_batched_tokens) * p.a_ms + p.b_ms_per_token * tokens
         sim.router.set_circuit(rep.id, True)  # not routable until warm

@@ -6,20 +6,28 @@ One owner (the router) mutates it. Layout, chosen for memory and speed:
   slots that probably hold block h (one dict entry per block, not per pair);
 - each replica has an exact LRU of its blocks, bounded by the replica's KV
   capacity in blocks, as vLLM evicts least recently used free blocks first
-  (see `_Lru`: two plain dicts, about half an OrderedDict's memory);
+  (see `_Lru`: two plain dicts, about half an OrderedDict's memory). Like
+  vLLM, which frees a finished request's blocks tail first, a prompt's
+  blocks are recorded with its first block the most recent: a parent is
+  always more recent than its children, so eviction takes a prompt's tail
+  before its prefix and each replica's blocks stay prefix-closed (a replica
+  that holds block i holds blocks 0..i-1);
 - a "booking" records the blocks a routed-but-unfinished request added, so a
   burst sees them at once, and a failed request's guesses are taken back.
 
-Matching walks the prompt's chained hashes once, AND-ing the bitmasks: the
-slots still set after block i hold the first i+1 blocks.
+Matching needs the holder mask along the prompt's chained hashes. Because
+each replica's blocks are prefix-closed, the mask only loses bits along the
+chain; it is constant over runs, and each run's end is found by galloping
+search, so a match costs O(runs * log(blocks)) lookups rather than one per
+block (a 4k-token prompt held by 3 replicas: about 25 lookups, not 256).
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from itertools import compress, filterfalse, islice, repeat, takewhile
-from operator import and_, ne, not_
+from itertools import compress, filterfalse, islice, repeat
+from operator import and_, not_
 from typing import Iterable, Sequence
 
 
@@ -174,36 +182,47 @@ class PrefixIndex:
     # --- queries ----------------------------------------------------------
     def match(self, hashes: Sequence[int]) -> dict[str, int]:
         """Longest cached prefix, in blocks, per replica that holds at least one."""
-        found: list[tuple[int, int]] = []  # (slot, blocks)
+        owner = self._slot_owner
+        found: dict[str, int] = {}
         for mask, blocks in self.match_groups(hashes):
             while mask:
                 low = mask & -mask
                 mask ^= low
-                found.append((low.bit_length() - 1, blocks))
-        found.sort()
-        owner = self._slot_owner
-        return {owner[slot]: blocks for slot, blocks in found}
+                found[owner[low.bit_length() - 1]] = blocks
+        return found
 
     def match_groups(self, hashes: Sequence[int]) -> list[tuple[int, int]]:
         """`match` as (slot bitmask, blocks) groups: the slots of a mask hold exactly
         that many leading blocks."""
-        # Holder masks up to the first block nobody holds, at C level. Along a chain
-        # the mask rarely changes, so the running AND is taken only where it does
-        # (comparing big ints allocates nothing; AND-ing them does).
-        masks = list(takewhile(bool, map(self._holders.get, hashes, repeat(0))))
-        if not masks:
+        n = len(hashes)
+        get = self._holders.get
+        cur = get(hashes[0], 0) if n else 0  # slots holding every block so far
+        if not cur:
             return []
         out: list[tuple[int, int]] = []
-        cur = masks[0]  # slots holding every block so far
-        for i in compress(range(1, len(masks)), map(ne, masks, islice(masks, 1, None))):
-            nxt = cur & masks[i]
-            if nxt != cur:  # the slots that dropped out hold exactly i blocks
-                out.append((cur & ~nxt, i))
-                if not nxt:
-                    return out
-                cur = nxt
-        out.append((cur, len(masks)))
-        return out
+        lo = 0  # the mask at block lo is cur
+        while True:
+            # Gallop, then bisect, for the last block whose mask is still cur: the
+            # mask only shrinks along the chain (prefix-closed replicas).
+            step, hi = 1, lo + 1
+            while hi < n and get(hashes[hi], 0) == cur:
+                lo, step = hi, step * 2
+                hi = lo + step
+            hi = min(hi, n)  # the mask at hi differs from cur (or hi == n)
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if get(hashes[mid], 0) == cur:
+                    lo = mid
+                else:
+                    hi = mid
+            if hi == n:
+                out.append((cur, n))
+                return out
+            nxt = get(hashes[hi], 0) & cur
+            out.append((cur & ~nxt, hi))  # the slots that dropped out hold exactly hi blocks
+            if not nxt:
+                return out
+            cur, lo = nxt, hi
 
     def blocks(self, replica_id: str) -> list[int]:
         """A replica's blocks, least recently used first."""
@@ -215,12 +234,15 @@ class PrefixIndex:
 
     # --- updates ----------------------------------------------------------
     def insert(self, replica_id: str, hashes: Iterable[int]) -> list[int]:
-        """Mark blocks as held (most recent last). Returns the newly added ones."""
+        """Mark a prompt's blocks (in prompt order) as held, its first block the most
+        recent, as vLLM leaves them when the request ends. Returns the newly added ones."""
         rep = self._replicas.get(replica_id)
         if rep is None or rep.capacity_blocks == 0:
             return []
         holders, bit = self._holders, 1 << rep.slot
-        added = rep.lru.touch(list(hashes))
+        hashes = list(hashes)
+        hashes.reverse()
+        added = rep.lru.touch(hashes)
         if added:  # holders[h] |= bit for each, at C level
             holders.update(zip(added, map(int.__or__, map(holders.get, added, repeat(0)), repeat(bit))))
         if len(rep.lru) > rep.capacity_blocks:

@@ -104,9 +104,10 @@ def test_match_longest_prefix_per_replica():
 
 
 @pytest.mark.parametrize("name, ops, expect_lru", [
-    ("insertion order", [("a", "b", "c")], ["a", "b", "c"]),
-    ("re-inserting moves to the recent end", [("a", "b", "c"), ("a",)], ["b", "c", "a"]),
-    ("a batch keeps its own order", [("a", "b"), ("c", "a", "b")], ["c", "a", "b"]),
+    ("a prompt's tail is least recent", [("a", "b", "c")], ["c", "b", "a"]),
+    ("later prompts are more recent", [("a", "b"), ("c",)], ["b", "a", "c"]),
+    ("re-inserting moves to the recent end", [("a", "b", "c"), ("b",)], ["c", "a", "b"]),
+    ("a batch keeps its own order", [("a", "b"), ("c", "a", "b")], ["b", "a", "c"]),
 ])
 def test_lru_order(name, ops, expect_lru):
     idx = _index()
@@ -136,10 +137,10 @@ def test_capacity_shrink_and_zero_capacity():
     idx = _index(4)
     idx.insert("r0", [1, 2, 3, 4])
     idx.set_capacity("r0", 2 * BS)
-    assert idx.blocks("r0") == [3, 4]
+    assert idx.blocks("r0") == [2, 1]  # the prompt's prefix stays
     idx.add_replica("z", 0)
     assert idx.insert("z", [1]) == []
-    assert idx.match([1]) == {}
+    assert idx.match([1]) == {"r0": 1}  # z holds nothing
 
 
 def test_eviction_on_one_replica_keeps_other_holders():
@@ -188,7 +189,7 @@ def test_reset_replica_keeps_membership_and_capacity():
     idx.reset_replica("r0")
     assert "r0" in idx and idx.blocks("r0") == []
     idx.insert("r0", [4, 5, 6, 7])
-    assert idx.blocks("r0") == [5, 6, 7]
+    assert idx.blocks("r0") == [6, 5, 4]
 
 
 def test_memory_per_entry_is_bounded():
@@ -212,7 +213,7 @@ def test_lru_matches_a_reference_lru_under_random_churn():
         if step % 97 == 0:
             idx.book(f"q{step}", "r0", batch)
             added = [h for h in batch if h not in ref]
-            for h in batch:
+            for h in reversed(batch):  # a prompt's first block is the most recent
                 ref.pop(h, None)
                 ref[h] = None
             while len(ref) > 50:
@@ -222,9 +223,55 @@ def test_lru_matches_a_reference_lru_under_random_churn():
                 ref.pop(h, None)
         else:
             idx.insert("r0", batch)
-            for h in batch:
+            for h in reversed(batch):
                 ref.pop(h, None)
                 ref[h] = None
             while len(ref) > 50:
                 ref.popitem(last=False)
         assert idx.blocks("r0") == list(ref)
+
+
+def test_eviction_takes_a_prompts_tail_before_its_prefix():
+    """As vLLM frees a request's blocks tail first: under pressure the prefix still matches."""
+    idx = _index(capacity_blocks=4)
+    h = block_hashes(A, BS, "m")  # 4 blocks
+    idx.insert("r0", h)
+    idx.insert("r0", block_hashes(B, BS, "m")[:2])  # 2 more: 2 must go
+    assert idx.match(h) == {"r0": 2}
+    assert set(idx.blocks("r0")) >= set(h[:2])
+
+
+def test_match_equals_a_block_by_block_scan_under_churn():
+    """The galloping match finds, per replica, exactly the longest run of held leading blocks."""
+    import random
+
+    rng = random.Random(5)
+    replicas = [f"r{i}" for i in range(12)]
+    idx = _index(capacity_blocks=60, replicas=replicas)
+    roots = [[rng.randrange(32000) for _ in range(BS * rng.randrange(1, 12))] for _ in range(6)]
+
+    def prompt() -> list[int]:
+        toks = list(rng.choice(roots))
+        return toks + [rng.randrange(32000) for _ in range(BS * rng.randrange(0, 20))]
+
+    live: list[str] = []
+    for step in range(3000):
+        hashes = block_hashes(prompt(), BS, "m")
+        rid = rng.choice(replicas)
+        if step % 3:
+            idx.insert(rid, hashes)
+        else:
+            idx.book(f"q{step}", rid, hashes)
+            live.append(f"q{step}")
+            if len(live) > 8:
+                idx.release(live.pop(0), succeeded=True)
+        probe = block_hashes(prompt(), BS, "m")
+        expected = {}
+        for r in replicas:
+            held = set(idx.blocks(r))
+            n = 0
+            while n < len(probe) and probe[n] in held:
+                n += 1
+            if n:
+                expected[r] = n
+        assert idx.match(probe) == expected, step
