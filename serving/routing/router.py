@@ -112,8 +112,9 @@ class Router:
         steps = np.maximum(1, np.ceil(uncached / table.budget[cands]))
         prefill = steps * table.step0_ms[cands] + table.b_ms[cands] * uncached
         rtt = table.rtt_row(req.client_region, self.rtt_ms)[cands]
+        queue = table.queue_ms[cands]
         return Context(req, table, cands, cached, self.index.block_size, rtt,
-                       table.queue_ms[cands], prefill, self.rng)
+                       queue, prefill, self.rng, rtt + queue + prefill)
 
     def choose(self, req: RouteRequest) -> tuple[Decision, Context, int]:
         ctx = self.context(req)
@@ -122,7 +123,8 @@ class Router:
         alts: tuple[str, ...] = ()
         if self.n_alternatives and ctx.cands.size > 1:
             order = np.argsort(ctx.ttft_ms, kind="stable")[: self.n_alternatives + 1]
-            alts = tuple(self.table.ids[int(ctx.cands[p])] for p in order if p != pos)[: self.n_alternatives]
+            ids = self.table.ids
+            alts = tuple([ids[c] for c in ctx.cands[order].tolist() if c != i][: self.n_alternatives])
         parts = TTFTParts(float(ctx.rtt_ms[pos]), float(ctx.queue_ms[pos]), float(ctx.prefill_ms[pos]))
         cached = min(int(ctx.cached_blocks[pos]) * self.index.block_size, req.prompt_tokens)
         decision = Decision(req.request_id, self.table.ids[i], self.table.regions[i], self.policy.name,

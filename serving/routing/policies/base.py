@@ -28,10 +28,7 @@ class Context:
     queue_ms: np.ndarray
     prefill_ms: np.ndarray
     rng: np.random.Generator
-
-    @property
-    def ttft_ms(self) -> np.ndarray:
-        return self.rtt_ms + self.queue_ms + self.prefill_ms
+    ttft_ms: np.ndarray  # rtt + queue + prefill, per candidate
 
     @property
     def total_blocks(self) -> int:
