@@ -40,7 +40,7 @@ class PendingPrefill:
             if h not in self._lru:
                 break
             hit += 1
-        for h in hashes:
+        for h in reversed(hashes):  # the prefix most recent: vLLM evicts a prompt's tail first
             self._lru[h] = None
             self._lru.move_to_end(h)
         self.resize(self.capacity_blocks)

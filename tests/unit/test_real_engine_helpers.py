@@ -64,6 +64,8 @@ def test_pending_prefill_salt_capacity_and_reset():
     assert p.add("d", [1, 2, 3, 4], "t1") == 4  # t1's blocks were evicted (capacity 2 blocks)
     p.clear()
     assert p.add("e", [1, 2, 3, 4], "t1") == 4
+    assert p.add("f", [1, 2, 3, 4, 5, 6], "t1") == 2  # 3 blocks, 2 fit: the tail goes, as in vLLM
+    assert p.add("g", [1, 2, 3, 4, 5, 6], "t1") == 2  # so the prefix still hits
 
 
 def test_trace_load_sorts_and_reads_optional_fields(tmp_path):
