@@ -160,6 +160,39 @@ def test_latency_trades_distance_against_cache():
     assert router.route(request(short)).replica_id == "near"  # 512 tokens save < 188 ms
 
 
+@pytest.mark.parametrize("session, horizon, expect", [
+    (None, 1.0, "far"),  # a lone call takes the 2 ms-faster remote cache
+    ("s1", 1.0, "near"),  # a session's next calls would pay the 75 ms again: stay near
+    ("s1", 0.0, "far"),  # the horizon off: per-call TTFT alone
+])
+def test_latency_keeps_a_session_near_its_client(session, horizon, expect):
+    """eu-west client; 6k tokens of its prompt are cached only in us-east, 75 ms away: the
+    prefill they save (~105 ms) beats the RTT once, but not twice."""
+    prefix = SYSTEM + list(range(20_000, 22_048))
+    world = World([snap("near", "eu-west"), snap("far", "us-east")], client="eu-west",
+                  prompt=prefix + list(range(50, 450)))
+    router = build(world, "latency")
+    router.index.insert("far", block_hashes(prefix, BS, "m"))
+    router.policy.session_horizon = horizon
+    d = router.route(request(world, session_id=session))
+    assert d.replica_id == expect, d
+    if session and horizon:
+        assert "session stays near its client" in d.reason
+        # the price: this call is predicted slower than at the far replica, by less than the RTT
+        alone = build(world, "latency")
+        alone.index.insert("far", block_hashes(prefix, BS, "m"))
+        far = alone.route(request(world))
+        assert far.replica_id == "far" and far.predicted_ttft_ms < d.predicted_ttft_ms < far.predicted_ttft_ms + 73
+
+
+def test_latency_session_leaves_home_when_the_cache_saves_more_than_twice_the_rtt():
+    long_prompt = SYSTEM * 4 + list(range(64))  # 16k tokens: ~280 ms of cold prefill
+    world = World([snap("near", "eu-west"), snap("far", "us-east")], client="eu-west", prompt=long_prompt)
+    router = build(world, "latency")
+    router.index.insert("far", block_hashes(long_prompt, BS, "m"))
+    assert router.route(request(world, session_id="s1")).replica_id == "far"
+
+
 def test_round_robin_rotates_and_burst_spreads_under_latency():
     world = CASES["cold start"]
     router = build(world, "round_robin")

@@ -7,7 +7,9 @@
    configured margin above the best candidate's. The prediction is recomputed
    here from the scalar latency model (serving.routing.latency_model), not read
    back from the router's vectorised columns, so the two are checked against
-   each other too.
+   each other too. For a request of a session (with `session_horizon` > 0) the
+   bound is on TTFT plus the horizon times the extra RTT its next calls would
+   pay (see serving.routing.policies.latency).
 """
 
 from __future__ import annotations
@@ -118,17 +120,23 @@ def scalar_ttft(router: Router, rid: str, req: RouteRequest) -> float:
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(replicas=st.lists(replica, min_size=1, max_size=10), q=request, seed=st.integers(0, 2**16),
-       margin_ms=st.sampled_from((0.0, 1.0, 25.0)), margin_frac=st.sampled_from((0.0, 0.02, 0.15)))
-def test_latency_is_within_its_margin_of_the_best(replicas, q, seed, margin_ms, margin_frac):
+       margin_ms=st.sampled_from((0.0, 1.0, 25.0)), margin_frac=st.sampled_from((0.0, 0.02, 0.15)),
+       horizon=st.sampled_from((0.0, 1.0, 3.0)))
+def test_latency_is_within_its_margin_of_the_best(replicas, q, seed, margin_ms, margin_frac, horizon):
     router = build("latency", replicas, seed)
-    router.policy.tie_margin_ms, router.policy.tie_margin_frac = margin_ms, margin_frac
+    pol = router.policy
+    pol.tie_margin_ms, pol.tie_margin_frac, pol.session_horizon = margin_ms, margin_frac, horizon
     req = make_request(q)
     ok = allowed_ids(replicas, req)
     if not ok:
         return
     d = router.choose(req)[0]
     predicted = {rid: scalar_ttft(router, rid, req) for rid in ok}
-    best = min(predicted.values())
+    score = dict(predicted)
+    if req.session_id is not None and horizon:
+        rtt = {rid: RTT.get(req.client_region, {}).get(replicas[int(rid[1:])]["region"], 0.0) for rid in ok}
+        score = {rid: predicted[rid] + horizon * (rtt[rid] - min(rtt.values())) for rid in ok}
+    best = min(score.values())
     margin = max(margin_ms, margin_frac * best)
-    assert predicted[d.replica_id] <= best + margin + 1e-6, (d, predicted)
-    assert abs(d.predicted_ttft_ms - predicted[d.replica_id]) < 1e-6 * max(1.0, best)
+    assert score[d.replica_id] <= best + margin + 1e-6, (d, score)
+    assert abs(d.predicted_ttft_ms - predicted[d.replica_id]) < 1e-6 * max(1.0, min(predicted.values()))
