@@ -137,5 +137,6 @@ class SimEngine:
                 s.tag.put_nowait(ContextLengthExceeded(str(e)))
                 continue
             await asyncio.sleep(res.duration_ms * self.time_scale / 1000.0)
+            core.step_done()
             for s, n in res.emitted:
                 s.tag.put_nowait((n, s.out >= s.max_tokens, s.out))

@@ -66,6 +66,9 @@ class SimCore:
         self.waiting: deque[Seq] = deque()
         self.running: list[Seq] = []
         self.pending_prefill = 0  # prompt tokens not yet computed, waiting + running
+        # `step` applies a step's effects when it starts, while its owner waits out its
+        # duration: the prefill of the step in flight is still work ahead until then
+        self.in_step_prefill = 0
         self.queries = 0  # prefix cache, in tokens, as vLLM counts
         self.hits = 0
         self.preemptions = 0
@@ -91,8 +94,11 @@ class SimCore:
         """Prompt tokens still to compute, as an engine reports its queue to the router.
 
         `pending_prefill` counts waiting prompts whole; the part of each that is
-        already in the prefix cache (as of now) costs nothing and is left out."""
-        pending = self.pending_prefill
+        already in the prefix cache (as of now) costs nothing and is left out.
+        The prefill of the step in flight counts until the step ends (as vLLM's
+        client sees it: a request is pending until its first token), else a
+        replica half-way through a long prefill step would look idle."""
+        pending = self.pending_prefill + self.in_step_prefill
         if self.waiting:
             pending -= sum(map(self.hit_blocks, self.waiting)) * self.bs
         return pending
@@ -178,7 +184,12 @@ class SimCore:
             self.running = [s for s in self.running if id(s) not in gone]
             for s in finished:
                 self._release(s)
+        self.in_step_prefill = prefill_tokens
         return StepResult(step_ms * steps, steps, prefill_tokens, len(decoding), emitted, finished)
+
+    def step_done(self) -> None:
+        """The owner waited out the last step's duration: its prefill is no longer ahead."""
+        self.in_step_prefill = 0
 
     # --- internals --------------------------------------------------------
     def _jump_len(self, decoding: list[Seq], max_steps: int, horizon_ms: float, step_ms: float) -> int:

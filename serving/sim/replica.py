@@ -72,6 +72,7 @@ class Replica:
             res = self.core.step(max_steps=self.k)
             assert res.steps == self.k, "a planned run must replay exactly"
             return res
+        self.core.step_done()
         return self.res
 
     def interrupt(self, t: float) -> float:

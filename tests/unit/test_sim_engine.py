@@ -95,6 +95,25 @@ def test_snapshot_queue_is_the_uncached_prefill_still_to_compute(name, queued, e
     assert admitted == min(expect, P.max_num_batched_tokens), name
 
 
+def test_prefill_in_flight_is_reported_until_its_step_ends():
+    """A step's effects are applied when it starts; until its time has passed, its prefill is
+    still work ahead of a newcomer, as vLLM's client counts a request until its first token."""
+    from serving.sim.replica import Replica
+    core = SimCore(P, 100_000)
+    core.add(seq("a", PROMPT[:1000]))
+    res = core.step()
+    assert res.prefill_tokens == 1000 and core.pending_prefill == 0
+    assert core.uncached_pending == 1000
+    core.step_done()
+    assert core.uncached_pending == 0
+    rep = Replica("r0", "local", "m", P, 100_000)  # the simulator's replica, in virtual time
+    rep.core.add(seq("a", PROMPT[:1000]))
+    end = rep.plan(0.0)  # 5 + 0.02 * 1000 = 25 ms
+    assert rep.snapshot(end / 2).waiting_prefill_tokens == 1000
+    rep.finish()
+    assert rep.snapshot(end).waiting_prefill_tokens == 0
+
+
 def test_eviction_under_pressure_is_lru():
     core = SimCore(P, 64 * 16)  # 64 blocks
     a, b, c = (list(range(k * 10_000, k * 10_000 + 480)) for k in range(3))  # 30 blocks each
@@ -171,6 +190,20 @@ async def test_sim_engine_streams_and_reports_vllm_counters():
     assert snap.num_running == 0 and snap.num_waiting == 0 and snap.kv_capacity_tokens == 50_000
     # Cold: 5.75 + 0.01725 * 2000 = 40 ms of prefill; warm: about one step (5.8 ms).
     assert ttft_cold > 0.035 and ttft_warm < ttft_cold
+    await eng.close()
+
+
+async def test_sim_engine_reports_the_prefill_it_is_computing():
+    slow = EngineProfile("slow", a_ms=5.0, b_ms_per_token=0.3, c_ms_per_seq=0.1,
+                         max_num_batched_tokens=1024, max_num_seqs=8, block_size=16)
+    eng = SimEngine("e0", model="m", profile=slow, kv_capacity_tokens=100_000)  # a 305 ms step
+    gen = eng.generate(GenerateRequest("a", tuple(range(1000)), max_tokens=2, model="m"))
+    first = asyncio.ensure_future(gen.__anext__())
+    await asyncio.sleep(0.03)  # inside the prefill step
+    assert not first.done() and eng.snapshot().waiting_prefill_tokens == 1000
+    await first
+    assert eng.snapshot().waiting_prefill_tokens == 0
+    await gen.aclose()
     await eng.close()
 
 
