@@ -34,6 +34,7 @@ class SimEngine:
         self.clock = clock
         self.health = Health.UP
         self._task: asyncio.Task | None = None
+        self._step = (0.0, 0.0)  # (monotonic start, seconds) of the step in flight
         self._wake: asyncio.Event | None = None
 
     # --- protocol ---------------------------------------------------------
@@ -83,11 +84,16 @@ class SimEngine:
         c = self.core
         return ReplicaSnapshot(
             self.replica_id, self.region, self.model, num_running=len(c.running),
-            num_waiting=len(c.waiting), waiting_prefill_tokens=c.uncached_pending,
+            num_waiting=len(c.waiting), waiting_prefill_tokens=c.pending_at(self._step_left()),
             running_tokens=sum(s.computed + s.out for s in c.running),
             kv_capacity_tokens=c.kv_capacity_tokens, kv_usage=c.pool.usage,
             prefix_cache_queries=c.queries, prefix_cache_hits=c.hits, health=self.health,
             profile=self.profile.name, timestamp=self.clock())
+
+    def _step_left(self) -> float:
+        """Fraction of the step in flight still to run (0 when none)."""
+        start, dur = self._step
+        return (start + dur - time.monotonic()) / dur if dur > 0 else 0.0
 
     # --- operations ---------------------------------------------------------
     def reset_prefix_cache(self) -> None:
@@ -136,7 +142,9 @@ class SimEngine:
                 core.pending_prefill -= s.prompt_len - s.computed
                 s.tag.put_nowait(ContextLengthExceeded(str(e)))
                 continue
-            await asyncio.sleep(res.duration_ms * self.time_scale / 1000.0)
+            dur = res.duration_ms * self.time_scale / 1000.0
+            self._step = (time.monotonic(), dur)
+            await asyncio.sleep(dur)
             core.step_done()
             for s, n in res.emitted:
                 s.tag.put_nowait((n, s.out >= s.max_tokens, s.out))

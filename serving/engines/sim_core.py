@@ -68,6 +68,7 @@ class SimCore:
         self.pending_prefill = 0  # prompt tokens not yet computed, waiting + running
         # `step` applies a step's effects when it starts, while its owner waits out its
         # duration: the prefill of the step in flight is still work ahead until then
+        # (its owner reports the part of it not yet done: see `pending_at`)
         self.in_step_prefill = 0
         self.queries = 0  # prefix cache, in tokens, as vLLM counts
         self.hits = 0
@@ -95,10 +96,8 @@ class SimCore:
 
         `pending_prefill` counts waiting prompts whole; the part of each that is
         already in the prefix cache (as of now) costs nothing and is left out.
-        The prefill of the step in flight counts until the step ends (as vLLM's
-        client sees it: a request is pending until its first token), else a
-        replica half-way through a long prefill step would look idle."""
-        pending = self.pending_prefill + self.in_step_prefill
+        The step in flight is not included: see `pending_at`."""
+        pending = self.pending_prefill
         if self.waiting:
             pending -= sum(map(self.hit_blocks, self.waiting)) * self.bs
         return pending
@@ -186,6 +185,12 @@ class SimCore:
                 self._release(s)
         self.in_step_prefill = prefill_tokens
         return StepResult(step_ms * steps, steps, prefill_tokens, len(decoding), emitted, finished)
+
+    def pending_at(self, left_frac: float) -> int:
+        """`uncached_pending` plus the part of the step in flight still to run
+        (`left_frac` of its duration): a replica half-way through a long prefill
+        step has that much work ahead of a newcomer, not none and not all of it."""
+        return self.uncached_pending + round(self.in_step_prefill * min(1.0, max(0.0, left_frac)))
 
     def step_done(self) -> None:
         """The owner waited out the last step's duration: its prefill is no longer ahead."""

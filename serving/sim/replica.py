@@ -62,6 +62,7 @@ class Replica:
         else:
             self.state = STEP
             self.res = core.step()
+            self.t0 = t
             self.t_end = t + self.res.duration_ms / 1000.0
         self.busy_s += self.t_end - t
         return self.t_end
@@ -87,6 +88,12 @@ class Replica:
         self.state, self.res, self.t_end = STEP, res, end
         self.version += 1
         return end
+
+    def _step_left(self, now: float) -> float:
+        """Fraction of the computed step in flight still to run at `now` (0 when none)."""
+        if self.state != STEP or self.t_end <= self.t0:
+            return 0.0
+        return (self.t_end - now) / (self.t_end - self.t0)
 
     def _run_len(self) -> int:
         """Length of the identical decode-only run the core would do next (0: none)."""
@@ -122,6 +129,6 @@ class Replica:
         self.dirty = False
         return ReplicaSnapshot(
             self.id, self.region, self.model, num_running=len(c.running), num_waiting=len(c.waiting),
-            waiting_prefill_tokens=c.uncached_pending, kv_capacity_tokens=c.kv_capacity_tokens,
+            waiting_prefill_tokens=c.pending_at(self._step_left(now)), kv_capacity_tokens=c.kv_capacity_tokens,
             kv_usage=c.pool.usage, prefix_cache_queries=c.queries, prefix_cache_hits=c.hits,
             health=self.health, profile=self.profile.name, timestamp=now)
