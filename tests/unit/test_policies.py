@@ -177,7 +177,7 @@ def test_latency_keeps_a_session_near_its_client(session, horizon, expect):
     d = router.route(request(world, session_id=session))
     assert d.replica_id == expect, d
     if session and horizon:
-        assert "session stays near its client" in d.reason
+        assert "session: +1x the extra RTT its next call pays" in d.reason, d.reason
         # the price: this call is predicted slower than at the far replica, by less than the RTT
         alone = build(world, "latency")
         alone.index.insert("far", block_hashes(prefix, BS, "m"))

@@ -131,7 +131,7 @@ async def test_otel_spans_hang_under_the_callers_trace_with_the_routing_decision
     assert (a["gen_ai.request.model"], a["proxima.replica"], a["session.id"], a["proxima.tenant"]) == \
         ("m", r.headers["x-proxima-replica"], "s1", "acme")
     assert a["gen_ai.usage.output_tokens"] == r.json()["usage"]["completion_tokens"]
-    assert "least predicted TTFT" in a["proxima.routing.reason"]
+    assert "predicted TTFT" in a["proxima.routing.reason"]
     bad = await c.post(CHAT, json=chat(max_tokens=5000), headers=ACME)
     assert bad.status_code == 400
     err = mem.get_finished_spans()[-1]

@@ -54,7 +54,7 @@ class Latency(Policy):
             extra = rtt - rtt.min()
             if extra.any():  # candidates at different distances: the session's next calls care
                 score = ttft + self.session_horizon * extra
-                why = "; session stays near its client"
+                why = f"; session: +{self.session_horizon:g}x the extra RTT its next call pays"
         best = float(score.min())
         near = np.flatnonzero(score <= best + self.margin(best))
         if near.size > 1:  # among near-ties, the most cached first: it keeps the prefix warm
@@ -62,6 +62,6 @@ class Latency(Policy):
             near = near[cached == cached.max()]
         pos = int(near[0] if near.size == 1 else near[ctx.rng.integers(near.size)])
         cached = min(int(ctx.cached_blocks[pos]) * ctx.block_size, ctx.req.prompt_tokens)
-        return pos, (f"least predicted TTFT {ttft[pos]:.1f} ms (rtt {ctx.rtt_ms[pos]:.0f}, "
+        return pos, (f"{'least ' if not why else ''}predicted TTFT {ttft[pos]:.1f} ms (rtt {ctx.rtt_ms[pos]:.0f}, "
                      f"queue {ctx.queue_ms[pos]:.1f}, prefill {ctx.prefill_ms[pos]:.1f}; "
                      f"cached {cached}/{ctx.req.prompt_tokens}; {near.size} near-tie{why})")
