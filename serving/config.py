@@ -105,6 +105,7 @@ class RouterConfig(_Strict):
     alternatives: int = Field(default=3, ge=0)
     snapshot_period_s: float = Field(default=0.2, gt=0, le=5)
     stale_after_s: float = Field(default=3.0, gt=0)  # no snapshot for this long: replica dropped
+    direct_channel: bool = True  # ingress -> router over a TCP channel (serving.ray.channel), Ray as fallback
 
     @field_validator("policy")
     @classmethod

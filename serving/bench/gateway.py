@@ -1,6 +1,6 @@
 """Gateway overhead: time to first byte through the full gateway vs a minimal Serve app.
 
-    python -m serving.bench.gateway [--requests 300] [--duration 10] [--port 8012]
+    python -m serving.bench.gateway [--requests 300] [--duration 10] [--port 8012] [--ray-calls]
 
 One Ray session serves both apps side by side (serving.ray.baseline): the
 full gateway with a zero-delay simulated engine, and a baseline Serve app that
@@ -12,7 +12,9 @@ JSON object:
     gateway_ttfb_p50_ms, baseline_ttfb_p50_ms, ratio_p50 (goal <= 1.5),
     gateway_ttfb_p99_ms, baseline_ttfb_p99_ms,
     gateway_streams_per_s (concurrency 32, goal >= 100), baseline_streams_per_s,
-    router_route_us_p50 (the router actor's own time per decision)
+    router_route_us_p50 (the router actor's own time per decision),
+    ingress_route_rtt_us_p50 (the routing call as the ingress waits for it),
+    router_channel (calls over the direct channel; `--ray-calls` turns it off)
 
 The client (aiohttp) runs in this process on the same 2 cores as Ray, the
 proxy and the replicas; every figure includes that contention.
@@ -93,7 +95,9 @@ async def measure(base: str, requests: int, duration_s: float, deploy_baseline) 
             gw.append((await _ttfb(s, gw_url))[0])
             bl.append((await _ttfb(s, bl_url))[0])
         async with s.get(base + "/admin/router") as r:
-            route_us = (await r.json()).get("route_us_p50")
+            rs = await r.json()
+            route_us, channel = rs.get("route_us_p50"), rs.get("router_channel")
+            route_rtt_us = rs.get("route_rtt_us_p50")
     gw_rps = await _throughput(gw_url, 32, duration_s)
     bl_rps = await _throughput(bl_url, 32, duration_s)
     g50, b50 = statistics.median(gw), statistics.median(bl)
@@ -102,7 +106,7 @@ async def measure(base: str, requests: int, duration_s: float, deploy_baseline) 
             "gateway_ttfb_p99_ms": round(_pct(gw, 0.99), 2), "baseline_ttfb_p99_ms": round(_pct(bl, 0.99), 2),
             "gateway_streams_per_s": round(gw_rps, 1), "baseline_streams_per_s": round(bl_rps, 1),
             "concurrency": 32, "requests_per_side": requests, "stream_bytes": len(sample),
-            "router_route_us_p50": route_us}
+            "router_route_us_p50": route_us, "ingress_route_rtt_us_p50": route_rtt_us, "router_channel": channel}
 
 
 def main() -> None:
@@ -110,10 +114,12 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=300)
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--port", type=int, default=8012)
+    ap.add_argument("--ray-calls", action="store_true",
+                    help="route over Ray actor calls instead of the direct channel (router.direct_channel: false)")
     a = ap.parse_args()
     from serving.ray import baseline  # Ray only behind this import
 
-    baseline.start(a.port)
+    baseline.start(a.port, direct_channel=not a.ray_calls)
     try:
         out = asyncio.run(measure(f"http://127.0.0.1:{a.port}", a.requests, a.duration,
                                   baseline.deploy_baseline))

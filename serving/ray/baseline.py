@@ -48,12 +48,13 @@ class Baseline:
         return StreamingResponse(gen(), media_type="text/event-stream")
 
 
-def start(port: int) -> None:
+def start(port: int, direct_channel: bool = True) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     apply_serve_env()  # the Serve settings production uses, for both apps: Ray's processes inherit them
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="proxima-bench")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(GATEWAY_CONFIG), name="gateway", route_prefix="/")
+    config = {**GATEWAY_CONFIG, "router": {**GATEWAY_CONFIG["router"], "direct_channel": direct_channel}}
+    serve.run(build_app(config), name="gateway", route_prefix="/")
 
 
 def deploy_baseline(events: list[bytes]) -> None:

@@ -74,7 +74,8 @@ class IngressDeployment:
     def __init__(self, config: dict[str, Any], engines: dict[str, Any], autoscaler: Any = None):
         cfg = load_config(config)
         self.autoscaler = autoscaler  # bound here so Serve deploys it with the app; it runs on its own
-        router = RayRouter(router_actor(config), reconnect=lambda: router_actor(config))
+        router = RayRouter(router_actor(config), reconnect=lambda: router_actor(config),
+                           channel=cfg.router.direct_channel)
         metrics = GatewayMetrics()
         obs = cfg.observability
         configure_logging(obs.log_format)

@@ -45,6 +45,7 @@ from serving.autoscaler.window import DemandWindow
 from serving.config import load_config
 from serving.errors import ModelNotFound, NoReplicaAvailable, ProximaError, RouterUnavailable
 from serving.ingress.local import router_stats
+from serving.ray import channel as chan
 from serving.routing.router import Router
 from serving.types import Decision, Health, ReplicaSnapshot, RouteRequest
 
@@ -70,6 +71,22 @@ class RouterActor:
         self.window = DemandWindow(cfg.autoscaler.window_s) if cfg.autoscaler else None
         self.draining: set[str] = set()
         self.first_seen: dict[str, float] = {}
+        self._channel: tuple[str, int, bytes] | None = None
+        self._channel_lock: asyncio.Lock | None = None
+
+    async def channel(self) -> tuple[str, int, bytes]:
+        """Where the direct channel listens and its token (serving.ray.channel); started on first ask.
+
+        The one async method: it makes this an async actor, so Ray's calls and
+        the channel's run on one event loop, one at a time."""
+        if self._channel_lock is None:
+            self._channel_lock = asyncio.Lock()
+        async with self._channel_lock:
+            if self._channel is None:
+                host, token = ray.util.get_node_ip_address(), chan.new_token()
+                self._server = await chan.serve(lambda method, args: getattr(self, method)(*args), host, token)
+                self._channel = (host, self._server.port, token)
+        return self._channel
 
     def _rebuilding(self, e: ProximaError) -> ProximaError:
         """Just (re)started and its view still partial: say so, so the caller waits instead of failing.
@@ -230,16 +247,56 @@ class RayRouter:
     `events` call: under load that turns two actor calls per request into a
     fraction of one, and the router learns of them a few ms later, well inside
     the engines' own snapshot period.
+
+    Calls go over the actor's direct channel (serving.ray.channel) once it is
+    open: it is opened in the background on first use, so no request waits
+    for it, and while it is not open (not yet, or lost with a router
+    restart: reopened at most every `channel_retry_s`) every call takes the
+    Ray path above, retries included. A channel call unanswered for
+    `channel_timeout_s` closes the channel and goes over Ray (a router that
+    slow is rare; one whose node vanished without closing the connection
+    would otherwise hang the call).
     """
 
     def __init__(self, handle, flush_s: float = 0.005, reconnect: Callable[[], Any] | None = None,
-                 retry_s: float = 20.0):
+                 retry_s: float = 20.0, channel: bool = True, channel_retry_s: float = 1.0,
+                 channel_timeout_s: float = 5.0):
         self.handle = handle
         self.flush_s = flush_s
         self.reconnect, self.retry_s = reconnect, retry_s
         self.retries = 0  # calls repeated because the router was down or rebuilding
         self._events: list[tuple[str, str, Any]] = []
         self._flusher: asyncio.Task | None = None
+        self.use_channel, self.channel_retry_s, self.channel_timeout_s = channel, channel_retry_s, channel_timeout_s
+        self._chan: chan.Channel | None = None
+        self._chan_opening = False
+        self._chan_next_try = 0.0
+        self.channel_calls = 0  # answered over the direct channel
+        self.channel_lost = 0  # calls that met a lost channel and went over Ray instead
+        self.route_rtt_us: deque[float] = deque(maxlen=4096)  # route() as this caller waits for it
+
+    def _channel(self) -> "chan.Channel | None":
+        """The open channel, or None (then one is being opened in the background, or will be)."""
+        ch = self._chan
+        if ch is not None and not ch.closed:
+            return ch
+        self._chan = None
+        if self.use_channel and not self._chan_opening:
+            loop = asyncio.get_running_loop()
+            if loop.time() >= self._chan_next_try:
+                self._chan_opening = True
+                self._chan_next_try = loop.time() + self.channel_retry_s
+                loop.create_task(self._open_channel())
+        return None
+
+    async def _open_channel(self) -> None:
+        try:
+            host, port, token = await self.handle.channel.remote()
+            self._chan = await chan.Channel.open(host, port, token)
+        except Exception:  # noqa: BLE001 - unreachable, restarting, or no channel: Ray serves meanwhile
+            pass
+        finally:
+            self._chan_opening = False
 
     def _post(self, event: tuple[str, str, Any]) -> None:
         self._events.append(event)
@@ -253,13 +310,31 @@ class RayRouter:
     def flush(self) -> None:
         if self._events:
             batch, self._events = self._events, []
-            self.handle.events.remote(batch)
+            self._send("events", batch)
+
+    def _send(self, method: str, *args: Any) -> None:
+        ch = self._channel()
+        if ch is not None:
+            ch.send(method, *args)
+        else:
+            getattr(self.handle, method).remote(*args)
 
     async def _ask(self, method: str, *args: Any, retry_s: float | None = None) -> Any:
         """One actor call, repeated while the router is down, restarting or rebuilding."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self.retry_s if retry_s is None else retry_s)
         delay = 0.02
+        ch = self._channel() if method in chan.ALLOWED else None
+        if ch is not None:
+            try:
+                res = await asyncio.wait_for(ch.call(method, *args), self.channel_timeout_s)
+                self.channel_calls += 1
+                if not isinstance(res, RouterUnavailable):
+                    return res
+            except (chan.ChannelClosed, asyncio.TimeoutError):
+                # the router restarted, most likely (or its node is gone and no FIN came): Ray knows
+                ch.close()
+                self.channel_lost += 1
         while True:
             try:
                 res = await getattr(self.handle, method).remote(*args)
@@ -280,7 +355,9 @@ class RayRouter:
             delay = min(2 * delay, 0.5)
 
     async def route(self, req: RouteRequest) -> Decision:
+        t = time.perf_counter()
         res = await self._ask("route", req)
+        self.route_rtt_us.append((time.perf_counter() - t) * 1e6)
         if isinstance(res, ProximaError):
             raise res
         return res
@@ -298,10 +375,15 @@ class RayRouter:
         return res
 
     def set_circuit(self, replica_id: str, open_: bool) -> None:
-        self.handle.set_circuit.remote(replica_id, open_)
+        self._send("set_circuit", replica_id, open_)
 
     async def stats(self) -> dict[str, Any]:
         self.flush()  # same caller, same actor: the batch lands before the stats call
         out = await self._ask("stats", retry_s=2.0)
         out["router_retries"] = self.retries
+        out["router_channel"] = {"open": self._chan is not None and not self._chan.closed,
+                                 "calls": self.channel_calls, "lost": self.channel_lost}
+        rtt = sorted(self.route_rtt_us)
+        if rtt:
+            out["route_rtt_us_p50"] = round(rtt[len(rtt) // 2], 1)
         return out

@@ -246,5 +246,9 @@ def test_router_actor_restarted_under_load(dr):
         assert not load.failed(), (no_restart, load.failed()[:5])
         assert len(outcomes) >= 30
         assert router_stats(dr)["router_retries"] > retries0  # requests met the dead router and were retried
+        deadline = time.monotonic() + 10  # the ingress reopens its direct channel to the new router
+        while not (chan := router_stats(dr)["router_channel"])["open"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert chan["open"], chan
         print(f"router killed (no_restart={no_restart}): view rebuilt in {rebuilt_s:.1f} s, "
               f"{len(outcomes)} requests, none failed")

@@ -212,3 +212,6 @@ def test_router_decides_in_well_under_a_millisecond_and_serve_obeys(client):
     counters = [r["counters"] for r in stats["replicas"].values()]
     assert sum(c["started"] for c in counters) > 20
     assert [c["misrouted"] for c in counters] == [0] * 4  # every call reached the replica chosen
+    # the ingress asks over the direct channel once it is open (the first calls go over Ray)
+    chan = stats["router_channel"]
+    assert chan["open"] and chan["calls"] > 10 and chan["lost"] == 0, chan

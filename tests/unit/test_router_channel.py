@@ -1,0 +1,180 @@
+"""serving.ray.channel: the direct TCP channel to the router actor, and RayRouter over it.
+
+Real sockets on 127.0.0.1, no Ray: the server end wraps a plain handler (the
+actor wraps its own methods the same way), and RayRouter gets a stand-in
+actor handle whose `channel` method hands out the server's address and token.
+"""
+
+import asyncio
+import struct
+
+import pytest
+
+from serving.ray import channel as chan
+
+pytest.importorskip("ray")
+from serving.ray.router_actor import RayRouter  # noqa: E402
+from serving.types import RouteRequest  # noqa: E402
+
+TOKEN = b"t" * chan.TOKEN_BYTES
+
+
+class Calls:
+    """The handler: records (method, args) and answers by method."""
+
+    def __init__(self):
+        self.seen: list[tuple[str, tuple]] = []
+
+    def __call__(self, method, args):
+        self.seen.append((method, args))
+        if method == "stats":
+            if args and args[0] == "boom":
+                raise KeyError("boom")
+            return {"events_seen": sum(1 for m, _ in self.seen if m == "events")}
+        return ("decided", args[0].request_id) if method == "route" else None
+
+
+async def _pair(token: bytes = TOKEN):
+    calls = Calls()
+    server = await chan.serve(calls, "127.0.0.1", TOKEN)
+    port = server.port
+    ch = await chan.Channel.open("127.0.0.1", port, token)
+    return calls, server, port, ch
+
+
+def _req(i: int) -> RouteRequest:
+    return RouteRequest(f"r{i}", "m", 10, (1, 2, 3), 16, "us")
+
+
+def test_concurrent_calls_come_back_to_their_callers():
+    async def main():
+        calls, server, _, ch = await _pair()
+        out = await asyncio.gather(*(ch.call("route", _req(i)) for i in range(50)))
+        ch.close()
+        server.close()
+        return out, calls
+    out, calls = asyncio.run(main())
+    assert out == [("decided", f"r{i}") for i in range(50)]
+    assert [a[0].block_hashes for _, a in calls.seen] == [(1, 2, 3)] * 50  # arguments arrive intact
+
+
+def test_fire_and_forget_lands_before_a_later_call():
+    async def main():
+        calls, server, _, ch = await _pair()
+        ch.send("events", [("done", "r1", True)])
+        ch.send("events", [("done", "r2", True)])
+        st = await ch.call("stats")
+        ch.close()
+        server.close()
+        return st
+    assert asyncio.run(main()) == {"events_seen": 2}
+
+
+def test_errors_come_back_and_the_connection_stays_up():
+    async def main():
+        calls, server, _, ch = await _pair()
+        with pytest.raises(chan.RemoteError, match="not offered"):
+            await ch.call("remove", "replica-1")  # only ALLOWED methods: never the admin ones
+        with pytest.raises(chan.RemoteError, match="KeyError"):
+            await ch.call("stats", "boom")
+        ok = await ch.call("route", _req(1))
+        ch.close()
+        server.close()
+        return ok, calls
+    ok, calls = asyncio.run(main())
+    assert ok == ("decided", "r1") and "remove" not in [m for m, _ in calls.seen]
+
+
+def test_wrong_token_is_dropped_before_anything_is_unpickled():
+    async def main():
+        calls, server, _, ch = await _pair(token=b"x" * chan.TOKEN_BYTES)
+        with pytest.raises(chan.ChannelClosed):
+            await asyncio.wait_for(ch.call("route", _req(1)), 5)
+        server.close()
+        return calls
+    assert asyncio.run(main()).seen == []
+
+
+def test_oversized_frame_drops_the_connection():
+    async def main():
+        calls, server, port, ch = await _pair()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(TOKEN + struct.pack("!I", chan.MAX_FRAME + 1))
+        eof = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        ch.close()
+        server.close()
+        await asyncio.sleep(0.01)
+        return eof, calls
+    eof, calls = asyncio.run(main())
+    assert eof == b"" and calls.seen == []
+
+
+def test_lost_connection_fails_pending_calls():
+    async def main():
+        calls, server, _, ch = await _pair()
+        await ch.call("route", _req(0))
+        server.close()  # the actor process died: its connections close
+        with pytest.raises(chan.ChannelClosed):
+            await asyncio.wait_for(ch.call("route", _req(1)), 5)
+        assert ch.closed
+        with pytest.raises(chan.ChannelClosed):
+            ch.send("events", [])
+        await asyncio.sleep(0.01)
+    asyncio.run(main())
+
+
+class _Remote:
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def remote(self, *args):
+        self.calls += 1
+
+        async def answer():
+            return self.fn(*args)
+        return answer()
+
+
+class FakeActor:
+    """An actor handle: Ray calls answer directly; `channel` hands out a real server's address."""
+
+    def __init__(self, address):
+        self.route = _Remote(lambda req: ("over ray", req.request_id))
+        self.events = _Remote(lambda batch: None)
+        self.channel = _Remote(lambda: address)
+
+
+def test_router_client_uses_the_channel_once_open_and_ray_when_it_is_lost():
+    async def main():
+        calls = Calls()
+        server = await chan.serve(calls, "127.0.0.1", TOKEN)
+        actor = FakeActor(("127.0.0.1", server.port, TOKEN))
+        rr = RayRouter(actor, channel_retry_s=0.05)
+        first = await rr.route(_req(0))  # the channel opens in the background meanwhile
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if rr._chan is not None:
+                break
+        second = await rr.route(_req(1))
+        rr.finished("r1", True)
+        rr.flush()
+        await asyncio.sleep(0.05)
+        server.close()  # the router restarted: Ray carries the next call
+        await asyncio.sleep(0.05)
+        third = await rr.route(_req(2))
+        return first, second, third, rr, actor, calls
+    first, second, third, rr, actor, calls = asyncio.run(main())
+    assert first == ("over ray", "r0") and second == ("decided", "r1") and third == ("over ray", "r2")
+    assert ("events", ([("done", "r1", True)],)) in calls.seen and actor.events.calls == 0
+    assert rr.channel_calls == 1 and actor.route.calls == 2
+
+
+def test_router_client_without_channel_uses_ray_only():
+    async def main():
+        actor = FakeActor(None)
+        rr = RayRouter(actor, channel=False)
+        out = [await rr.route(_req(i)) for i in range(3)]
+        return out, actor
+    out, actor = asyncio.run(main())
+    assert out == [("over ray", f"r{i}") for i in range(3)] and actor.channel.calls == 0
