@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 from itertools import compress, filterfalse, islice, repeat
-from operator import and_, not_
+from operator import and_, length_hint, not_
 from typing import Iterable, Sequence
 
 
@@ -36,21 +36,23 @@ class _Lru:
 
     `young` takes every insert and refresh, in recency order. `old` holds the
     previous generation, older than all of `young`, and is only ever deleted
-    from; `order` lists its keys in recency order and `cursor` walks it, so
-    popping the oldest key is O(1) amortised (a plain dict's first key is not:
-    the scan skips every slot deleted before it). When `old` runs dry, `young`
-    becomes `old`. Per key: a dict slot, plus 8 bytes in `order` while old;
-    an OrderedDict costs twice that (its linked-list node), and memory per
-    indexed entry is what bounds the router's index.
+    from; `order` lists its keys in recency order and `rest`, an iterator over
+    `order`, is the cursor, so popping the oldest key is O(1) amortised (a
+    plain dict's first key is not: the scan skips every slot deleted before
+    it; nor is re-slicing `order` from an integer cursor, which walks from its
+    start). When `old` runs dry, `young` becomes `old`. Per key: a dict slot,
+    plus 8 bytes in `order` while old; an OrderedDict costs twice that (its
+    linked-list node), and memory per indexed entry is what bounds the
+    router's index.
     """
 
-    __slots__ = ("young", "old", "order", "cursor")
+    __slots__ = ("young", "old", "order", "rest")
 
     def __init__(self) -> None:
         self.young: dict[int, None] = {}
         self.old: dict[int, None] = {}
         self.order: list[int] = []
-        self.cursor = 0
+        self.rest = iter(self.order)  # the keys of `order` not yet passed
 
     def __len__(self) -> int:
         return len(self.young) + len(self.old)
@@ -60,8 +62,8 @@ class _Lru:
 
     def __iter__(self):
         """Oldest first."""
-        old = self.old
-        yield from (h for h in self.order[self.cursor:] if h in old)
+        old, order = self.old, self.order
+        yield from (h for h in order[len(order) - length_hint(self.rest):] if h in old)
         yield from self.young
 
     def touch(self, hashes: list[int]) -> list[int]:
@@ -81,38 +83,36 @@ class _Lru:
     def discard(self, h: int) -> bool:
         return self.young.pop(h, 0) is None or self.old.pop(h, 0) is None
 
+    def _next_generation(self) -> bool:
+        """`old` is empty (`rest` ran out): `young` takes its place; False if it is empty too."""
+        if not self.young:
+            return False
+        self.old, self.young = self.young, {}
+        self.order = list(self.old)
+        self.rest = iter(self.order)
+        return True
+
     def pop_oldest(self) -> int:
         while True:
-            if self.cursor == len(self.order):  # every key of `old` was passed: it is empty
-                if not self.young:
-                    raise KeyError("pop from an empty LRU")
-                self.old, self.young = self.young, {}
-                self.order, self.cursor = list(self.old), 0
-            h = self.order[self.cursor]
-            self.cursor += 1
-            if self.old.pop(h, 0) is None:  # else it moved to `young` or was discarded
-                return h
+            old = self.old
+            for h in self.rest:
+                if old.pop(h, 0) is None:  # else it moved to `young` or was discarded
+                    return h
+            if not self._next_generation():
+                raise KeyError("pop from an empty LRU")
 
     def pop_oldest_many(self, n: int) -> list[int]:
         """The n oldest keys, removed, oldest first (fewer if the LRU holds fewer)."""
         out: list[int] = []
         while len(out) < n:
-            old, order = self.old, self.order
-            if self.cursor == len(order) or not old:  # `old` is empty: `young` takes its place
-                if not self.young:
-                    break
-                self.old, self.young = self.young, {}
-                self.order, self.cursor = list(self.old), 0
-                continue
+            want, old = n - len(out), self.old
             # the next keys of `order` still in `old` (others moved to `young` or were
-            # discarded), found and popped at C level
-            got = list(islice(filter(old.__contains__, islice(order, self.cursor, None)), n - len(out)))
-            if not got:
-                self.cursor = len(order)
-                continue
-            self.cursor = order.index(got[-1], self.cursor) + 1
+            # discarded), found and popped at C level; `rest` stops right after the last
+            got = list(islice(filter(old.__contains__, self.rest), want))
             deque(map(old.pop, got), maxlen=0)
             out += got
+            if len(got) < want and not self._next_generation():
+                break
         return out
 
 
