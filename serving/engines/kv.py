@@ -12,7 +12,8 @@ LRU among cached blocks).
 from __future__ import annotations
 
 from collections import OrderedDict
-from itertools import takewhile
+from itertools import compress, repeat, takewhile
+from operator import not_, sub
 
 
 class BlockPool:
@@ -94,12 +95,13 @@ class BlockPool:
 
     def free(self, hashes, n_anon: int) -> None:
         """Release a request's blocks, its last blocks first (they evict first)."""
-        refs, ev = self.refs, self.evictable
-        for h in reversed(hashes):
-            c = refs[h] - 1
-            refs[h] = c
-            if c == 0:
-                ev[h] = None
+        if hashes:
+            # (at C level: no Python frame per block; a prompt's hashes are distinct)
+            refs = self.refs
+            last = hashes[::-1]
+            counts = list(map(sub, map(refs.__getitem__, last), repeat(1)))
+            refs.update(zip(last, counts))
+            self.evictable.update(dict.fromkeys(compress(last, map(not_, counts))))
         self.free_anon += n_anon
 
     def reset(self) -> None:
