@@ -73,6 +73,7 @@ class RouterActor:
         self.first_seen: dict[str, float] = {}
         self._channel: tuple[str, int, bytes] | None = None
         self._channel_lock: asyncio.Lock | None = None
+        self._server: chan.ChannelServer | None = None
 
     async def channel(self) -> tuple[str, int, bytes]:
         """Where the direct channel listens and its token (serving.ray.channel); started on first ask.
@@ -269,7 +270,7 @@ class RayRouter:
         self._flusher: asyncio.Task | None = None
         self.use_channel, self.channel_retry_s, self.channel_timeout_s = channel, channel_retry_s, channel_timeout_s
         self._chan: chan.Channel | None = None
-        self._chan_opening = False
+        self._chan_opening: asyncio.Task | None = None  # held: the loop keeps only weak references
         self._chan_next_try = 0.0
         self.channel_calls = 0  # answered over the direct channel
         self.channel_lost = 0  # calls that met a lost channel and went over Ray instead
@@ -281,12 +282,11 @@ class RayRouter:
         if ch is not None and not ch.closed:
             return ch
         self._chan = None
-        if self.use_channel and not self._chan_opening:
+        if self.use_channel and (self._chan_opening is None or self._chan_opening.done()):
             loop = asyncio.get_running_loop()
             if loop.time() >= self._chan_next_try:
-                self._chan_opening = True
                 self._chan_next_try = loop.time() + self.channel_retry_s
-                loop.create_task(self._open_channel())
+                self._chan_opening = loop.create_task(self._open_channel())
         return None
 
     async def _open_channel(self) -> None:
@@ -295,8 +295,6 @@ class RayRouter:
             self._chan = await chan.Channel.open(host, port, token)
         except Exception:  # noqa: BLE001 - unreachable, restarting, or no channel: Ray serves meanwhile
             pass
-        finally:
-            self._chan_opening = False
 
     def _post(self, event: tuple[str, str, Any]) -> None:
         self._events.append(event)
