@@ -12,8 +12,7 @@ LRU among cached blocks).
 from __future__ import annotations
 
 from collections import OrderedDict
-from itertools import compress, repeat, takewhile
-from operator import not_, sub
+from itertools import takewhile
 
 
 class BlockPool:
@@ -95,13 +94,12 @@ class BlockPool:
 
     def free(self, hashes, n_anon: int) -> None:
         """Release a request's blocks, its last blocks first (they evict first)."""
-        if hashes:
-            # (at C level: no Python frame per block; a prompt's hashes are distinct)
-            refs = self.refs
-            last = hashes[::-1]
-            counts = list(map(sub, map(refs.__getitem__, last), repeat(1)))
-            refs.update(zip(last, counts))
-            self.evictable.update(dict.fromkeys(compress(last, map(not_, counts))))
+        refs, ev = self.refs, self.evictable
+        for h in reversed(hashes):
+            c = refs[h] - 1
+            refs[h] = c
+            if c == 0:
+                ev[h] = None
         self.free_anon += n_anon
 
     def reset(self) -> None:
