@@ -247,13 +247,16 @@ class RayRouter:
     first_token/finished are buffered for up to `flush_s` and sent as one
     `events` call: under load that turns two actor calls per request into a
     fraction of one, and the router learns of them a few ms later, well inside
-    the engines' own snapshot period.
+    the engines' own snapshot period. Over the direct channel a routing call
+    first sends what is buffered (a frame, no round trip), so a decision never
+    misses a finish this ingress already saw.
 
     Calls go over the actor's direct channel (serving.ray.channel) once it is
     open: it is opened in the background on first use, so no request waits
     for it, and while it is not open (not yet, or lost with a router
-    restart: reopened at most every `channel_retry_s`) every call takes the
-    Ray path above, retries included. A channel call unanswered for
+    restart: reopened at most every `channel_retry_s`, backing off to once a
+    minute while opening fails) every call takes the Ray path above, retries
+    included. A channel call unanswered for
     `channel_timeout_s` closes the channel and goes over Ray (a router that
     slow is rare; one whose node vanished without closing the connection
     would otherwise hang the call).
@@ -272,6 +275,7 @@ class RayRouter:
         self._chan: chan.Channel | None = None
         self._chan_opening: asyncio.Task | None = None  # held: the loop keeps only weak references
         self._chan_next_try = 0.0
+        self._chan_backoff = channel_retry_s  # doubles while opening fails (up to 60 s)
         self.channel_calls = 0  # answered over the direct channel
         self.channel_lost = 0  # calls that met a lost channel and went over Ray instead
         self.route_rtt_us: deque[float] = deque(maxlen=4096)  # route() as this caller waits for it
@@ -285,7 +289,7 @@ class RayRouter:
         if self.use_channel and (self._chan_opening is None or self._chan_opening.done()):
             loop = asyncio.get_running_loop()
             if loop.time() >= self._chan_next_try:
-                self._chan_next_try = loop.time() + self.channel_retry_s
+                self._chan_next_try = loop.time() + self._chan_backoff
                 self._chan_opening = loop.create_task(self._open_channel())
         return None
 
@@ -293,8 +297,9 @@ class RayRouter:
         try:
             host, port, token = await self.handle.channel.remote()
             self._chan = await chan.Channel.open(host, port, token)
+            self._chan_backoff = self.channel_retry_s
         except Exception:  # noqa: BLE001 - unreachable, restarting, or no channel: Ray serves meanwhile
-            pass
+            self._chan_backoff = min(2 * self._chan_backoff, 60.0)  # e.g. a firewall: stop trying so often
 
     def _post(self, event: tuple[str, str, Any]) -> None:
         self._events.append(event)
@@ -324,6 +329,10 @@ class RayRouter:
         delay = 0.02
         ch = self._channel() if method in chan.ALLOWED else None
         if ch is not None:
+            # Lifecycle events still buffered go first, on the same connection, so the
+            # router decides knowing every request this ingress saw finish (a client's
+            # next call often follows its last answer by less than `flush_s`).
+            self.flush()
             try:
                 res = await asyncio.wait_for(ch.call(method, *args), self.channel_timeout_s)
                 self.channel_calls += 1

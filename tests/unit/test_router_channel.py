@@ -178,3 +178,40 @@ def test_router_client_without_channel_uses_ray_only():
         return out, actor
     out, actor = asyncio.run(main())
     assert out == [("over ray", f"r{i}") for i in range(3)] and actor.channel.calls == 0
+
+
+def test_router_client_backs_off_while_the_channel_cannot_be_opened():
+    async def main():
+        actor = FakeActor(("127.0.0.1", 9, TOKEN))  # nothing listens there: every open fails
+        rr = RayRouter(actor, channel_retry_s=0.01)
+        t_end = asyncio.get_running_loop().time() + 0.4
+        n = 0
+        while asyncio.get_running_loop().time() < t_end:
+            assert await rr.route(_req(n)) == ("over ray", f"r{n}")  # Ray serves meanwhile
+            n += 1
+            await asyncio.sleep(0.002)
+        return n, actor
+    n, actor = asyncio.run(main())
+    # 0.01 s doubling: about 6 tries in 0.4 s, not one per 10 ms (40)
+    assert n > 50 and 3 <= actor.channel.calls <= 8, (n, actor.channel.calls)
+
+
+def test_buffered_events_reach_the_router_before_the_next_decision():
+    """A client's next call often comes less than flush_s after its last answer."""
+    async def main():
+        calls = Calls()
+        server = await chan.serve(calls, "127.0.0.1", TOKEN)
+        rr = RayRouter(FakeActor(("127.0.0.1", server.port, TOKEN)), flush_s=10.0)
+        await rr.route(_req(0))
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if rr._chan is not None:
+                break
+        rr.first_token("r0", 12.0)
+        rr.finished("r0", True)
+        await rr.route(_req(1))  # the flush timer (10 s) has not fired
+        server.close()
+        return calls
+    seen = asyncio.run(main()).seen
+    assert [m for m, _ in seen] == ["events", "route"]
+    assert seen[0][1] == ([("first", "r0", 12.0), ("done", "r0", True)],)
