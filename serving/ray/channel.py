@@ -137,15 +137,26 @@ class Channel:
         writer.write(token)
         return cls(reader, writer)
 
-    def call(self, method: str, *args: Any) -> asyncio.Future:
-        """Send one call; the future resolves to its value (or raises ChannelClosed / RemoteError)."""
+    def call(self, method: str, *args: Any, timeout_s: float | None = None) -> asyncio.Future:
+        """Send one call; the future resolves to its value, or raises ChannelClosed,
+        RemoteError, or TimeoutError after `timeout_s` (a timer on the loop: awaiting the
+        future directly saves the two extra loop turns asyncio.wait_for takes)."""
         if self.closed:
             raise ChannelClosed("channel closed")
         call_id = next(self._ids)
-        fut = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
         self._pending[call_id] = fut
+        if timeout_s is not None:
+            timer = loop.call_later(timeout_s, self._expire, call_id)
+            fut.add_done_callback(lambda _: timer.cancel())
         self._writer.write(_frame((call_id, method, args)))
         return fut
+
+    def _expire(self, call_id: int) -> None:
+        fut = self._pending.pop(call_id, None)
+        if fut is not None and not fut.done():
+            fut.set_exception(TimeoutError(f"no answer from the router in time (call {call_id})"))
 
     def send(self, method: str, *args: Any) -> None:
         """Fire and forget (no reply); lost if the connection breaks before it is read."""

@@ -334,7 +334,7 @@ class RayRouter:
             # next call often follows its last answer by less than `flush_s`).
             self.flush()
             try:
-                res = await asyncio.wait_for(ch.call(method, *args), self.channel_timeout_s)
+                res = await ch.call(method, *args, timeout_s=self.channel_timeout_s)
                 self.channel_calls += 1
                 if not isinstance(res, RouterUnavailable):
                     return res

@@ -215,3 +215,35 @@ def test_buffered_events_reach_the_router_before_the_next_decision():
     seen = asyncio.run(main()).seen
     assert [m for m, _ in seen] == ["events", "route"]
     assert seen[0][1] == ([("first", "r0", 12.0), ("done", "r0", True)],)
+
+
+def test_a_router_that_never_answers_times_out_to_ray():
+    """Its node vanished without closing the connection: the call must not hang."""
+    async def main():
+        async def silent(reader, writer):
+            try:
+                await reader.read()  # takes everything, answers nothing
+            finally:
+                writer.close()
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        ch = await chan.Channel.open("127.0.0.1", port, TOKEN)
+        with pytest.raises(TimeoutError):
+            await ch.call("route", _req(0), timeout_s=0.05)
+        ch.close()
+        actor = FakeActor(("127.0.0.1", port, TOKEN))
+        rr = RayRouter(actor, channel_timeout_s=0.1)
+        await rr.route(_req(1))
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if rr._chan is not None:
+                break
+        t = asyncio.get_running_loop().time()
+        out = await rr.route(_req(2))
+        waited = asyncio.get_running_loop().time() - t
+        server.close()
+        await asyncio.sleep(0.01)
+        return out, waited, rr
+    out, waited, rr = asyncio.run(main())
+    assert out == ("over ray", "r2") and 0.1 <= waited < 1.0
+    assert rr.channel_lost == 1 and (rr._chan is None or rr._chan.closed)
