@@ -99,12 +99,15 @@ async def serve(handler: Callable[[str, tuple], Any], host: str, token: bytes,
                 except Exception as e:  # the caller raises it; the connection stays up
                     reply = (call_id, False, f"{type(e).__name__}: {e}")
                 if call_id:
-                    writer.write(_frame(reply))
+                    try:
+                        data = _frame(reply)
+                    except Exception as e:  # the value does not pickle: say so, keep the connection
+                        data = _frame((call_id, False, f"unpicklable reply: {type(e).__name__}: {e}"))
+                    writer.write(data)
                     if writer.transport.get_write_buffer_size() > (1 << 20):
                         await writer.drain()  # a caller that stopped reading: wait for it
-        except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError, pickle.UnpicklingError,
-                ValueError, TypeError, EOFError):
-            pass  # a caller went away or spoke nonsense: drop its connection only
+        except Exception:  # noqa: BLE001 - went away, timed out, or sent what does not unpickle
+            pass  # drop this caller's connection only
         finally:
             out.writers.discard(writer)
             writer.close()

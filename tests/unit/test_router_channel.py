@@ -31,6 +31,8 @@ class Calls:
             if args and args[0] == "boom":
                 raise KeyError("boom")
             return {"events_seen": sum(1 for m, _ in self.seen if m == "events")}
+        if method == "predict":
+            return lambda: None  # does not pickle
         return ("decided", args[0].request_id) if method == "route" else None
 
 
@@ -77,6 +79,8 @@ def test_errors_come_back_and_the_connection_stays_up():
             await ch.call("remove", "replica-1")  # only ALLOWED methods: never the admin ones
         with pytest.raises(chan.RemoteError, match="KeyError"):
             await ch.call("stats", "boom")
+        with pytest.raises(chan.RemoteError, match="unpicklable reply"):
+            await ch.call("predict", _req(0))
         ok = await ch.call("route", _req(1))
         ch.close()
         server.close()
