@@ -256,10 +256,9 @@ class RayRouter:
     for it, and while it is not open (not yet, or lost with a router
     restart: reopened at most every `channel_retry_s`, backing off to once a
     minute while opening fails) every call takes the Ray path above, retries
-    included. A channel call unanswered for
-    `channel_timeout_s` closes the channel and goes over Ray (a router that
-    slow is rare; one whose node vanished without closing the connection
-    would otherwise hang the call).
+    included. A channel call unanswered for `channel_timeout_s` closes the
+    channel and goes over Ray (a router that slow is rare; one whose node
+    vanished without closing the connection would otherwise hang the call).
     """
 
     def __init__(self, handle, flush_s: float = 0.005, reconnect: Callable[[], Any] | None = None,
