@@ -106,6 +106,7 @@ class RouterConfig(_Strict):
     snapshot_period_s: float = Field(default=0.2, gt=0, le=5)
     stale_after_s: float = Field(default=3.0, gt=0)  # no snapshot for this long: replica dropped
     direct_channel: bool = True  # ingress -> router over a TCP channel (serving.ray.channel), Ray as fallback
+    idle_exit_s: float = Field(default=900.0, ge=0)  # no engine report this long: the router actor exits (0: never)
 
     @field_validator("policy")
     @classmethod

@@ -10,7 +10,11 @@ dropped, so a dead replica stops being chosen even if nobody said goodbye.
 
 The actor is detached and named after a digest of the config, so every
 replica of one deployment finds the same router, and a redeploy with a
-different config gets a fresh one instead of stale state.
+different config gets a fresh one instead of stale state. The old one would
+linger for good (a process of its own, with its index), so a router that no
+engine has reported to for `router.idle_exit_s` (engines report every
+`snapshot_period_s` while they live) kills itself without restart; anyone who
+calls it later creates it again under the same name (`reconnect`).
 
 Restarts. Ray restarts the actor when its process dies (max_restarts=-1);
 the new incarnation starts empty and rebuilds its view from the engines'
@@ -74,12 +78,16 @@ class RouterActor:
         self._channel: tuple[str, int, bytes] | None = None
         self._channel_lock: asyncio.Lock | None = None
         self._server: chan.ChannelServer | None = None
+        self.idle_exit_s = cfg.router.idle_exit_s
+        self._last_report = time.monotonic()
+        self._watchdog: asyncio.Task | None = None
 
     async def channel(self) -> tuple[str, int, bytes]:
         """Where the direct channel listens and its token (serving.ray.channel); started on first ask.
 
         The one async method: it makes this an async actor, so Ray's calls and
         the channel's run on one event loop, one at a time."""
+        self._watch()  # (an ingress asks this first: a router no engine ever reports to exits too)
         if self._channel_lock is None:
             self._channel_lock = asyncio.Lock()
         async with self._channel_lock:
@@ -114,7 +122,11 @@ class RouterActor:
         finally:
             self.route_us.append((time.perf_counter() - t) * 1e6)
 
-    def update(self, snap: ReplicaSnapshot, counters: dict[str, int] | None = None) -> None:
+    async def update(self, snap: ReplicaSnapshot, counters: dict[str, int] | None = None) -> None:
+        # async only to start the watchdog on the actor's loop; nothing here awaits, so
+        # it still runs whole between any other two calls
+        self._last_report = time.monotonic()
+        self._watch()
         if snap.replica_id in self.draining:
             snap = replace(snap, health=Health.DRAINING)
         self.router.update(snap)
@@ -214,6 +226,22 @@ class RouterActor:
         interpreter's live allocations (they level off when nothing leaks)."""
         return {"allocated_blocks": sys.getallocatedblocks(), "index_entries": len(self.router.index),
                 "index_bookings": self.router.index.booked, "inflight": self.router.inflight}
+
+    def _watch(self) -> None:
+        """Start the idle watchdog (from an async method: on the actor's loop)."""
+        if self._watchdog is None and self.idle_exit_s > 0:
+            self._watchdog = asyncio.get_running_loop().create_task(self._exit_when_idle())
+
+    async def _exit_when_idle(self) -> None:
+        """Kill this actor (no restart) once no engine has reported for idle_exit_s."""
+        while True:
+            await asyncio.sleep(min(60.0, self.idle_exit_s / 4))
+            idle = time.monotonic() - self._last_report
+            if idle > self.idle_exit_s:
+                print(f"proxima router: no engine reported for {idle:.0f} s (router.idle_exit_s "
+                      f"{self.idle_exit_s:g}): exiting", file=sys.stderr, flush=True)
+                ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+                return
 
     def _sweep(self) -> None:
         now = time.monotonic()

@@ -215,3 +215,42 @@ def test_router_decides_in_well_under_a_millisecond_and_serve_obeys(client):
     # the ingress asks over the direct channel once it is open (the first calls go over Ray)
     chan = stats["router_channel"]
     assert chan["open"] and chan["calls"] > 10 and chan["lost"] == 0, chan
+
+
+def test_router_of_a_config_no_engine_uses_any_more_exits(client):
+    """A redeploy with another config leaves the old router behind: it must go away by itself."""
+    import ray
+
+    from serving.ray.router_actor import NAMESPACE, config_digest, router_actor
+    from serving.types import ReplicaSnapshot
+    from tests.integration.conftest import CONFIG
+
+    config = {**CONFIG, "router": {**CONFIG["router"], "idle_exit_s": 1.0}}
+    name = f"proxima-router-{config_digest(config)}"
+    actor = router_actor(config)
+    snap = ReplicaSnapshot("us-east-old", "us-east", "llama3-8b", kv_capacity_tokens=200_000)
+    t_end = time.monotonic() + 2.5
+    while time.monotonic() < t_end:  # an engine still reports: the router stays
+        ray.get(actor.update.remote(snap))
+        time.sleep(0.2)
+    assert ray.get(actor.stats.remote())["replicas"]
+    t = time.monotonic()
+    while True:  # silence: it kills itself, name and all
+        try:
+            ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            break
+        assert time.monotonic() - t < 15, "idle router did not exit"
+        time.sleep(0.2)
+    assert time.monotonic() - t >= 0.9
+    fresh = router_actor(config)  # whoever asks next gets a new one under the same name
+    assert ray.get(fresh.stats.remote())["replicas"] == {}
+    ray.get(fresh.channel.remote())  # as an ingress would: a router nobody reports to exits as well
+    t = time.monotonic()
+    while True:
+        try:
+            ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            break
+        assert time.monotonic() - t < 15, "a router no engine ever reported to did not exit"
+        time.sleep(0.2)
