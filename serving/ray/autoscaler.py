@@ -30,6 +30,7 @@ from typing import Any
 
 import ray
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from serving.autoscaler.policy import Limits, Observation, PolicyConfig, PoolLimits, decide
 from serving.config import load_config
@@ -65,6 +66,7 @@ class AutoscalerDeployment:
         self.draining: dict[tuple, asyncio.Task] = {}
         self.events: list[dict[str, Any]] = []  # what it did, newest last (bounded)
         self.last: dict[str, Any] = {}
+        self.config = config
         self.router = router_actor(config)
         self.controller = _controller()
         self._task = asyncio.get_running_loop().create_task(self._loop())
@@ -74,6 +76,10 @@ class AutoscalerDeployment:
             await asyncio.sleep(self.a.interval_s)
             try:
                 await self.step()
+            except RayActorError as e:
+                if not isinstance(e, ActorUnavailableError):  # gone for good (killed, exited idle): find or create it
+                    self.router = await asyncio.to_thread(router_actor, self.config)
+                log.warning("autoscaler step failed: %s", type(e).__name__)
             except Exception as e:  # the router restarting: decide again next time
                 log.warning("autoscaler step failed: %s", type(e).__name__)
 
