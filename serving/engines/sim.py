@@ -22,6 +22,8 @@ from serving.errors import ContextLengthExceeded, EngineError
 from serving.prefix.hashing import block_hashes
 from serving.types import Health, ReplicaSnapshot
 
+_NO_STEP = (0.0, 0.0, 0)
+
 
 class SimEngine:
     def __init__(self, replica_id: str, region: str = "local", model: str = "sim",
@@ -34,7 +36,7 @@ class SimEngine:
         self.clock = clock
         self.health = Health.UP
         self._task: asyncio.Task | None = None
-        self._step = (0.0, 0.0)  # (monotonic start, seconds) of the step in flight
+        self._step = _NO_STEP  # (monotonic start, seconds, prefill tokens) of the step in flight
         self._wake: asyncio.Event | None = None
 
     # --- protocol ---------------------------------------------------------
@@ -84,7 +86,7 @@ class SimEngine:
         c = self.core
         return ReplicaSnapshot(
             self.replica_id, self.region, self.model, num_running=len(c.running),
-            num_waiting=len(c.waiting), waiting_prefill_tokens=c.pending_at(self._step_left()),
+            num_waiting=len(c.waiting), waiting_prefill_tokens=c.pending_at(self._step[2], self._step_left()),
             running_tokens=sum(s.computed + s.out for s in c.running),
             kv_capacity_tokens=c.kv_capacity_tokens, kv_usage=c.pool.usage,
             prefix_cache_queries=c.queries, prefix_cache_hits=c.hits, health=self.health,
@@ -92,7 +94,7 @@ class SimEngine:
 
     def _step_left(self) -> float:
         """Fraction of the step in flight still to run (0 when none)."""
-        start, dur = self._step
+        start, dur, _ = self._step
         return (start + dur - time.monotonic()) / dur if dur > 0 else 0.0
 
     # --- operations ---------------------------------------------------------
@@ -143,8 +145,8 @@ class SimEngine:
                 s.tag.put_nowait(ContextLengthExceeded(str(e)))
                 continue
             dur = res.duration_ms * self.time_scale / 1000.0
-            self._step = (time.monotonic(), dur)
+            self._step = (time.monotonic(), dur, res.prefill_tokens)
             await asyncio.sleep(dur)
-            core.step_done()
+            self._step = _NO_STEP
             for s, n in res.emitted:
                 s.tag.put_nowait((n, s.out >= s.max_tokens, s.out))

