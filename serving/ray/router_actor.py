@@ -85,8 +85,8 @@ class RouterActor:
     async def channel(self) -> tuple[str, int, bytes]:
         """Where the direct channel listens and its token (serving.ray.channel); started on first ask.
 
-        The one async method: it makes this an async actor, so Ray's calls and
-        the channel's run on one event loop, one at a time."""
+        Async (as `update` is): that makes this an async actor, so Ray's calls
+        and the channel's run on one event loop, one at a time."""
         self._watch()  # (an ingress asks this first: a router no engine ever reports to exits too)
         if self._channel_lock is None:
             self._channel_lock = asyncio.Lock()
