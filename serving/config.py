@@ -171,6 +171,8 @@ class ServeConfig(_Strict):
 class BudgetsConfig(_Strict):
     ledger_path: str | None = "proxima-ledger.db"  # SQLite (WAL), relative to the cwd; null = memory only
     reservation_ttl_s: float = Field(default=900.0, gt=0)
+    ledger_timeout_s: float = Field(default=5.0, gt=0)  # a reservation unanswered this long: 503
+    settle_wait_s: float = Field(default=1.0, ge=0)  # a response's end waits this long for its charge
 
 
 class TierConfig(_Strict):

@@ -106,6 +106,12 @@ class RouterUnavailable(ProximaError):
         self.headers.setdefault("Retry-After", "1")
 
 
+class LedgerUnavailable(RouterUnavailable):
+    """The budget ledger did not answer a reservation in time (it is restarting or stalled)."""
+
+    code = "ledger_unavailable"
+
+
 class EngineError(ProximaError):
     status, type, code = 502, "server_error", "engine_error"
 

@@ -2,6 +2,14 @@
 
     BudgetAdmission(ledger, policies).admit(job)   reserve prompt + max_tokens (429 if over)
     BudgetAdmission(ledger, policies).settle(...)  reconcile to the real usage, exactly once
+
+Neither waits on the ledger without bound: a reservation it does not answer
+within `reserve_timeout_s` is a 503 (`ledger_unavailable`, Retry-After), and
+the request's end waits at most `settle_wait_s` for its charge, which then goes
+on in the background (retried; reconcile is idempotent per request id). A
+stalled ledger actor (a restart, or Ray's ordered actor queue waiting for a
+lost task, ray-project/ray#59667) must not hang responses, least of all for
+tenants whose usage is only being recorded.
     budgets_body(ledger, principal, session)   GET /v1/budgets: the caller's own budgets
     narrow(principal, header)             x-proxima-regions may only narrow residency
 
@@ -11,6 +19,8 @@ serving.ray.ledger.LedgerClient over the ledger actor.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from dataclasses import replace
 from typing import Any, Mapping
@@ -19,6 +29,9 @@ from serving.admission.budget import BudgetPolicy, Reservation
 from serving.admission.ledger import utc_day
 from serving.admission.residency import effective_regions
 from serving.admission.stage import AsyncLedger, admit, settle
+from serving.errors import LedgerUnavailable
+
+log = logging.getLogger(__name__)
 
 
 class BudgetAdmission:
@@ -29,9 +42,12 @@ class BudgetAdmission:
     (reconcile needs no prior hold). Without `policies` every request reserves.
     """
 
-    def __init__(self, ledger: AsyncLedger, policies: Mapping[str, BudgetPolicy] | None = None):
+    def __init__(self, ledger: AsyncLedger, policies: Mapping[str, BudgetPolicy] | None = None, *,
+                 reserve_timeout_s: float = 5.0, settle_wait_s: float = 1.0):
         self.ledger = ledger
         self.policies = policies
+        self.reserve_timeout_s, self.settle_wait_s = reserve_timeout_s, settle_wait_s
+        self.pending: set[asyncio.Task] = set()  # settlements still going on after their response
 
     def unlimited(self, tenant: str) -> bool:
         if self.policies is None:
@@ -41,15 +57,34 @@ class BudgetAdmission:
 
     async def admit(self, job: Any) -> Reservation:
         tenant = job.principal.tenant
+        tokens = job.prompt_tokens + job.max_tokens
         if self.unlimited(tenant):
-            return Reservation(job.request_id, tenant, job.prompt_tokens + job.max_tokens,
-                               utc_day(time.time()), job.session_id)
-        return await admit(self.ledger, job.request_id, tenant, job.prompt_tokens,
-                           job.max_tokens, job.session_id)
+            return Reservation(job.request_id, tenant, tokens, utc_day(time.time()), job.session_id)
+        try:
+            return await asyncio.wait_for(admit(self.ledger, job.request_id, tenant, job.prompt_tokens,
+                                                job.max_tokens, job.session_id), self.reserve_timeout_s)
+        except asyncio.TimeoutError:
+            # It may still land: release it once it does (the actor runs one caller's calls in order).
+            self._background(Reservation(job.request_id, tenant, tokens, utc_day(time.time()),
+                                         job.session_id), 0)
+            raise LedgerUnavailable(f"The budget ledger did not answer within {self.reserve_timeout_s:g} s; "
+                                    "retry shortly.") from None
 
     async def settle(self, job: Any, ticket: Reservation | None, used_tokens: int) -> None:
-        if ticket is not None:
-            await settle(self.ledger, ticket, used_tokens)
+        if ticket is None:
+            return
+        task = self._background(ticket, used_tokens)
+        try:
+            await asyncio.wait_for(asyncio.shield(task), self.settle_wait_s)
+        except asyncio.TimeoutError:
+            log.warning("request %s: the ledger has not recorded its %d tokens after %g s; "
+                        "settling in the background", ticket.request_id, used_tokens, self.settle_wait_s)
+
+    def _background(self, ticket: Reservation, used: int) -> asyncio.Task:
+        task = asyncio.ensure_future(settle(self.ledger, ticket, used))
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
+        return task
 
 
 async def budgets_body(ledger: AsyncLedger, tenant: str, session: str | None) -> dict:

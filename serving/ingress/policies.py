@@ -49,7 +49,10 @@ def delegation_config(cfg: Config) -> DelegationConfig | None:
 
 def gateway_policies(cfg: Config, router: Any, ledger: AsyncLedger | None = None,
                      metrics: Any = None) -> dict[str, Any]:
-    out: dict[str, Any] = {"admission": BudgetAdmission(ledger or local_ledger(cfg), _policies(cfg))}
+    b = cfg.budgets
+    out: dict[str, Any] = {"admission": BudgetAdmission(ledger or local_ledger(cfg), _policies(cfg),
+                                                        reserve_timeout_s=b.ledger_timeout_s,
+                                                        settle_wait_s=b.settle_wait_s)}
     dcfg = delegation_config(cfg)
     if dcfg is not None:
         on_choice = None

@@ -286,6 +286,83 @@ async def test_only_a_capped_tenant_waits_for_a_reservation_and_every_tenant_is_
     assert day["limit"] == (400 if reserves else None)
 
 
+class StalledLedger(CountingLedger):
+    """The ledger actor stalled: reserve or reconcile answers only once `go` is set."""
+
+    def __init__(self, inner, stall):
+        super().__init__(inner)
+        self.stall, self.go = stall, asyncio.Event()
+
+    async def reserve(self, *a, **k):
+        if "reserve" in self.stall:
+            await self.go.wait()
+        return await super().reserve(*a, **k)
+
+    async def reconcile(self, *a, **k):
+        if "reconcile" in self.stall:
+            await self.go.wait()
+        return await super().reconcile(*a, **k)
+
+
+def day_budget(body):
+    return next(x for x in body["budgets"] if x["name"] == "tokens_per_day")
+
+
+@pytest.mark.parametrize("tenant,stream", [("euco", False), ("acme", True)])
+async def test_a_stalled_ledger_delays_no_response_and_loses_no_charge(tenant, stream):
+    from serving.ingress.policies import local_ledger
+
+    cfg = load_config(CONFIG | {"budgets": {"ledger_path": None, "settle_wait_s": 0.2}})
+    ledger = StalledLedger(local_ledger(cfg), {"reconcile"})
+    gw, engines = one_big_per_region(cfg, ledger)
+    try:
+        async with client(gw) as c:
+            t0 = time.monotonic()
+            body = chat(tenant, max_tokens=10, stream=stream,
+                        **({"stream_options": {"include_usage": True}} if stream else {}))
+            r = await asyncio.wait_for(c.post("/v1/chat/completions", json=body, headers=auth(tenant)), 5)
+            took = time.monotonic() - t0
+            assert r.status_code == 200 and took < 2.0, (r.status_code, took)
+            if stream:
+                assert r.text.endswith("data: [DONE]\n\n")
+                used = json.loads(r.text.split("data: ")[-2])["usage"]["total_tokens"]
+            else:
+                used = r.json()["usage"]["total_tokens"]
+            assert day_budget((await c.get("/v1/budgets", headers=auth(tenant))).json())["used"] == 0
+            assert len(gw.admission.pending) == 1  # still settling, in the background
+            ledger.go.set()  # the ledger is back: the charge lands, once
+            await asyncio.wait_for(asyncio.gather(*gw.admission.pending), 5)
+            day = day_budget((await c.get("/v1/budgets", headers=auth(tenant))).json())
+    finally:
+        for e in engines.values():
+            await e.close()
+    assert day["used"] == used > 0 and day["reserved"] == 0
+    assert ledger.calls.count("reconcile") == 1
+
+
+async def test_an_unanswered_reservation_is_503_and_released_once_it_lands():
+    from serving.ingress.policies import local_ledger
+
+    cfg = load_config(CONFIG | {"budgets": {"ledger_path": None, "ledger_timeout_s": 0.2}})
+    ledger = StalledLedger(local_ledger(cfg), {"reserve"})
+    gw, engines = one_big_per_region(cfg, ledger)
+    try:
+        async with client(gw) as c:
+            r = await asyncio.wait_for(c.post("/v1/chat/completions", json=chat("acme", max_tokens=10),
+                                              headers=auth("acme")), 5)
+            assert r.status_code == 503 and r.headers["retry-after"] == "1"
+            assert r.json()["error"]["code"] == "ledger_unavailable"
+            ledger.go.set()
+            await asyncio.wait_for(asyncio.gather(*gw.admission.pending), 5)
+            day = day_budget((await c.get("/v1/budgets", headers=auth("acme"))).json())
+            assert (await c.post("/v1/chat/completions", json=chat("acme", max_tokens=10),
+                                 headers=auth("acme"))).status_code == 200  # and serving goes on
+    finally:
+        for e in engines.values():
+            await e.close()
+    assert day["used"] == 0 and day["reserved"] == 0  # the late hold was released, nothing charged
+
+
 async def test_an_idle_gateway_reports_a_half_open_replica_up_again():
     """After an outage nothing may route for a while: /health must not wait for traffic
     to start the half-open trial (a load balancer trusting it would never send any)."""
