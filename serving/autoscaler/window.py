@@ -3,13 +3,18 @@
 Whoever sees requests (the simulator's admit hook, the router actor) calls
 `arrival`; whoever sees the engines' prefix-cache counters calls `cache`
 with their running totals. `demand(now)` averages the last `window_s`
-seconds into `Demand`s for the policy, with their trend: the later half's
-rate against the earlier half's. Arrivals are bucketed by second, so
+seconds into `Demand`s for the policy, with their trend: the least-squares
+slope of the per-second arrival counts over the window's whole seconds, as a
+share of the mean rate. (Until 2026-11-29 it compared the later half with the
+earlier half, and the half boundary gave the later half one second more: a flat
+rate read as +0.9 %/s over a 15 s window, so every region looked as if it were
+growing.) Arrivals are bucketed by second, so
 memory and cost are per second of window, not per request.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 from serving.autoscaler.model import Demand
@@ -57,20 +62,29 @@ class DemandWindow:
         if span <= 0:
             return {}
         sums: dict[tuple[str, str], list[float]] = {}
-        mid = now - span / 2  # arrivals in the later half vs the earlier half give the trend
-        for sec, rows in self._buckets:
-            late = sec + 0.5 >= mid
+        for _, rows in self._buckets:
             for key, (n, p, o) in rows.items():
-                s = sums.setdefault(key, [0.0, 0.0, 0.0, 0.0])
+                s = sums.setdefault(key, [0.0, 0.0, 0.0])
                 s[0] += n
                 s[1] += p
                 s[2] += o
-                s[3] += n if late else 0.0
+        # The trend: seconds wholly inside the window (the current one is still filling).
+        first, last = math.ceil(now - span), math.floor(now) - 1
+        counts = {sec: rows for sec, rows in self._buckets if first <= sec <= last}
+        xs = range(first, last + 1)
+        k = len(xs)
+        x_mean = (first + last) / 2
+        sxx = sum((x - x_mean) ** 2 for x in xs)
         out: dict[str, dict[str, Demand]] = {}
-        for (client, model), (n, p, o, late) in sums.items():
-            early = n - late
-            # (late rate - early rate) / mean rate, per second between the halves' centres
-            growth = (late - early) / n / (span / 2) if n >= 10 else 0.0
+        for key, (n, p, o) in sums.items():
+            growth = 0.0
+            if n >= 10 and k >= 4:
+                ys = [counts[x].get(key, (0.0,))[0] if x in counts else 0.0 for x in xs]
+                y_mean = sum(ys) / k
+                if y_mean > 0:
+                    slope = sum((x - x_mean) * y for x, y in zip(xs, ys)) / sxx
+                    growth = slope / y_mean  # relative change of the rate per second
+            client, model = key
             out.setdefault(model, {})[client] = Demand(n / span, p / span, o / span, self.cached_frac(model),
                                                        growth)
         return out
