@@ -27,12 +27,15 @@ input does not flap:
 - down: only to the plan for demand inflated by `hysteresis` (a dead band),
   and only after that lower plan has held for `downscale_delay_s`; the pool
   goes to the highest of the lower plans seen meanwhile;
-- move: when the budget blocks an up, a pool whose lower plan has held for
+- move: when the budget blocks an up, a pool the plan itself (no dead band:
+  the plan is already the budget's best split) has wanted smaller for
   `move_delay_s` (shorter) gives its replicas up now, so the blocked region
   gets them once they drained;
-- a pool gives up at most `max_down_step` replicas per decision, and rising
-  demand is planned for where its trend says it will be in `lead_s` (the
-  time a new replica needs), so a region on its way up is not emptied.
+- a pool gives up at most `max_down_step` replicas per decision, and demand
+  is planned for where its trend says it will be in `lead_s` (the time a
+  replica takes to arrive: under a binding budget `move_delay_s` + drain +
+  start), rising or falling, so replicas leave a region past its peak for
+  one on its way up before the ramp, not after it.
 
 Replicas that are draining still hold their GPU, so they count against the
 budget until they stop.
@@ -75,8 +78,8 @@ class PolicyConfig:
     upscale_cooldown_s: float = 30.0
     downscale_delay_s: float = 300.0
     move_delay_s: float = 60.0
-    lead_s: float = 60.0  # plan for the demand the trend predicts this far ahead (a new
-    #                       replica's start and warm-up), never for less than now's
+    lead_s: float = 60.0  # plan for the demand the trend predicts this far ahead (the time a
+    #                       replica takes to arrive), within [0.5, 2] x now's
     max_down_step: int = 2  # replicas one pool gives up per decision
 
 
@@ -94,6 +97,8 @@ class PoolState:
     last_down: float = -math.inf
     below_since: float | None = None  # since when a lower plan held
     below_max: int = 0  # the highest lower plan seen since then
+    over_since: float | None = None  # since when the plan itself (no dead band) wanted fewer
+    over_max: int = 0  # the highest such plan since then
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,12 +219,19 @@ class _Costs:
 
 
 def forecast(demand: dict[str, dict[str, Demand]], lead_s: float) -> dict[str, dict[str, Demand]]:
-    """Rising demand is planned for where its trend will be in lead_s (at most 2x); falling, for now."""
+    """Demand where its trend will be in lead_s (between half and twice now's).
+
+    Falling demand too: a replica asked for now serves in lead_s, and under a binding
+    budget it comes from a region past its peak; planning that region for its present
+    demand kept its replicas until the next region's ramp had arrived (follow-the-sun
+    with real time zones: us-east held at 1-3 replicas through its own ramp). The
+    dead band and downscale_delay_s still guard plain scale-downs against a noisy trend.
+    """
     out = {}
     for m, by_client in demand.items():
         out[m] = {}
         for c, d in by_client.items():
-            k = min(2.0, max(1.0, 1.0 + d.growth * lead_s))
+            k = min(2.0, max(0.5, 1.0 + d.growth * lead_s))
             out[m][c] = d if k == 1.0 else replace(d, rps=d.rps * k, prompt_tps=d.prompt_tps * k,
                                                    decode_tps=d.decode_tps * k)
     return out
@@ -258,6 +270,11 @@ def decide(obs: Observation, limits: Limits, cfg: PolicyConfig,
                 st = replace(st, below_max=max(st.below_max, down_plan[p]))
         else:
             st = replace(st, below_since=None, below_max=0)
+        if up_plan[p] < cur:
+            st = replace(st, over_since=now if st.over_since is None else st.over_since,
+                         over_max=up_plan[p] if st.over_since is None else max(st.over_max, up_plan[p]))
+        else:
+            st = replace(st, over_since=None, over_max=0)
         state[p] = st
     for p in sorted(limits.pools):  # downs whose lower plan held long enough
         st = state[p]
@@ -283,12 +300,17 @@ def decide(obs: Observation, limits: Limits, cfg: PolicyConfig,
         targets[p] += 1
         state[p] = replace(state[p], last_up=now)
         reasons[p] = f"up toward plan {up_plan[p]}"
-    if blocked:  # a move: surplus pools give up their replicas sooner
+    if blocked:  # a move: pools the budget's best split wants smaller give their replicas up sooner
         for p in sorted(limits.pools):
             st = state[p]
-            if st.below_since is not None and now - st.below_since >= cfg.move_delay_s:
-                _down(p, st, targets, state, reasons, now, "moved to a region that needs it",
-                      cfg.max_down_step)
+            if st.over_since is not None and now - st.over_since >= cfg.move_delay_s \
+                    and st.over_max < targets[p]:
+                to = max(st.over_max, targets[p] - cfg.max_down_step)
+                reasons[p] = f"down to {to}: moved to a region that needs it (plan {st.over_max})"
+                targets[p] = to
+                state[p] = replace(st, last_down=now, below_since=None, below_max=0,
+                                   over_since=None if to == st.over_max else st.over_since,
+                                   over_max=0 if to == st.over_max else st.over_max)
     pred = {}
     for m in obs.demand:
         by_region = {r: n for (r, mm), n in targets.items() if mm == m}

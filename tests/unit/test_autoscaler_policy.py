@@ -69,11 +69,28 @@ def test_a_higher_replica_cost_buys_fewer_replicas():
     assert dear < cheap
 
 
-def test_rising_demand_is_planned_ahead_falling_demand_is_not():
+def test_demand_is_planned_where_its_trend_will_be_in_lead_s():
     d = demand(us=10, growth=0.02)  # +2 % per second
     up = forecast(d, 30.0)[M]["us"]
-    assert up.rps == pytest.approx(16.0)
-    assert forecast(demand(us=10, growth=-0.02), 30.0)[M]["us"].rps == 10
+    assert up.rps == pytest.approx(16.0) and up.prompt_tps == pytest.approx(16.0 * 2000)
+    assert forecast(demand(us=10, growth=-0.01), 30.0)[M]["us"].rps == pytest.approx(7.0)
+    assert forecast(demand(us=10, growth=-0.05), 30.0)[M]["us"].rps == pytest.approx(5.0)  # at most halved
+    assert forecast(demand(us=10, growth=0.2), 30.0)[M]["us"].rps == pytest.approx(20.0)  # at most doubled
+
+
+def test_a_region_past_its_peak_gives_replicas_to_one_on_its_way_up_before_they_cross():
+    """Under a binding budget, the falling region's replicas move while it still has more
+    demand than the rising one: by the time they arrive (lead_s), the rising one needs them."""
+    lim, c = limits(12, lo=1), cfg(move_delay_s=10, downscale_delay_s=600, upscale_cooldown_s=0,
+                                   lead_s=30, hysteresis=0.15)
+    start = {("us", M): 1, ("eu", M): 10, ("ap", M): 1}
+    steps = [(t, {M: {"eu": Demand(120 - t, (120 - t) * 2000, (120 - t) * 150, 0.5, -1 / (120 - t)),
+                      "us": Demand(20 + t, (20 + t) * 2000, (20 + t) * 150, 0.5, 1 / (20 + t))}})
+             for t in range(0, 45, 5)]
+    out = run(steps, lim, c, start)
+    assert all(sum(o.values()) <= 12 for o in out)
+    # Planning for now (and judging donors with the dead band) gave us 1, 1, 1, 1, 2, 2, 2, 4.
+    assert out[3]["us"] >= 3 and out[6]["us"] >= 5, out  # at t = 30 eu still has 90 rps to us' 50
 
 
 # --- decide: hysteresis, cooldown, moves ------------------------------------------
