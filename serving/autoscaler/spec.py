@@ -8,6 +8,7 @@
       max_replicas: 16        # likewise
       compare:                # run side by side on the identical arrivals
         - {name: static}                              # the scenario's replicas, never changed
+        - {name: static-21, kind: static, replicas: 21}   # a fixed fleet of 21, split evenly
         - {name: serve, kind: serve, target_ongoing_requests: 32}
         - {name: proxima, kind: proxima, replica_cost_ms: 1}
 
@@ -33,6 +34,15 @@ PROXIMA_DEFAULTS = {"slo_ttft_ms": None, "slo_weight": 10.0, "max_utilization": 
                     "replica_cost_ms": 1.0, "hysteresis": 0.15, "upscale_cooldown_s": 30.0,
                     "downscale_delay_s": 300.0, "move_delay_s": 60.0, "lead_s": 60.0,
                     "max_down_step": 2, "window_s": 60.0, "prewarm_frac": 0.25}
+
+# A static fleet of `replicas` in all, split evenly (None: the scenario's own split).
+STATIC_DEFAULTS = {"replicas": None}
+
+
+def even_split(n: int, regions: dict) -> dict[str, int]:
+    """n replicas over the regions as evenly as can be; the first regions listed get the remainder."""
+    q, r = divmod(n, len(regions))
+    return {name: q + (i < r) for i, name in enumerate(regions)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,11 +85,13 @@ def parse_autoscaling(raw: Any, regions: dict) -> AutoscalingSpec:
         kind = str(v.get("kind", name))
         if kind not in KINDS:
             raise ScenarioError(f"{k}.kind: unknown autoscaler {kind!r}; known: {list(KINDS)}")
-        defaults = {"static": {}, "serve": SERVE_DEFAULTS, "proxima": PROXIMA_DEFAULTS}[kind]
+        defaults = {"static": STATIC_DEFAULTS, "serve": SERVE_DEFAULTS, "proxima": PROXIMA_DEFAULTS}[kind]
         opts = {o: val for o, val in v.items() if o not in ("name", "kind")}
         known_keys(opts, set(defaults), k + ".")
         for o, val in opts.items():
-            if val is not None:
+            if o == "replicas" and val is not None:
+                opts[o] = even_split(integer(val, f"{k}.replicas", lo=1), regions)
+            elif val is not None:
                 opts[o] = number(val, f"{k}.{o}", lo=0.0)
         variants.append(Variant(name, kind, {**defaults, **opts}))
     names = [v.name for v in variants]

@@ -301,11 +301,15 @@ def run_policies(sc: Scenario, policies: list[PolicySpec] | None = None, *, prog
     auto = sc.autoscaling  # autoscalers to compare: every policy runs under each
     for spec, variant in [(s, v) for s in specs for v in (auto.variants if auto else (None,))]:
         hooks = hooks_factory() if hooks_factory else None
+        run_sc = sc
         if variant is not None:
             from serving.autoscaler.sim import make_hooks
-            hooks = make_hooks(sc, auto, variant)
+            fleet = variant.options.get("replicas")
+            if fleet:  # a static fleet of another size
+                run_sc = replace(sc, regions={name: replace(r, replicas=fleet[name]) for name, r in sc.regions.items()})
+            hooks = make_hooks(run_sc, auto, variant)
             spec = replace(spec, label=variant.name if len(specs) == 1 else f"{spec.label}+{variant.name}")
-        sim = Simulator(sc, spec, hooks=hooks, progress=progress, hasher=hasher)
+        sim = Simulator(run_sc, spec, hooks=hooks, progress=progress, hasher=hasher)
         res = sim.run()
         res["oracle_hit_rate"] = oracle
         series = sim.rec.series()

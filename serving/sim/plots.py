@@ -56,6 +56,9 @@ def plot(series: dict, out: Path) -> list[str]:
     made.append(_save(fig, out / "queue_depth.png"))
 
     scaled = {label: s["autoscaler"] for label, s in series.items() if "autoscaler" in s}
+    fixed = [label for label, a in scaled.items() if all(len(set(v)) <= 1 for v in a["replicas"].values())]
+    for label in fixed[1:]:  # fixed fleets of other sizes: flat lines, one panel shows the shape
+        del scaled[label]
     if scaled:
         fig, axes = plt.subplots(len(scaled), 1, figsize=(8, 2.6 * len(scaled)), sharex=True, squeeze=False)
         for ax, (label, a) in zip(axes[:, 0], scaled.items()):

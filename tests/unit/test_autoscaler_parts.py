@@ -107,6 +107,8 @@ BASE = {"duration_s": 60, "regions": {"us": {"replicas": 2, "profile": "llama3-8
     ({"compare": [{"name": "serve", "upscale_delay": 3}]}, "autoscaling.compare[0].upscale_delay"),
     ({"budget": 1, "min_replicas": 1}, "autoscaling.budget"),
     ({"min_replicas": {"mars": 1}}, "autoscaling.min_replicas.mars"),
+    ({"compare": [{"name": "s", "kind": "static", "replicas": 0}]}, "autoscaling.compare[0].replicas"),
+    ({"compare": [{"name": "p", "kind": "proxima", "replicas": 3}]}, "autoscaling.compare[0].replicas"),
 ])
 def test_bad_autoscaling_keys_are_named(bad, msg):
     with pytest.raises(ScenarioError, match=msg.replace("[", r"\[").replace("]", r"\]")):
@@ -127,6 +129,35 @@ def test_in_the_simulator_replicas_follow_demand_and_none_is_lost_draining():
     assert reps["eu"][-1] > reps["us"][-1], reps  # all demand is in eu: replicas moved there
     assert max(a + b for a, b in zip(reps["us"], reps["eu"])) <= 4  # the budget, draining ones included
     assert prox["autoscaler"]["replicas_stopped"] >= 1
+
+
+def test_a_static_fleet_of_another_size_is_split_evenly_and_compared_at_equal_replica_hours():
+    from serving.bench.autoscaling import comparison
+
+    sc = parse({**BASE, "autoscaling": {"compare": [{"name": "static"},
+                                                    {"name": "static-3", "kind": "static", "replicas": 3}]}})
+    assert sc.autoscaling.variants[1].options["replicas"] == {"us": 2, "eu": 1}  # the first listed gets the rest
+    out = run_policies(sc)
+    series = out["_series"]["static-3"]["autoscaler"]["replicas"]
+    assert (series["us"][-1], series["eu"][-1]) == (2, 1)
+    hours = {n: r["replica_hours"] for n, r in out["policies"].items()}
+    assert hours["static-3"] == pytest.approx(hours["static"] * 3 / 4, rel=0.01)
+
+    def r(h, p99, g):
+        return {"replica_hours": h, "ttft_p99_ms": p99, "goodput": g}
+
+    res = {"static": r(2.4, 200.0, 0.99), "static-s": r(2.0, 400.0, 0.90), "static-x": r(2.5, 210.0, 0.98),
+           "mid": r(2.2, 150.0, 0.95), "cheap": r(1.8, 300.0, 0.999), "good": r(2.3, 100.0, 0.995)}
+    c = comparison(res, {"static": "static", "static-s": "static", "static-x": "static", "mid": "proxima",
+                         "cheap": "proxima", "good": "proxima"})  # static-x: bigger, a hair worse (noise)
+    assert set(c) == {"mid", "cheap", "good"}
+    assert c["mid"]["ttft_p99_static_over_this_at_equal_replica_hours"] == pytest.approx(300 / 150)
+    assert c["mid"]["replica_hours_saved_at_equal_slo_attainment"] == pytest.approx(1 - 2.2 / (2.0 + 0.4 * 5 / 9),
+                                                                                   abs=1e-3)
+    assert c["cheap"]["ttft_p99_static_over_this_at_equal_replica_hours"] is None  # below every static fleet
+    assert c["good"]["replica_hours_saved_at_equal_slo_attainment_at_least"] == pytest.approx(1 - 2.3 / 2.4,
+                                                                                             abs=1e-3)
+    assert c["mid"]["replica_hours_saved_vs_static"] == pytest.approx(1 - 2.2 / 2.4, abs=1e-3)
 
 
 def test_serve_baseline_runs_in_the_simulator_within_the_budget():
