@@ -278,8 +278,11 @@ def decide(obs: Observation, limits: Limits, cfg: PolicyConfig,
         state[p] = st
     for p in sorted(limits.pools):  # downs whose lower plan held long enough
         st = state[p]
-        if st.below_since is not None and now - st.below_since >= cfg.downscale_delay_s:
-            _down(p, st, targets, state, reasons, now, "held", cfg.max_down_step)
+        if st.below_since is not None and now - st.below_since >= cfg.downscale_delay_s \
+                and st.below_max < targets[p]:
+            done = _down(p, st.below_max, targets, reasons, "the lower plan held", cfg.max_down_step)
+            state[p] = replace(st, last_down=now, below_since=None if done else st.below_since,
+                               below_max=0 if done else st.below_max)
     gpus_of = {p: limits.pools[p].gpus_per_replica for p in limits.pools}
     budget = math.inf if limits.max_gpus is None else limits.max_gpus
 
@@ -305,12 +308,11 @@ def decide(obs: Observation, limits: Limits, cfg: PolicyConfig,
             st = state[p]
             if st.over_since is not None and now - st.over_since >= cfg.move_delay_s \
                     and st.over_max < targets[p]:
-                to = max(st.over_max, targets[p] - cfg.max_down_step)
-                reasons[p] = f"down to {to}: moved to a region that needs it (plan {st.over_max})"
-                targets[p] = to
+                done = _down(p, st.over_max, targets, reasons, "moved to a region that needs it",
+                             cfg.max_down_step)
                 state[p] = replace(st, last_down=now, below_since=None, below_max=0,
-                                   over_since=None if to == st.over_max else st.over_since,
-                                   over_max=0 if to == st.over_max else st.over_max)
+                                   over_since=None if done else st.over_since,
+                                   over_max=0 if done else st.over_max)
     pred = {}
     for m in obs.demand:
         by_region = {r: n for (r, mm), n in targets.items() if mm == m}
@@ -319,12 +321,9 @@ def decide(obs: Observation, limits: Limits, cfg: PolicyConfig,
     return Decision(targets, up_plan, pred, reasons), state
 
 
-def _down(p: Pool, st: PoolState, targets, state, reasons, now: float, why: str, step: int) -> None:
-    """Down toward the highest lower plan seen, at most `step` replicas now; the rest wait."""
-    if st.below_max < targets[p]:
-        to = max(st.below_max, targets[p] - step)
-        reasons[p] = f"down to {to}: lower plan {st.below_max} {why}"
-        targets[p] = to
-        done = to == st.below_max
-        state[p] = replace(st, last_down=now, below_since=None if done else st.below_since,
-                           below_max=0 if done else st.below_max)
+def _down(p: Pool, plan_max: int, targets, reasons, why: str, step: int) -> bool:
+    """Down toward plan_max, at most `step` replicas now; True once it is reached."""
+    to = max(plan_max, targets[p] - step)
+    reasons[p] = f"down to {to}: {why} (plan {plan_max})"
+    targets[p] = to
+    return to == plan_max
