@@ -74,6 +74,8 @@ class BudgetAdmission:
         if ticket is None:
             return
         task = self._background(ticket, used_tokens)
+        if self.settle_wait_s <= 0:  # configured not to wait: the charge goes on in the background
+            return
         try:
             await asyncio.wait_for(asyncio.shield(task), self.settle_wait_s)
         except asyncio.TimeoutError:

@@ -308,11 +308,11 @@ def day_budget(body):
     return next(x for x in body["budgets"] if x["name"] == "tokens_per_day")
 
 
-@pytest.mark.parametrize("tenant,stream", [("euco", False), ("acme", True)])
-async def test_a_stalled_ledger_delays_no_response_and_loses_no_charge(tenant, stream):
+@pytest.mark.parametrize("tenant,stream,wait", [("euco", False, 0.2), ("acme", True, 0.2), ("acme", False, 0)])
+async def test_a_stalled_ledger_delays_no_response_and_loses_no_charge(tenant, stream, wait, caplog):
     from serving.ingress.policies import local_ledger
 
-    cfg = load_config(CONFIG | {"budgets": {"ledger_path": None, "settle_wait_s": 0.2}})
+    cfg = load_config(CONFIG | {"budgets": {"ledger_path": None, "settle_wait_s": wait}})
     ledger = StalledLedger(local_ledger(cfg), {"reconcile"})
     gw, engines = one_big_per_region(cfg, ledger)
     try:
@@ -338,6 +338,7 @@ async def test_a_stalled_ledger_delays_no_response_and_loses_no_charge(tenant, s
             await e.close()
     assert day["used"] == used > 0 and day["reserved"] == 0
     assert ledger.calls.count("reconcile") == 1
+    assert ("settling in the background" in caplog.text) == (wait > 0)  # 0: by design, no warning
 
 
 async def test_an_unanswered_reservation_is_503_and_released_once_it_lands():
