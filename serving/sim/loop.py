@@ -32,7 +32,7 @@ from serving.sim.scenario import PolicySpec, Scenario
 from serving.sim.workload import Arrival, arrivals
 from serving.types import Health, RouteRequest
 
-END, SNAP, EVENT, SAMPLE, TICK = 0, 1, 2, 3, 4
+END, SNAP, EVENT, SAMPLE, TICK, CALL = 0, 1, 2, 3, 4, 5
 
 
 class Hooks:
@@ -112,6 +112,10 @@ class Simulator:
         self._push(self.now + phase, SNAP, rep)
         return rep
 
+    def at(self, t: float, fn: Callable[["Simulator", float], None]) -> None:
+        """Call fn(sim, t) at virtual time t (a hook's own timer: a replica warm by then)."""
+        self._push(max(t, self.now), CALL, fn)
+
     def crash(self, *reps: Replica) -> None:
         """Replicas die together: the router's circuits open, then their requests fail over."""
         victims = []
@@ -185,6 +189,8 @@ class Simulator:
             elif kind == TICK:
                 self.hooks.tick(self, t)
                 self._push(t + self.hooks.tick_s, TICK, None)
+            elif kind == CALL:
+                obj(self, t)
         for rep in self.replicas.values():  # still running at the horizon: failed
             for s in list(rep.core.waiting) + rep.core.running:
                 self._fail(s.tag, "not finished by duration_s + drain_s")

@@ -69,6 +69,34 @@ def test_hottest_prefixes_are_the_most_widely_held_blocks():
     hot = hottest_prefixes(idx, ["r1", "r2", "r3"], max_blocks=3)
     assert hot == [1, 2, 3] or sorted(hot) == [1, 2, 3]
     assert set(hottest_prefixes(idx, ["r1", "r2", "r3"], max_blocks=100)) == {1, 2, 3, 10, 11, 20, 30, 40}
+    # What the simulator warms a new replica with: only what the fleet shares.
+    assert hottest_prefixes(idx, ["r1", "r2", "r3"], max_blocks=100, min_holders=2) == [1, 2, 3] or \
+        sorted(hottest_prefixes(idx, ["r1", "r2", "r3"], max_blocks=100, min_holders=2)) == [1, 2, 3]
+
+
+def test_a_new_replica_takes_traffic_the_moment_it_is_warm_not_at_the_next_tick():
+    from serving.autoscaler.sim import ProximaHooks
+    from serving.sim.loop import Simulator
+
+    sc = parse({**BASE, "autoscaling": {"tick_s": 5, "replica_start_s": 1,
+                                        "compare": [{"name": "proxima", "kind": "proxima"}]}})
+    hooks = ProximaHooks(sc, sc.autoscaling, sc.autoscaling.variants[0])
+    sim = Simulator(sc, sc.policies[0], hooks=hooks)
+    shared = [101, 102, 103]
+    for rid in ("eu-0", "eu-1"):
+        sim.router.index.insert(rid, shared)
+    sim.router.index.insert("eu-0", [900])  # one replica's own history: not copied
+    seen = []
+    sim.at(0.5, lambda s, t: (hooks._bring_up(s, "eu", t, t), seen.append((dict(hooks.warming),
+                                                                            hooks.prewarmed_blocks))))
+    sim.run()
+    (rid, ready), = seen[0][0].items()
+    p = sim.replicas[rid].profile
+    tokens = seen[0][1] * p.block_size
+    assert ready == pytest.approx(0.5 + (p.a_ms + p.b_ms_per_token * tokens) / 1000)  # well before t = 5
+    r = sim.router.table
+    assert rid not in hooks.warming and not r.snaps[r.index[rid]].circuit_open
+    assert set(shared) <= set(sim.router.index.blocks(rid)) and 900 not in sim.router.index.blocks(rid)
 
 
 # --- Ray Serve's target_ongoing_requests policy ------------------------------------------
