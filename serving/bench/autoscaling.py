@@ -53,7 +53,11 @@ def comparison(res: dict, kinds: dict[str, str]) -> dict:
     `..._at_least`: the saving against the static fleet that comes closest).
     """
     static = {n for n in res if kinds.get(n) == "static"}
-    statics = sorted((res[n]["replica_hours"], res[n]["ttft_p99_ms"], res[n]["goodput"]) for n in static)
+    statics = [(res[n]["replica_hours"], res[n]["ttft_p99_ms"], res[n]["goodput"]) for n in static]
+    # Only fleets better than every smaller one count: a bigger fleet that came out a
+    # hair worse (noise) must not make a static split look costlier than it is.
+    p99_by_hours = _frontier([(h, p) for h, p, _ in statics], lower=True)
+    hours_by_goodput = [(g, h) for h, g in _frontier([(h, g) for h, _, g in statics], lower=False)]
     base = res.get("static")
     out = {}
     for name, r in res.items():
@@ -67,18 +71,15 @@ def comparison(res: dict, kinds: dict[str, str]) -> dict:
                 "goodput_minus_static": round(r["goodput"] - base["goodput"], 4),
             })
         if len(statics) >= 2:
-            # Only fleets better than every smaller one count: a bigger fleet that came out a
-            # hair worse (noise) must not make a static split look costlier than it is.
-            p99 = _interp(r["replica_hours"], _frontier([(h, p) for h, p, _ in statics], lower=True))
+            p99 = _interp(r["replica_hours"], p99_by_hours)
             c["ttft_p99_static_over_this_at_equal_replica_hours"] = (
                 None if p99 is None else round(p99 / max(1e-9, r["ttft_p99_ms"]), 3))
-            by_goodput = [(g, h) for h, g in _frontier([(h, g) for h, _, g in statics], lower=False)]
-            hours = _interp(r["goodput"], by_goodput)
+            hours = _interp(r["goodput"], hours_by_goodput)
             if hours is not None:
                 c["replica_hours_saved_at_equal_slo_attainment"] = round(1 - r["replica_hours"] / hours, 3)
-            elif r["goodput"] > by_goodput[-1][0]:
+            elif r["goodput"] > hours_by_goodput[-1][0]:
                 c["replica_hours_saved_at_equal_slo_attainment_at_least"] = round(
-                    1 - r["replica_hours"] / by_goodput[-1][1], 3)
+                    1 - r["replica_hours"] / hours_by_goodput[-1][1], 3)
         out[name] = c
     return out
 
