@@ -82,6 +82,14 @@ class BudgetAdmission:
             log.warning("request %s: the ledger has not recorded its %d tokens after %g s; "
                         "settling in the background", ticket.request_id, used_tokens, self.settle_wait_s)
 
+    async def drain(self, timeout_s: float) -> int:
+        """The ingress replica is stopping: wait up to `timeout_s` for the charges still
+        settling in the background (a task left behind would die with the replica and its
+        usage go unrecorded). Returns how many are still unsettled."""
+        if self.pending:
+            await asyncio.wait(set(self.pending), timeout=timeout_s)
+        return sum(not t.done() for t in self.pending)
+
     def _background(self, ticket: Reservation, used: int) -> asyncio.Task:
         task = asyncio.ensure_future(settle(self.ledger, ticket, used))
         self.pending.add(task)

@@ -23,6 +23,7 @@ not delayed again (a constant delay would only shift them).
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 import uuid
@@ -46,6 +47,8 @@ from serving.observability.steps import SESSION_HEADER, STEP_HEADER, check_heade
 from serving.observability.tracing import TraceContext
 from serving.prefix.hashing import block_hashes
 from serving.types import Decision, RouteRequest
+
+log = logging.getLogger(__name__)
 
 
 class RouterPort(Protocol):
@@ -111,6 +114,10 @@ class Admission:
     async def settle(self, job: Job, ticket: Any, used_tokens: int) -> None:
         return None
 
+    async def drain(self, timeout_s: float) -> int:
+        """Wait up to `timeout_s` for settlements still going on; return how many are left."""
+        return 0
+
 
 class Delegation:
     """Default delegation: the model is the one named; no aliases."""
@@ -148,6 +155,18 @@ class Gateway:
         self.block_size = config.block_size
         self.limits = {m.name: config.max_model_len(m.name) for m in config.models}
         self.default_max = {m.name: m.default_max_tokens for m in config.models}
+
+    async def aclose(self, timeout_s: float = 10.0) -> None:
+        """The replica is stopping: finish the charges of requests already answered and
+        hand over the telemetry still buffered, within `timeout_s` together."""
+        deadline = time.monotonic() + timeout_s
+        left = await self.admission.drain(timeout_s)
+        if left:
+            log.error("stopping with %d budget charge(s) not recorded by the ledger; their holds "
+                      "expire at the ledger's TTL", left)
+        close = getattr(self.telemetry, "aclose", None)
+        if close is not None:
+            await close(max(0.5, deadline - time.monotonic()))
 
     def model_names(self) -> list[str]:
         return [m.name for m in self.config.models] + sorted(self.delegation.aliases)

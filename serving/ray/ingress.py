@@ -88,6 +88,12 @@ class IngressDeployment:
         self.gateway = Gateway(cfg, router, RayEngines(engines), metrics=metrics, telemetry=telemetry,
                                **gateway_policies(cfg, router, ledger, metrics))
 
+    async def __del__(self):
+        """Serve stops this replica (scale-down, redeploy) after its requests finished, within
+        the deployment's graceful_shutdown_timeout_s (20 s by default): charges still settling
+        and telemetry still buffered would otherwise die with it."""
+        await self.gateway.aclose(timeout_s=10.0)
+
     def __serve_build_asgi_app__(self):
         return _serve_request_id(build_app(self.gateway))
 

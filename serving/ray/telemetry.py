@@ -64,9 +64,10 @@ class RayTelemetry:
     """serving.observability.observer.Telemetry over the actor, for one ingress replica."""
 
     def __init__(self, handle, replica: str, metrics: GatewayMetrics, push_s: float = 2.0,
-                 flush_s: float = 0.1):
+                 flush_s: float = 0.1, max_buffered: int = 10_000):
         self.handle, self.replica, self.metrics = handle, replica, metrics
         self.push_s, self.flush_s = push_s, flush_s
+        self.max_buffered = max_buffered  # steps kept for the actor while it is away; the oldest go first
         self._steps: Steps = []
         self._flusher: asyncio.Task | None = None
         self._pusher: asyncio.Task | None = None
@@ -94,8 +95,32 @@ class RayTelemetry:
             try:
                 await self.handle.push.remote(self.replica, self.metrics.snapshot(), batch)
             except RayError as e:  # restarting: the next push carries everything again
-                self._steps = batch + self._steps
+                self._requeue(batch)
                 log.warning("metrics push failed: %s", type(e).__name__)
+
+    def _requeue(self, batch: Steps) -> None:
+        """Steps the actor did not take go back in front, within `max_buffered`: an actor
+        gone for longer must not grow this replica's memory without bound."""
+        steps = batch + self._steps
+        if len(steps) > self.max_buffered:
+            log.warning("telemetry actor unavailable: dropped the %d oldest agent steps",
+                        len(steps) - self.max_buffered)
+            steps = steps[-self.max_buffered:]
+        self._steps = steps
+
+    async def aclose(self, timeout_s: float) -> None:
+        """The replica is stopping: stop pushing, and hand over the last snapshot and the
+        steps still buffered (once, within `timeout_s`)."""
+        for task in (self._pusher, self._flusher):
+            if task is not None:
+                task.cancel()
+        batch, self._steps = self._steps, []
+        try:
+            await asyncio.wait_for(self.handle.push.remote(self.replica, self.metrics.snapshot(), batch),
+                                   timeout_s)
+        except (RayError, asyncio.TimeoutError) as e:
+            log.warning("last telemetry push failed (%s): %d agent steps not recorded",
+                        type(e).__name__, len(batch))
 
     async def merged(self, own: list[Family]) -> tuple[list[list[Family]], int]:
         batch, self._steps = self._steps, []
@@ -103,7 +128,7 @@ class RayTelemetry:
             fams, n = await self.handle.merged.remote(self.replica, own, batch)
             return [fams], n
         except RayError as e:  # serve this replica's slice rather than nothing
-            self._steps = batch + self._steps
+            self._requeue(batch)
             log.warning("fleet metrics unavailable, serving this replica's only: %s", type(e).__name__)
             return [own], 1
 
@@ -116,7 +141,7 @@ class RayTelemetry:
             except RayError as e:
                 why = type(e).__name__
                 await asyncio.sleep(0.2 * (attempt + 1))
-        self._steps = batch + self._steps
+        self._requeue(batch)
         err = ProximaError(f"The session step store is unavailable ({why}); please retry.")
         err.status = 503
         raise err

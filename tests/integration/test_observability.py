@@ -78,6 +78,41 @@ def test_telemetry_actor_sums_every_ingress_replicas_snapshot(gateway_url):
         ray.kill(actor)
 
 
+def test_a_stopping_replica_hands_over_its_steps_and_an_absent_actor_costs_bounded_memory(gateway_url):
+    import asyncio
+
+    import ray
+
+    from serving.ingress.metrics import GatewayMetrics
+    from serving.ray.telemetry import RayTelemetry, telemetry_actor
+
+    async def run():
+        m = GatewayMetrics()
+        m.requests.labels("/v1/completions", "200", "t", "m", "r").inc(2)
+        actor = telemetry_actor(f"proxima-telemetry-test-{time.monotonic_ns()}", 10, 8)
+        tel = RayTelemetry(actor, "replica-a", m, push_s=60, flush_s=60, max_buffered=5)
+        tel.seen_request()
+        for i in range(3):
+            tel.record_step("t", "s", {"i": i})
+        await tel.aclose(5)  # the replica stops before its next flush: the steps go now
+        steps = await actor.steps.remote("t", "s", [])
+        fams, n = await actor.merged.remote("replica-b", GatewayMetrics().snapshot(), [])
+        ray.kill(actor, no_restart=True)  # gone for good
+        tel = RayTelemetry(actor, "replica-a", m, push_s=60, flush_s=60, max_buffered=5)
+        for i in range(8):
+            tel.record_step("t", "s", {"i": i})
+        own = m.snapshot()
+        got, parts = await tel.merged(own)  # this replica's slice; the steps are kept, within the bound
+        kept = [rec["i"] for _, _, rec in tel._steps]
+        return steps, fams, n, got, parts, kept, own
+
+    steps, fams, n, got, parts, kept, own = asyncio.run(run())
+    assert [x["i"] for x in steps["data"]] == [0, 1, 2]
+    assert n == 2 and any(s[2] == 2 for f in fams for s in f[3] if s[0] == "proxima_requests_total")
+    assert parts == 1 and got == [own]
+    assert kept == [3, 4, 5, 6, 7]  # the oldest dropped first
+
+
 def test_grafana_dashboard_queries_only_what_the_serve_app_exports(client):
     import json
     from pathlib import Path

@@ -341,6 +341,52 @@ async def test_a_stalled_ledger_delays_no_response_and_loses_no_charge(tenant, s
     assert ("settling in the background" in caplog.text) == (wait > 0)  # 0: by design, no warning
 
 
+async def test_a_stopping_gateway_waits_for_the_charges_still_settling(caplog):
+    """Serve stops an ingress replica (scale-down) once its requests are answered; a charge
+    still settling in the background must land before the replica goes, not die with it."""
+    from serving.ingress.policies import local_ledger
+
+    cfg = load_config(CONFIG | {"budgets": {"ledger_path": None, "settle_wait_s": 0}})
+    ledger = StalledLedger(local_ledger(cfg), {"reconcile"})
+    gw, engines = one_big_per_region(cfg, ledger)
+    try:
+        async with client(gw) as c:
+            r = await c.post("/v1/chat/completions", json=chat("acme", max_tokens=10), headers=auth("acme"))
+            used = r.json()["usage"]["total_tokens"]
+            t0 = time.monotonic()
+            assert await gw.admission.drain(0.1) == 1  # the ledger still stalled: bounded, one left
+            assert 0.1 <= time.monotonic() - t0 < 1.0
+            asyncio.get_running_loop().call_later(0.2, ledger.go.set)  # the ledger is back while stopping
+            await asyncio.wait_for(gw.aclose(timeout_s=5), 5)
+            assert not gw.admission.pending
+            day = day_budget((await c.get("/v1/budgets", headers=auth("acme"))).json())
+    finally:
+        for e in engines.values():
+            await e.close()
+    assert day["used"] == used > 0 and day["reserved"] == 0
+    assert ledger.calls.count("reconcile") == 1
+    assert "not recorded" not in caplog.text
+
+
+async def test_a_gateway_stopping_with_the_ledger_gone_says_what_it_leaves(caplog):
+    from serving.ingress.policies import local_ledger
+
+    cfg = load_config(CONFIG | {"budgets": {"ledger_path": None, "settle_wait_s": 0}})
+    ledger = StalledLedger(local_ledger(cfg), {"reconcile"})
+    gw, engines = one_big_per_region(cfg, ledger)
+    try:
+        async with client(gw) as c:
+            assert (await c.post("/v1/chat/completions", json=chat("acme", max_tokens=10),
+                                 headers=auth("acme"))).status_code == 200
+            t0 = time.monotonic()
+            await gw.aclose(timeout_s=0.2)  # never hangs the replica's stop
+            assert time.monotonic() - t0 < 1.0
+    finally:
+        for e in engines.values():
+            await e.close()
+    assert "stopping with 1 budget charge(s) not recorded" in caplog.text
+
+
 async def test_an_unanswered_reservation_is_503_and_released_once_it_lands():
     from serving.ingress.policies import local_ledger
 
