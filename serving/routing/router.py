@@ -114,7 +114,7 @@ class Router:
         rtt = table.rtt_row(req.client_region, self.rtt_ms)[cands]
         queue = table.queue_ms[cands]
         return Context(req, table, cands, cached, self.index.block_size, rtt,
-                       queue, prefill, self.rng, rtt + queue + prefill)
+                       queue, prefill, self.rng, rtt + queue + prefill, self.clock())
 
     def choose(self, req: RouteRequest) -> tuple[Decision, Context, int]:
         ctx = self.context(req)
@@ -146,10 +146,12 @@ class Router:
         booked = max(1, req.prompt_tokens - decision.cached_tokens)
         self.index.book(req.request_id, rid, req.block_hashes)
         f = self._inflight[req.request_id] = _InFlight(
-            rid, booked, self.clock(), decision.predicted.queue_ms + decision.predicted.prefill_ms)
+            rid, booked, ctx.now if ctx is not None else self.clock(),
+            decision.predicted.queue_ms + decision.predicted.prefill_ms)
         self._unprefilled.setdefault(rid, {})[req.request_id] = f
         self.table.outstanding[i] += 1
         self.table.booked_tokens[i] += booked
+        self.table.routed(i, f.routed_at)
         self.table.refresh(i)
 
     def on_first_token(self, request_id: str, engine_ttft_ms: float | None = None) -> None:

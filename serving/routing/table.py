@@ -7,11 +7,15 @@ and never writes them, so scorers stay pure.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from serving.engines.profiles import EngineProfile
 from serving.routing.latency_model import ReplicaPerf
 from serving.types import ReplicaSnapshot
+
+RATE_TAU_S = 5.0  # the time constant of the per-replica routing rate
 
 
 class ReplicaTable:
@@ -27,6 +31,11 @@ class ReplicaTable:
         self.routable = np.zeros(n, bool)
         self.outstanding = np.zeros(n, np.int64)  # routed by us, not finished
         self.booked_tokens = np.zeros(n, np.int64)  # routed, prefill not seen by the engine yet
+        # Requests per second routed here: a decaying count (time constant RATE_TAU_S),
+        # as of `rate_t`. See routed() and route_rate().
+        self.rate = np.zeros(n)
+        self.rate_t = np.zeros(n)
+        self._first_routed: float | None = None
         self.num_waiting = np.zeros(n, np.int64)
         self.kv_usage = np.zeros(n)
         self.queue_ms = np.zeros(n)
@@ -65,6 +74,7 @@ class ReplicaTable:
         keep[i] = False
         self.outstanding = self.outstanding[keep]
         self.booked_tokens = self.booked_tokens[keep]
+        self.rate, self.rate_t = self.rate[keep], self.rate_t[keep]
         self._rebuild(keep_counters=True)
         return True
 
@@ -78,6 +88,9 @@ class ReplicaTable:
             m = min(n, len(self.outstanding))
             out[:m], booked[:m] = self.outstanding[:m], self.booked_tokens[:m]
             self.outstanding, self.booked_tokens = out, booked
+            rate, rate_t = np.zeros(n), np.zeros(n)
+            rate[:m], rate_t[:m] = self.rate[:m], self.rate_t[:m]
+            self.rate, self.rate_t = rate, rate_t
         self.routable = np.zeros(n, bool)
         self.num_waiting = np.zeros(n, np.int64)
         self.kv_usage = np.zeros(n)
@@ -102,6 +115,26 @@ class ReplicaTable:
         self.step0_ms[i] = perf.step0_ms(s.num_running) * perf.scale
         self.b_ms[i] = perf.profile.b_ms_per_token * perf.scale
         self.budget[i] = perf.profile.max_num_batched_tokens
+
+    # --- arrival rate ----------------------------------------------------------
+    def routed(self, i: int, now: float) -> None:
+        """One more request routed to row i at `now`."""
+        if self._first_routed is None:
+            self._first_routed = now
+        self.rate[i] = self.rate[i] * math.exp(min(0.0, self.rate_t[i] - now) / RATE_TAU_S) + 1.0 / RATE_TAU_S
+        self.rate_t[i] = now
+
+    def route_rate(self, rows: np.ndarray, now: float) -> np.ndarray:
+        """Requests per second routed to `rows` lately (decayed to `now`).
+
+        In the router's first seconds the decayed count has not filled up yet: it is
+        divided by the part of it that has (1 - e^(-age/tau)), or a fleet starting
+        under full load would read as idle, exactly when its caches are cold (the age
+        counts from at least 1 s, so the first requests do not read as a huge rate)."""
+        rate = self.rate[rows] * np.exp(np.minimum(0.0, self.rate_t[rows] - now) / RATE_TAU_S)
+        if self._first_routed is None:
+            return rate
+        return rate / -math.expm1(-max(1.0, now - self._first_routed) / RATE_TAU_S)
 
     # --- masks (cached until membership changes) ----------------------------
     def model_mask(self, model: str) -> np.ndarray:

@@ -10,12 +10,14 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
 import pytest
 
 from serving.errors import ModelNotFound, NoReplicaAvailable, ResidencyUnavailable
 from serving.prefix import block_hashes
 from serving.routing import Router
 from serving.routing.policies import POLICIES
+from serving.routing.table import RATE_TAU_S
 from serving.types import Health, ReplicaSnapshot, RouteRequest
 
 BS = 16
@@ -191,6 +193,60 @@ def test_latency_session_leaves_home_when_the_cache_saves_more_than_twice_the_rt
     router = build(world, "latency")
     router.index.insert("far", block_hashes(long_prompt, BS, "m"))
     assert router.route(request(world, session_id="s1")).replica_id == "far"
+
+
+@pytest.mark.parametrize("cold_rate, weight, expect", [
+    (20, 1.0, "holder"),  # traffic flows to both: a cold copy delays ~1.6 requests by 78 ms
+    (0, 1.0, "cold"),  # nothing goes to the cold replica: the copy delays nobody, spread
+    (20, 0.0, "cold"),  # load_weight 0: the request's own TTFT alone (4 ms better)
+])
+def test_latency_weighs_the_delay_a_cold_prefill_puts_on_the_next_requests(cold_rate, weight, expect):
+    """The 4k prefix is cached on `holder`, which has ~75 ms of prefill queued; `cold` is
+    idle. Recomputing the prefix there is 4 ms faster for this request, but the requests
+    routed to `cold` after it wait for that 78 ms prefill."""
+    world = World([snap("holder", waiting_prefill_tokens=4000), snap("cold")], cached={"holder": 4096})
+    router = build(world, "latency")
+    router.policy.load_weight = weight
+    for rid, rate in (("holder", 20), ("cold", cold_rate)):
+        n = rate * 60  # `rate` requests/s routed there over the last minute
+        for k in range(n):
+            router.table.routed(router.table.index[rid], -60 + 60 * k / n)
+    rates = router.table.route_rate(np.array([router.table.index["holder"]]), 0.0)
+    assert rates[0] == pytest.approx(20, rel=0.1)
+    ctx = router.context(request(world))
+    ids = [router.table.ids[i] for i in ctx.cands]
+    assert ctx.ttft_ms[ids.index("cold")] < ctx.ttft_ms[ids.index("holder")] - 2  # own TTFT alone: cold
+    d = router.route(request(world))
+    assert d.replica_id == expect, d.reason
+    if weight:
+        assert "delays the next ones" in d.reason
+
+
+def test_routing_rate_decays_and_survives_membership_changes():
+    t = {"now": 0.0}
+    world = World([snap("a"), snap("b")])
+    router = Router("latency", block_size=BS, rtt_ms=RTT, clock=lambda: t["now"])
+    for s in world.snaps:
+        router.update(s)
+    for k in range(10):  # ten requests at t = 0
+        router.route(RouteRequest(f"q{k}", "m", 10, exclude=frozenset({"b"})))
+    i = router.table.index["a"]
+
+    def rate(rows=None):
+        rows = np.array([i]) if rows is None else rows
+        return router.table.route_rate(rows, t["now"])
+
+    # the decayed count, divided by the part of it that the router's age has filled
+    assert rate()[0] == pytest.approx(10 / RATE_TAU_S / (1 - np.exp(-1 / RATE_TAU_S)))  # age counts from 1 s
+    t["now"] = RATE_TAU_S
+    assert rate()[0] == pytest.approx(10 / RATE_TAU_S * np.exp(-1) / (1 - np.exp(-1)))
+    t["now"] = 10 * RATE_TAU_S
+    assert rate()[0] == pytest.approx(10 / RATE_TAU_S * np.exp(-10), rel=1e-3)  # long since: plain decay
+    router.update(snap("c"))  # a new replica: the rates stay with their rows
+    router.remove("b")
+    i = router.table.index["a"]
+    rates = rate(np.arange(len(router.table)))
+    assert rates[i] == pytest.approx(10 / RATE_TAU_S * np.exp(-10), rel=1e-3) and rates.sum() == pytest.approx(rates[i])
 
 
 def test_round_robin_rotates_and_burst_spreads_under_latency():

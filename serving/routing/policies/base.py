@@ -29,6 +29,7 @@ class Context:
     prefill_ms: np.ndarray
     rng: np.random.Generator
     ttft_ms: np.ndarray  # rtt + queue + prefill, per candidate
+    now: float = 0.0  # the router's clock at the decision
 
     @property
     def total_blocks(self) -> int:

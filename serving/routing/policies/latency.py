@@ -1,28 +1,43 @@
-"""Proxima's policy: least predicted time to first token.
+"""Proxima's policy: least predicted time to first token, plus what it costs the others.
 
     ttft(r) = rtt(client, region(r)) + queue_ms(r) + prefill_ms(r, prompt - cached(r))
+    score(r) = ttft(r) + load_weight * kappa(r) * prefill_ms(r)
+    kappa(r) = rate(r) * (queue_ms(r) + prefill_ms(r)) / 1000
 
 Every term is in milliseconds (see routing.latency_model), so cache affinity,
-load and distance trade off without weights. Candidates within
-`max(tie_margin_ms, tie_margin_frac * best)` of the best are near-ties; among
-them the most cached wins (the prediction cannot tell them apart, and staying
-where the prefix is keeps it warm for the next call), and remaining ties are
-sampled uniformly so a burst of identical cold requests spreads instead of
-piling onto one replica.
+load and distance trade off without weights. The second term is the delay
+this request's prefill adds to the others: `rate(r)` is how many requests per
+second the router has been sending to r, so `kappa(r)` is how many of them
+arrive while this one queues and prefills there, and each waits behind its
+prefill. Without it the policy only minimised its own request's TTFT: once a
+shared prefix's replica had a queue longer than a cold prefill elsewhere, it
+recomputed the prefix on another replica, and at cluster KV pressure
+(shared-prefix-pressure at 200 requests/s) every such copy evicted another
+group's prefix, each miss queued more, and the fleet went from a 95% hit rate
+to 48% and unbounded queues within ten seconds. Weighing the others makes a
+cold copy cost what it costs where traffic is, and nothing where it is not
+(an idle replica), so a hot prefix still spreads when its replica is the
+bottleneck. `load_weight` 0 is the old policy.
+
+Candidates within `max(tie_margin_ms, tie_margin_frac * best)` of the best
+score are near-ties; among them the most cached wins (the prediction cannot
+tell them apart, and staying where the prefix is keeps it warm for the next
+call), and remaining ties are sampled uniformly so a burst of identical cold
+requests spreads instead of piling onto one replica.
 
 A request that belongs to a session (an agent loop, a chat) also weighs where
 the session's next calls will go: they follow the prefix it leaves behind, so
 placing this call far from its client makes them pay the distance again. For
-such requests the policy minimises
+such requests the policy adds
 
-    ttft(r) + session_horizon * (rtt(r) - least rtt among candidates)
+    session_horizon * (rtt(r) - least rtt among candidates)
 
 where `session_horizon` is how many more calls are expected to follow (1 by
 default). Without it, a session whose first call found the shared system
 prompt cached one region away (2 ms faster than a cold local prefill) stayed
 there for its whole life, paying 75 ms of RTT on every step while its prompt
 grew too long to move home. Requests without a session are routed on their
-own predicted TTFT alone.
+own predicted TTFT and its cost to others alone.
 """
 
 from __future__ import annotations
@@ -36,24 +51,30 @@ class Latency(Policy):
     name = "latency"
 
     def __init__(self, tie_margin_ms: float = 1.0, tie_margin_frac: float = 0.02,
-                 session_horizon: float = 1.0) -> None:
-        if tie_margin_ms < 0 or tie_margin_frac < 0 or session_horizon < 0:
-            raise ValueError("tie margins and session_horizon must be >= 0")
+                 session_horizon: float = 1.0, load_weight: float = 1.0) -> None:
+        if tie_margin_ms < 0 or tie_margin_frac < 0 or session_horizon < 0 or load_weight < 0:
+            raise ValueError("tie margins, session_horizon and load_weight must be >= 0")
         self.tie_margin_ms = tie_margin_ms
         self.tie_margin_frac = tie_margin_frac
         self.session_horizon = session_horizon
+        self.load_weight = load_weight
 
     def margin(self, best_ms: float) -> float:
         return max(self.tie_margin_ms, self.tie_margin_frac * best_ms)
 
     def choose(self, ctx: Context) -> tuple[int, str]:
         ttft = ctx.ttft_ms
-        score, why = ttft, ""
+        score, why, toll = ttft, "", None
+        if self.load_weight:
+            engine_s = (ctx.queue_ms + ctx.prefill_ms) / 1000.0
+            behind = ctx.table.route_rate(ctx.cands, ctx.now) * engine_s  # arrivals that wait for it
+            toll = self.load_weight * behind * ctx.prefill_ms
+            score = ttft + toll
         if self.session_horizon and ctx.req.session_id is not None and ctx.cands.size > 1:
             rtt = ctx.rtt_ms
             extra = rtt - rtt.min()
             if extra.any():  # candidates at different distances: the session's next calls care
-                score = ttft + self.session_horizon * extra
+                score = score + self.session_horizon * extra
                 why = f"; session: +{self.session_horizon:g}x the extra RTT its next call pays"
         best = float(score.min())
         near = np.flatnonzero(score <= best + self.margin(best))
@@ -62,6 +83,9 @@ class Latency(Policy):
             near = near[cached == cached.max()]
         pos = int(near[0] if near.size == 1 else near[ctx.rng.integers(near.size)])
         cached = min(int(ctx.cached_blocks[pos]) * ctx.block_size, ctx.req.prompt_tokens)
-        return pos, (f"{'least ' if not why else ''}predicted TTFT {ttft[pos]:.1f} ms (rtt {ctx.rtt_ms[pos]:.0f}, "
+        least = "least " if ttft[pos] <= ttft.min() else ""
+        if toll is not None:
+            why = f"; delays the next ones {toll[pos]:.1f} ms" + why
+        return pos, (f"{least}predicted TTFT {ttft[pos]:.1f} ms (rtt {ctx.rtt_ms[pos]:.0f}, "
                      f"queue {ctx.queue_ms[pos]:.1f}, prefill {ctx.prefill_ms[pos]:.1f}; "
                      f"cached {cached}/{ctx.req.prompt_tokens}; {near.size} near-tie{why})")
