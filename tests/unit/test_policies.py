@@ -195,16 +195,19 @@ def test_latency_session_leaves_home_when_the_cache_saves_more_than_twice_the_rt
     assert router.route(request(world, session_id="s1")).replica_id == "far"
 
 
-@pytest.mark.parametrize("cold_rate, weight, expect", [
-    (20, 1.0, "holder"),  # traffic flows to both: a cold copy delays ~1.6 requests by 78 ms
-    (0, 1.0, "cold"),  # nothing goes to the cold replica: the copy delays nobody, spread
-    (20, 0.0, "cold"),  # load_weight 0: the request's own TTFT alone (4 ms better)
+@pytest.mark.parametrize("cold_rate, cold_kv, weight, expect", [
+    (20, 0.0, 1.0, "holder"),  # traffic flows to both: a cold copy delays ~1.6 requests by 78 ms
+    (0, 0.0, 1.0, "cold"),  # nothing goes to the cold replica: the copy delays nobody, spread
+    (2, 0.0, 1.0, "cold"),  # a trickle: 0.16 requests delayed, 12 ms, less than the 16 ms it saves
+    (2, 0.9, 1.0, "holder"),  # the same trickle on a replica with 90% of its KV in use: 10x
+    (20, 0.0, 0.0, "cold"),  # load_weight 0: the request's own TTFT alone (4 ms better)
 ])
-def test_latency_weighs_the_delay_a_cold_prefill_puts_on_the_next_requests(cold_rate, weight, expect):
-    """The 4k prefix is cached on `holder`, which has ~75 ms of prefill queued; `cold` is
-    idle. Recomputing the prefix there is 4 ms faster for this request, but the requests
+def test_latency_weighs_the_delay_a_cold_prefill_puts_on_the_next_requests(cold_rate, cold_kv, weight, expect):
+    """The 4k prefix is cached on `holder`, which has ~75 ms of prefill queued; `cold` has
+    no queue. Recomputing the prefix there is 4 ms faster for this request, but the requests
     routed to `cold` after it wait for that 78 ms prefill."""
-    world = World([snap("holder", waiting_prefill_tokens=4000), snap("cold")], cached={"holder": 4096})
+    world = World([snap("holder", waiting_prefill_tokens=4000), snap("cold", kv_usage=cold_kv)],
+                  cached={"holder": 4096})
     router = build(world, "latency")
     router.policy.load_weight = weight
     for rid, rate in (("holder", 20), ("cold", cold_rate)):

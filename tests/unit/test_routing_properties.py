@@ -11,7 +11,8 @@
    bound is on TTFT plus the horizon times the extra RTT its next calls would
    pay (see serving.routing.policies.latency); with `load_weight` > 0 it also
    includes the delay its prefill adds to the requests routed there after it
-   (the replica's recent routing rate, from the requests in flight here).
+   (the replica's recent routing rate, from the requests in flight here, over
+   1 - its KV usage).
 """
 
 from __future__ import annotations
@@ -147,7 +148,8 @@ def test_latency_is_within_its_margin_of_the_best(replicas, q, seed, margin_ms, 
     # the part of the decayed count a 1-s-old router has filled (see ReplicaTable.route_rate)
     routed = {rid: sum(1 for f in router._inflight.values() if f.row_id == rid) for rid in ok}
     fill = 1 - math.exp(-1 / RATE_TAU_S)
-    score = {rid: predicted[rid] + load * routed[rid] / RATE_TAU_S / fill * (q_ + p_) / 1000 * p_
+    busy = {rid: min(replicas[int(rid[1:])]["kv_usage"], 0.95) for rid in ok}
+    score = {rid: predicted[rid] + load * routed[rid] / RATE_TAU_S / fill * (q_ + p_) / 1000 * p_ / (1 - busy[rid])
              for rid, (_, q_, p_) in parts.items()}
     if req.session_id is not None and horizon:
         rtt = {rid: RTT.get(req.client_region, {}).get(replicas[int(rid[1:])]["region"], 0.0) for rid in ok}

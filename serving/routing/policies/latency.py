@@ -1,7 +1,7 @@
 """Proxima's policy: least predicted time to first token, plus what it costs the others.
 
     ttft(r) = rtt(client, region(r)) + queue_ms(r) + prefill_ms(r, prompt - cached(r))
-    score(r) = ttft(r) + load_weight * kappa(r) * prefill_ms(r)
+    score(r) = ttft(r) + load_weight * kappa(r) * prefill_ms(r) / (1 - u(r))
     kappa(r) = rate(r) * (queue_ms(r) + prefill_ms(r)) / 1000
 
 Every term is in milliseconds (see routing.latency_model), so cache affinity,
@@ -9,15 +9,20 @@ load and distance trade off without weights. The second term is the delay
 this request's prefill adds to the others: `rate(r)` is how many requests per
 second the router has been sending to r, so `kappa(r)` is how many of them
 arrive while this one queues and prefills there, and each waits behind its
-prefill. Without it the policy only minimised its own request's TTFT: once a
+prefill; `u(r)` is the replica's KV cache in use (capped at 0.95): work
+added to a busy server stretches its busy period by 1 / (1 - utilisation),
+and a continuous-batching engine's utilisation is the KV its running
+requests hold. Without it the policy only minimised its own request's TTFT: once a
 shared prefix's replica had a queue longer than a cold prefill elsewhere, it
 recomputed the prefix on another replica, and at cluster KV pressure
 (shared-prefix-pressure at 200 requests/s) every such copy evicted another
 group's prefix, each miss queued more, and the fleet went from a 95% hit rate
-to 48% and unbounded queues within ten seconds. Weighing the others makes a
-cold copy cost what it costs where traffic is, and nothing where it is not
-(an idle replica), so a hot prefix still spreads when its replica is the
-bottleneck. `load_weight` 0 is the old policy.
+to 48% and unbounded queues within ten seconds (with the first term alone it
+held at 200/s but not at 240/s, where the KV in use was what bound: the
+divisor). Weighing the others makes a cold copy cost what it costs where
+traffic is, and nothing where it is not (an idle replica), so a hot prefix
+still spreads when its replica is the bottleneck. `load_weight` 0 is the old
+policy.
 
 Candidates within `max(tie_margin_ms, tie_margin_frac * best)` of the best
 score are near-ties; among them the most cached wins (the prediction cannot
@@ -46,6 +51,8 @@ import numpy as np
 
 from serving.routing.policies.base import Context, Policy
 
+MAX_UTILISATION = 0.95  # caps the busy-period factor 1 / (1 - u) at 20
+
 
 class Latency(Policy):
     name = "latency"
@@ -68,7 +75,8 @@ class Latency(Policy):
         if self.load_weight:
             engine_s = (ctx.queue_ms + ctx.prefill_ms) / 1000.0
             behind = ctx.table.route_rate(ctx.cands, ctx.now) * engine_s  # arrivals that wait for it
-            toll = self.load_weight * behind * ctx.prefill_ms
+            busy = np.minimum(ctx.table.kv_usage[ctx.cands], MAX_UTILISATION)
+            toll = self.load_weight * behind * ctx.prefill_ms / (1.0 - busy)
             score = ttft + toll
         if self.session_horizon and ctx.req.session_id is not None and ctx.cands.size > 1:
             rtt = ctx.rtt_ms
