@@ -10,9 +10,9 @@
    each other too. For a request of a session (with `session_horizon` > 0) the
    bound is on TTFT plus the horizon times the extra RTT its next calls would
    pay (see serving.routing.policies.latency); with `load_weight` > 0 it also
-   includes the delay its prefill adds to the requests routed there after it
-   (the replica's recent routing rate, from the requests in flight here, over
-   1 - its KV usage).
+   includes the delay that recomputing what another candidate holds adds to
+   the requests routed there after it (the replica's recent routing rate, from
+   the requests in flight here, over 1 - its KV usage).
 """
 
 from __future__ import annotations
@@ -149,8 +149,12 @@ def test_latency_is_within_its_margin_of_the_best(replicas, q, seed, margin_ms, 
     routed = {rid: sum(1 for f in router._inflight.values() if f.row_id == rid) for rid in ok}
     fill = 1 - math.exp(-1 / RATE_TAU_S)
     busy = {rid: min(replicas[int(rid[1:])]["kv_usage"], 0.95) for rid in ok}
-    score = {rid: predicted[rid] + load * routed[rid] / RATE_TAU_S / fill * (q_ + p_) / 1000 * p_ / (1 - busy[rid])
-             for rid, (_, q_, p_) in parts.items()}
+    unc = {rid: req.prompt_tokens - router.index.match(req.block_hashes).get(rid, 0) * BS for rid in ok}
+    extra = {rid: unc[rid] - min(unc.values()) for rid in ok}  # recomputed here, held by another candidate
+    b = {rid: router.table.perf[router.table.index[rid]].profile.b_ms_per_token
+         * router.table.perf[router.table.index[rid]].scale for rid in ok}
+    score = {rid: predicted[rid] + load * routed[rid] / RATE_TAU_S / fill * (q_ + p_) / 1000 * b[rid] * extra[rid]
+             / (1 - busy[rid]) for rid, (_, q_, p_) in parts.items()}
     if req.session_id is not None and horizon:
         rtt = {rid: RTT.get(req.client_region, {}).get(replicas[int(rid[1:])]["region"], 0.0) for rid in ok}
         score = {rid: score[rid] + horizon * (rtt[rid] - min(rtt.values())) for rid in ok}
