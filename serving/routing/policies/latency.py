@@ -76,22 +76,32 @@ class Latency(Policy):
     def choose(self, ctx: Context) -> tuple[int, str]:
         ttft = ctx.ttft_ms
         score, why, toll = ttft, "", None
-        if self.load_weight:
-            held = ctx.cached_blocks.max() - ctx.cached_blocks  # blocks another candidate holds
-            if held.any():
-                rows = ctx.cands
-                engine_s = (ctx.queue_ms + ctx.prefill_ms) / 1000.0
-                behind = ctx.table.route_rate(rows, ctx.now) * engine_s  # arrivals that wait for it
-                busy = np.minimum(ctx.table.kv_usage[rows], MAX_UTILISATION)
-                recompute_ms = ctx.table.b_ms[rows] * np.minimum(held * ctx.block_size, ctx.req.prompt_tokens)
-                toll = self.load_weight * behind * recompute_ms / (1.0 - busy)
-                score = ttft + toll
         if self.session_horizon and ctx.req.session_id is not None and ctx.cands.size > 1:
             rtt = ctx.rtt_ms
             extra = rtt - rtt.min()
             if extra.any():  # candidates at different distances: the session's next calls care
                 score = score + self.session_horizon * extra
                 why = f"; session: +{self.session_horizon:g}x the extra RTT its next call pays"
+        if self.load_weight:
+            cached = ctx.cached_blocks
+            most = cached.max()
+            holders = cached == most
+            if most and not holders.all():  # some candidates would recompute blocks others hold
+                # The toll is >= 0 and 0 for the candidates holding the most, so only candidates
+                # scoring under their best (and its margin) before the toll can win: price those.
+                bound = float(score[holders].min())
+                sub = np.flatnonzero(score < bound + self.margin(bound))
+                sub = sub[~holders[sub]]
+                if sub.size:
+                    rows = ctx.cands[sub]
+                    engine_s = (ctx.queue_ms[sub] + ctx.prefill_ms[sub]) / 1000.0
+                    behind = ctx.table.route_rate(rows, ctx.now) * engine_s  # arrivals that wait for it
+                    busy = np.minimum(ctx.table.kv_usage[rows], MAX_UTILISATION)
+                    held = (most - cached[sub]) * ctx.block_size  # tokens another candidate holds
+                    recompute_ms = ctx.table.b_ms[rows] * np.minimum(held, ctx.req.prompt_tokens)
+                    toll = np.zeros(score.size)
+                    toll[sub] = self.load_weight * behind * recompute_ms / (1.0 - busy)
+                    score = score + toll
         best = float(score.min())
         near = np.flatnonzero(score <= best + self.margin(best))
         if near.size > 1:  # among near-ties, the most cached first: it keeps the prefix warm
