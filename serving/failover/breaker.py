@@ -54,6 +54,12 @@ class FailoverView:
         self.replicas.pop(replica_id, None)
         self._dirty.pop(replica_id, None)
 
+    def retain(self, replica_ids) -> None:
+        """Forget replicas the router no longer has (scaled down, or gone stale): a healthy
+        one left behind would keep its region's breaker from ever seeing an outage."""
+        for rid in [r for r in self.replicas if r not in replica_ids]:
+            self.remove(rid)
+
     # --- observations -------------------------------------------------------
     def failure(self, replica_id: str, now: float) -> None:
         r = self.replicas.get(replica_id)

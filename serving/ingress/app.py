@@ -126,14 +126,17 @@ def build_app(gw: Gateway) -> Starlette:
         data = [{"id": n, "object": "model", "created": now, "owned_by": "proxima"} for n in gw.model_names()]
         return _json({"object": "list", "data": data})
 
-    def router_view():
+    async def router_view():
         # Due half-open trials start before the view is read, not only before the next
         # routing decision: an idle gateway (no traffic after an outage) would otherwise
         # keep reporting those replicas down, and a load balancer that trusts /health
         # would keep the traffic away that could close them.
         if gw.failover is not None:
             gw.failover.tick()
-        return gw.router.stats()
+        stats = await gw.router.stats()
+        if gw.failover is not None and "replicas" in stats:
+            gw.failover.view.retain(stats["replicas"])  # the router's membership is the truth
+        return stats
 
     async def health(request: Request) -> Response:
         stats = await router_view()

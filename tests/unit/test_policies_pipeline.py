@@ -410,6 +410,28 @@ async def test_an_unanswered_reservation_is_503_and_released_once_it_lands():
     assert day["used"] == 0 and day["reserved"] == 0  # the late hold was released, nothing charged
 
 
+async def test_a_scaled_away_replica_does_not_hide_a_region_outage():
+    """The region breaker opens a region's replicas together once every one of them has
+    failed. A replica the gateway once used and the router no longer has (scaled down) must
+    not count as the member that still answers."""
+    gw, engines = one_big_per_region(load_config(CONFIG | {"failover": {"failures": 3}}))
+    try:
+        async with client(gw) as c:
+            view, now = gw.failover.view, time.monotonic()
+            view.add("us-gone-0", "us")
+            view.success("us-gone-0", now - 1, probe=False)  # served, then was scaled away
+            view.add("us-big-0", "us")
+            view.failure("us-big-0", now)
+            assert not view.is_open("us-big-0")  # "us-gone-0" looks like it still answers
+            assert (await c.get("/health")).status_code == 200  # reads the router's membership
+            assert "us-gone-0" not in view.replicas and "us-big-0" in view.replicas
+            view.failure("us-big-0", now)
+            assert view.is_open("us-big-0")  # every member of us has failed: the region opens
+    finally:
+        for e in engines.values():
+            await e.close()
+
+
 async def test_an_idle_gateway_reports_a_half_open_replica_up_again():
     """After an outage nothing may route for a while: /health must not wait for traffic
     to start the half-open trial (a load balancer trusting it would never send any)."""
