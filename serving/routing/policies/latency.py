@@ -23,7 +23,8 @@ recomputed the prefix on another replica, and at cluster KV pressure
 (shared-prefix-pressure at 200 requests/s) every copy took KV another
 group's prefix needed, each miss queued more, and the fleet went from a 95%
 hit rate to 48% and unbounded queues within ten seconds. With it the same
-fleet holds at 280 requests/s (p99 26 ms, where cache_aware's is 375 ms).
+fleet holds at 280 requests/s (p99 23 ms, where cache_aware's is 600 ms) and
+carries 400/s at the p99 cache_aware has at 280 (docs/simulation.md).
 A copy still costs nothing where no traffic waits (an idle replica), so a
 hot prefix spreads when its replica is the bottleneck. `load_weight` 0 is
 the old policy.
