@@ -205,7 +205,7 @@ def test_latency_session_leaves_home_when_the_cache_saves_more_than_twice_the_rt
 def test_latency_weighs_the_delay_a_cold_prefill_puts_on_the_next_requests(cold_rate, cold_kv, weight, expect):
     """The 4k prefix is cached on `holder`, which has ~75 ms of prefill queued; `cold` has
     no queue. Recomputing the prefix there is 4 ms faster for this request, but the requests
-    routed to `cold` after it wait for that 78 ms prefill."""
+    routed to `cold` after it wait for the 71 ms it spends recomputing what `holder` holds."""
     world = World([snap("holder", waiting_prefill_tokens=4000), snap("cold", kv_usage=cold_kv)],
                   cached={"holder": 4096})
     router = build(world, "latency")
