@@ -264,15 +264,13 @@ def decide(obs: Observation, limits: Limits, cfg: PolicyConfig,
             else:
                 reasons[p] = f"up to {up_plan[p]} waits for the cooldown"
         elif down_plan[p] < cur:
-            if st.below_since is None:
-                st = replace(st, below_since=now, below_max=down_plan[p])
-            else:
-                st = replace(st, below_max=max(st.below_max, down_plan[p]))
+            since, most = _held(st.below_since, st.below_max, down_plan[p], now)
+            st = replace(st, below_since=since, below_max=most)
         else:
             st = replace(st, below_since=None, below_max=0)
         if up_plan[p] < cur:
-            st = replace(st, over_since=now if st.over_since is None else st.over_since,
-                         over_max=up_plan[p] if st.over_since is None else max(st.over_max, up_plan[p]))
+            since, most = _held(st.over_since, st.over_max, up_plan[p], now)
+            st = replace(st, over_since=since, over_max=most)
         else:
             st = replace(st, over_since=None, over_max=0)
         state[p] = st
@@ -319,6 +317,11 @@ def decide(obs: Observation, limits: Limits, cfg: PolicyConfig,
         profiles = {r: cfg.profiles[(r, mm)] for (r, mm) in targets if mm == m}
         pred[m] = predict(obs.demand[m], by_region, profiles, cfg.rtt_ms, cfg.max_utilization).ttft_ms
     return Decision(targets, up_plan, pred, reasons), state
+
+
+def _held(since: float | None, most: int, plan: int, now: float) -> tuple[float, int]:
+    """A lower plan holds on: (since when, the highest such plan seen since then)."""
+    return (now, plan) if since is None else (since, max(most, plan))
 
 
 def _down(p: Pool, plan_max: int, targets, reasons, why: str, step: int) -> bool:

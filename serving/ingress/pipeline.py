@@ -164,9 +164,7 @@ class Gateway:
         if left:
             log.error("stopping with %d budget charge(s) not recorded by the ledger; their holds "
                       "expire at the ledger's TTL", left)
-        close = getattr(self.telemetry, "aclose", None)
-        if close is not None:
-            await close(max(0.5, deadline - time.monotonic()))
+        await self.telemetry.aclose(max(0.5, deadline - time.monotonic()))
 
     def model_names(self) -> list[str]:
         return [m.name for m in self.config.models] + sorted(self.delegation.aliases)

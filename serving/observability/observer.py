@@ -37,6 +37,8 @@ class Telemetry(Protocol):
 
     async def merged(self, own: list[Family]) -> tuple[list[list[Family]], int]: ...
 
+    async def aclose(self, timeout_s: float) -> None: ...
+
 
 class LocalTelemetry:
     """One process: the store is here, and this gateway is the whole fleet."""
@@ -55,6 +57,9 @@ class LocalTelemetry:
 
     async def merged(self, own: list[Family]) -> tuple[list[list[Family]], int]:
         return [own], 1
+
+    async def aclose(self, timeout_s: float) -> None:
+        return None  # the store lives and dies with this process: nothing to hand over
 
 
 class Observer:
