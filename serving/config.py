@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from serving.engines.factory import known_kinds
 from serving.engines.profiles import PROFILES
-from serving.routing.policies import POLICIES
+from serving.routing.policies import POLICIES, make_policy
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -114,6 +114,13 @@ class RouterConfig(_Strict):
         if v not in POLICIES:
             raise ValueError(f"unknown policy {v!r}; known: {sorted(POLICIES)}")
         return v
+
+    @model_validator(mode="after")
+    def _options(self) -> "RouterConfig":
+        # Build the policy once here, so bad options fail at config load with their key,
+        # not later inside the router actor as the app starts.
+        make_policy(self.policy, **self.options)
+        return self
 
 
 class BudgetLimits(_Strict):
