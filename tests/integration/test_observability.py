@@ -82,6 +82,7 @@ def test_a_stopping_replica_hands_over_its_steps_and_an_absent_actor_costs_bound
     import asyncio
 
     import ray
+    from ray.exceptions import RayError
 
     from serving.ingress.metrics import GatewayMetrics
     from serving.ray.telemetry import RayTelemetry, telemetry_actor
@@ -97,7 +98,15 @@ def test_a_stopping_replica_hands_over_its_steps_and_an_absent_actor_costs_bound
         await tel.aclose(5)  # the replica stops before its next flush: the steps go now
         steps = await actor.steps.remote("t", "s", [])
         fams, n = await actor.merged.remote("replica-b", GatewayMetrics().snapshot(), [])
-        ray.kill(actor, no_restart=True)  # gone for good
+        ray.kill(actor, no_restart=True)  # gone for good (ray.kill returns before it is)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                await actor.steps.remote("t", "s", [])
+            except RayError:
+                break
+            assert time.monotonic() < deadline, "the killed telemetry actor still answers"
+            await asyncio.sleep(0.05)
         tel = RayTelemetry(actor, "replica-a", m, push_s=60, flush_s=60, max_buffered=5)
         for i in range(8):
             tel.record_step("t", "s", {"i": i})
