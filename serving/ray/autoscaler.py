@@ -15,6 +15,13 @@ node Serve stops a deployment's newest replicas, so those are the ones
 drained here (should Serve keep one of them, it is un-drained). (The simulator, which owns its replicas, drains the coldest
 replica instead: serving.autoscaler.cache.)
 
+A restarted controller (its replica crashed, or Serve moved it) resumes
+from what Serve holds: it reads each engine deployment's current target
+from the Serve controller instead of the config's starting counts, and a
+replica the router still keeps out of routing although no drain is under way
+and Serve is not stopping it (a drain whose controller died, or one that
+timed out) is handed back to routing at the next step.
+
 Demand comes from the router (requests by client region), not from the
 replicas, so a pool scaled to 0 can grow again (not covered by a test); a
 region configured with `replicas: 0` gets no engine deployment at all, so it
@@ -30,7 +37,7 @@ from typing import Any
 
 import ray
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayError
 
 from serving.autoscaler.policy import Limits, Observation, PolicyConfig, PoolLimits, decide
 from serving.config import load_config
@@ -38,6 +45,19 @@ from serving.engines.profiles import get_profile
 from serving.ray.router_actor import router_actor
 
 log = logging.getLogger("proxima.autoscaler")
+
+
+def stale_drains(rows: list[dict[str, Any]], targets: dict[tuple, int], busy: set[tuple]) -> list[str]:
+    """Replicas marked draining in pools with no drain of ours under way (`busy`) and no
+    more replicas than Serve's target (so Serve is not about to stop one of them)."""
+    out: list[str] = []
+    for p, n in targets.items():
+        if p in busy:
+            continue
+        pool = [r for r in rows if (r["region"], r["model"]) == p]
+        if len(pool) <= n:
+            out += [r["replica_id"] for r in pool if r["draining"]]
+    return out
 
 
 def _controller():
@@ -61,7 +81,6 @@ class AutoscalerDeployment:
             replica_cost_ms=a.replica_cost_ms, hysteresis=a.hysteresis,
             upscale_cooldown_s=a.upscale_cooldown_s, downscale_delay_s=a.downscale_delay_s,
             move_delay_s=a.move_delay_s, lead_s=a.lead_s, max_down_step=a.max_down_step)
-        self.targets = {p: cfg.regions[p[0]].replicas for p in self.names}
         self.state: dict = {}
         self.draining: dict[tuple, asyncio.Task] = {}
         self.events: list[dict[str, Any]] = []  # what it did, newest last (bounded)
@@ -69,7 +88,28 @@ class AutoscalerDeployment:
         self.config = config
         self.router = router_actor(config)
         self.controller = _controller()
+        self.targets = await self._serve_targets({p: cfg.regions[p[0]].replicas for p in self.names})
         self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def _serve_targets(self, start: dict[tuple, int]) -> dict[tuple, int]:
+        """Each pool's replica target as Serve holds it now: the config's count on a first
+        deploy, whatever this controller set before if it restarted."""
+        try:
+            details = await self.controller.get_serve_instance_details.remote()
+        except RayError as e:
+            log.warning("autoscaler: Serve's targets unreadable (%s); starting from the config's counts",
+                        type(e).__name__)
+            return dict(start)
+        deployments = ((details.get("applications") or {}).get(self.app) or {}).get("deployments") or {}
+        out = dict(start)
+        for p, name in self.names.items():
+            n = (deployments.get(name) or {}).get("target_num_replicas")
+            if isinstance(n, int):
+                out[p] = n
+        if out != start:
+            log.info("autoscaler resumed from Serve's targets: %s",
+                     {"/".join(p): n for p, n in out.items()})
+        return out
 
     async def _loop(self) -> None:
         while True:
@@ -87,8 +127,12 @@ class AutoscalerDeployment:
         view = await self.router.autoscale_view.remote()
         now = time.monotonic()
         busy = {p for p, t in self.draining.items() if not t.done()}
-        draining = {p: sum(1 for r in view["replicas"] if (r["region"], r["model"]) == p and r["draining"])
-                    for p in self.names}
+        stale = stale_drains(view["replicas"], self.targets, busy)
+        if stale:
+            log.info("autoscaler: %d replica(s) drained by no drain under way serve again", len(stale))
+            await self.router.undrain.remote(stale)
+        draining = {p: sum(1 for r in view["replicas"] if (r["region"], r["model"]) == p and r["draining"]
+                           and r["replica_id"] not in stale) for p in self.names}
         obs = Observation(now, view["demand"], dict(self.targets), draining)
         decision, self.state = decide(obs, self.limits, self.cfg, self.state)
         self.last = {"targets": {"/".join(p): n for p, n in decision.targets.items()},

@@ -134,3 +134,49 @@ def test_replicas_follow_load_from_us_east_to_eu_west_and_nothing_fails(app):
     codes = us.codes + eu.codes
     assert codes and all(c == 200 for c in codes), sorted(set(codes))
     assert len(eu.codes) > 10
+
+
+def _kill_autoscaler_replica() -> None:
+    import ray
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == "serve" and a["name"].startswith(f"SERVE_REPLICA::{APP}#autoscaler#")]
+    assert len(names) == 1, names
+    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+
+
+def test_a_restarted_autoscaler_resumes_from_serves_targets_and_frees_a_stale_drain(app):
+    """Runs after the move above: Serve now holds us-east 1, eu-west 2, not the config's 2 and 1.
+    A drain whose controller died is left in the router; the replacement controller must
+    start from Serve's targets (not re-plan from the config's counts) and hand that
+    replica back to routing."""
+    import ray
+
+    from serving.ray.router_actor import router_actor
+    assert running() == {"us-east": 1, "eu-west": 2}, "needs the move of the test above"
+    router = router_actor(CONFIG)
+    eu = [r["replica_id"] for r in ray.get(router.autoscale_view.remote())["replicas"]
+          if r["region"] == "eu-west"]
+    ray.get(router.drain.remote(eu[:1]))  # as a controller killed mid-drain leaves it
+    _kill_autoscaler_replica()
+    deadline, status = time.monotonic() + 60, None
+    while time.monotonic() < deadline:
+        try:
+            status = autoscaler_status()
+            if not status["events"] and status["last"]:  # the new replica, after its first step
+                break
+        except Exception:  # the old replica is gone; Serve is starting the new one
+            pass
+        time.sleep(0.5)
+    assert status is not None and not status["events"] and status["last"], status
+    assert status["targets"] == {"us-east/llama3-8b": 1, "eu-west/llama3-8b": 2}, status
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        rows = {r["replica_id"]: r for r in ray.get(router.autoscale_view.remote())["replicas"]}
+        if not rows[eu[0]]["draining"]:
+            break
+        time.sleep(0.5)
+    assert not rows[eu[0]]["draining"], rows
+    assert running() == {"us-east": 1, "eu-west": 2}
+    r = httpx.post(app + "/v1/completions", headers={"x-client-region": "eu-west"},
+                   json={"model": "llama3-8b", "prompt": "after the restart", "max_tokens": 4}, timeout=30)
+    assert r.status_code == 200, r.text

@@ -14,6 +14,24 @@ from serving.sim.loop import run_policies
 from serving.sim.scenario import parse
 
 
+# --- the Ray controller's drain bookkeeping ---------------------------------------
+@pytest.mark.parametrize("rows, targets, busy, want", [
+    # a drain left behind (its controller died, or it timed out); Serve keeps both: serve again
+    ([("a1", "us", True), ("a2", "us", False)], {("us", "m"): 2}, set(), ["a1"]),
+    # a drain under way in this pool: leave it to that drain
+    ([("a1", "us", True), ("a2", "us", False)], {("us", "m"): 1}, {("us", "m")}, []),
+    # no drain under way, but Serve is still stopping one of the pool's replicas
+    ([("a1", "us", True), ("a2", "us", False)], {("us", "m"): 1}, set(), []),
+    # one pool's state does not spill into another's
+    ([("a1", "us", True), ("b1", "eu", True), ("b2", "eu", False)], {("us", "m"): 1, ("eu", "m"): 1},
+     set(), ["a1"]),
+])
+def test_stale_drains(rows, targets, busy, want):
+    from serving.ray.autoscaler import stale_drains
+    view = [{"replica_id": rid, "region": region, "model": "m", "draining": d} for rid, region, d in rows]
+    assert stale_drains(view, targets, busy) == want
+
+
 # --- demand window ---------------------------------------------------------------
 def test_window_averages_demand_per_client_region_and_forgets_the_old():
     w = DemandWindow(window_s=10)
