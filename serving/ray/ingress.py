@@ -27,7 +27,7 @@ from serving.ingress.metrics import GatewayMetrics
 from serving.ingress.policies import budget_policies, gateway_policies
 from serving.ray.ledger import LedgerClient, start_ledger
 from serving.observability.logs import configure_logging
-from serving.ray.router_actor import RayRouter, config_digest, router_actor
+from serving.ray.router_actor import RayRouter, actor_name, router_actor
 from serving.ray.telemetry import RayTelemetry, telemetry_actor
 from serving.types import Decision
 
@@ -79,12 +79,16 @@ class IngressDeployment:
         metrics = GatewayMetrics()
         obs = cfg.observability
         configure_logging(obs.log_format)
-        telemetry = RayTelemetry(  # /metrics and session steps for the whole fleet, not this replica
-            telemetry_actor(f"proxima-telemetry-{config_digest(config)}", obs.max_sessions,
-                            obs.max_steps_per_session),
-            serve.get_replica_context().replica_id.unique_id, metrics, obs.metrics_push_s)
-        ledger = LedgerClient(start_ledger(budget_policies(cfg), cfg.budgets.ledger_path,
-                                           name=f"proxima-ledger-{config_digest(config)}"))
+        def tel():
+            return telemetry_actor(actor_name("telemetry", config), obs.max_sessions, obs.max_steps_per_session)
+
+        def led():
+            return start_ledger(budget_policies(cfg), cfg.budgets.ledger_path, name=actor_name("ledger", config))
+
+        # /metrics and session steps for the whole fleet, not this replica's
+        telemetry = RayTelemetry(tel(), serve.get_replica_context().replica_id.unique_id, metrics,
+                                 obs.metrics_push_s, reconnect=tel)
+        ledger = LedgerClient(led(), reconnect=led)
         self.gateway = Gateway(cfg, router, RayEngines(engines), metrics=metrics, telemetry=telemetry,
                                **gateway_policies(cfg, router, ledger, metrics))
 

@@ -14,13 +14,15 @@ project's own error, not a RayTaskError wrapper.
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Callable
 
 import ray
+from ray.exceptions import RayActorError
 
 from serving.admission.budget import BudgetPolicy, Reservation
 from serving.admission.ledger import Ledger
 from serving.errors import ProximaError
+from serving.ray.named import find_again
 
 LEDGER_NAME = "proxima-ledger"
 
@@ -58,20 +60,34 @@ def start_ledger(policies: dict[str, dict[str, Any]], path: str | None,
 
 
 class LedgerClient:
-    """Async calls to the ledger actor from an ingress replica (never a blocking ray.get)."""
+    """Async calls to the ledger actor from an ingress replica (never a blocking ray.get).
 
-    def __init__(self, handle):
-        self.handle = handle
+    A ledger gone for good (it leaves with its app's idle router) is found again or
+    created afresh through `reconnect` and the call repeated once: reserve and
+    reconcile are idempotent per request id."""
+
+    def __init__(self, handle, reconnect: Callable[[], Any] | None = None):
+        self.handle, self.reconnect = handle, reconnect
+
+    async def _call(self, method: str, *args):
+        try:
+            return await getattr(self.handle, method).remote(*args)
+        except RayActorError as e:
+            handle = await find_again(e, self.reconnect)
+            if handle is None:
+                raise
+            self.handle = handle
+            return await getattr(handle, method).remote(*args)
 
     async def reserve(self, request_id: str, tenant: str, tokens: int,
                       session: str | None = None) -> Reservation:
-        res = await self.handle.reserve.remote(request_id, tenant, tokens, session)
+        res = await self._call("reserve", request_id, tenant, tokens, session)
         if isinstance(res, ProximaError):
             raise res
         return Reservation(**res)
 
     async def reconcile(self, r: Reservation, used: int) -> bool:
-        return await self.handle.reconcile.remote(asdict(r), used)
+        return await self._call("reconcile", asdict(r), used)
 
     async def remaining(self, tenant: str, session: str | None = None) -> dict:
-        return await self.handle.remaining.remote(tenant, session)
+        return await self._call("remaining", tenant, session)

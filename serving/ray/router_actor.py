@@ -14,7 +14,11 @@ different config gets a fresh one instead of stale state. The old one would
 linger for good (a process of its own, with its index), so a router that no
 engine has reported to for `router.idle_exit_s` (engines report every
 `snapshot_period_s` while they live) kills itself without restart; anyone who
-calls it later creates it again under the same name (`reconnect`).
+calls it later creates it again under the same name (`reconnect`). The
+config's budget ledger and telemetry actors are named after the same digest
+(`actor_name`) and would linger the same way: the exiting router takes them
+with it, and their clients create them again should the app come back (the
+ledger reloads its SQLite file; a memory-only ledger starts empty).
 
 Restarts. Ray restarts the actor when its process dies (max_restarts=-1);
 the new incarnation starts empty and rebuilds its view from the engines'
@@ -60,6 +64,7 @@ NAMESPACE = "proxima"
 class RouterActor:
     def __init__(self, config: dict[str, Any]):
         cfg = load_config(config)
+        self.config = config
         self.router = Router(cfg.router.policy, block_size=cfg.block_size, rtt_ms=cfg.rtt(),
                              alternatives=cfg.router.alternatives, **cfg.router.options)
         self.stale_after_s = cfg.router.stale_after_s
@@ -239,7 +244,14 @@ class RouterActor:
             idle = time.monotonic() - self._last_report
             if idle > self.idle_exit_s:
                 print(f"proxima router: no engine reported for {idle:.0f} s (router.idle_exit_s "
-                      f"{self.idle_exit_s:g}): exiting", file=sys.stderr, flush=True)
+                      f"{self.idle_exit_s:g}): exiting, with this config's ledger and telemetry actors",
+                      file=sys.stderr, flush=True)
+                for kind in ("ledger", "telemetry"):
+                    try:
+                        ray.kill(ray.get_actor(actor_name(kind, self.config), namespace=NAMESPACE),
+                                 no_restart=True)
+                    except ValueError:  # never started (no budgets asked, no ingress)
+                        pass
                 ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
                 return
 
@@ -257,9 +269,14 @@ def config_digest(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def actor_name(kind: str, config: dict[str, Any]) -> str:
+    """The name of one of a config's shared actors: "router", "ledger" or "telemetry"."""
+    return f"proxima-{kind}-{config_digest(config)}"
+
+
 def router_actor(config: dict[str, Any]):
     """The router actor for this config, created by whichever replica asks first."""
-    return RouterActor.options(name=f"proxima-router-{config_digest(config)}", namespace=NAMESPACE,
+    return RouterActor.options(name=actor_name("router", config), namespace=NAMESPACE,
                                get_if_exists=True, lifetime="detached").remote(config)
 
 

@@ -13,14 +13,16 @@ whole gateway, so every ingress replica sends what it has to one named actor:
 So a scrape of any replica is at most one push period behind the others, and a
 session's steps at most `flush_s`. If the actor restarts, the step history is
 lost (it is recent history, bounded anyway) but the counters are not: each
-replica's next push carries its whole cumulative state again.
+replica's next push carries its whole cumulative state again. The actor
+leaves with its app's idle router (serving.ray.router_actor); an ingress that
+meets it gone for good creates it again (`reconnect`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import ray
 from ray.exceptions import RayError
@@ -29,6 +31,7 @@ from serving.errors import ProximaError
 from serving.ingress.metrics import Family, GatewayMetrics
 from serving.observability.fleet import merge
 from serving.observability.steps import StepStore
+from serving.ray.named import find_again
 
 log = logging.getLogger("proxima.telemetry")
 NAMESPACE = "proxima"
@@ -64,8 +67,10 @@ class RayTelemetry:
     """serving.observability.observer.Telemetry over the actor, for one ingress replica."""
 
     def __init__(self, handle, replica: str, metrics: GatewayMetrics, push_s: float = 2.0,
-                 flush_s: float = 0.1, max_buffered: int = 10_000):
+                 flush_s: float = 0.1, max_buffered: int = 10_000,
+                 reconnect: Callable[[], Any] | None = None):
         self.handle, self.replica, self.metrics = handle, replica, metrics
+        self.reconnect = reconnect  # finds or creates the actor again once it is gone for good
         self.push_s, self.flush_s = push_s, flush_s
         self.max_buffered = max_buffered  # steps kept for the actor while it is away; the oldest go first
         self._steps: Steps = []
@@ -97,6 +102,16 @@ class RayTelemetry:
             except RayError as e:  # restarting: the next push carries everything again
                 self._requeue(batch)
                 log.warning("metrics push failed: %s", type(e).__name__)
+                await self._find_again(e)
+
+    async def _find_again(self, e: RayError) -> None:
+        try:
+            handle = await find_again(e, self.reconnect)
+        except Exception as e2:  # e.g. the name still held while Ray cleans up: next time
+            log.warning("telemetry actor not found again: %s", type(e2).__name__)
+            return
+        if handle is not None:
+            self.handle = handle
 
     def _requeue(self, batch: Steps) -> None:
         """Steps the actor did not take go back in front, within `max_buffered`: an actor
@@ -130,6 +145,7 @@ class RayTelemetry:
         except RayError as e:  # serve this replica's slice rather than nothing
             self._requeue(batch)
             log.warning("fleet metrics unavailable, serving this replica's only: %s", type(e).__name__)
+            await self._find_again(e)
             return [own], 1
 
     async def steps(self, tenant: str, session_id: str) -> dict[str, Any] | None:
@@ -140,6 +156,7 @@ class RayTelemetry:
                 return await self.handle.steps.remote(tenant, session_id, batch)
             except RayError as e:
                 why = type(e).__name__
+                await self._find_again(e)
                 await asyncio.sleep(0.2 * (attempt + 1))
         self._requeue(batch)
         err = ProximaError(f"The session step store is unavailable ({why}); please retry.")

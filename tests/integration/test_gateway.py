@@ -218,16 +218,26 @@ def test_router_decides_in_well_under_a_millisecond_and_serve_obeys(client):
 
 
 def test_router_of_a_config_no_engine_uses_any_more_exits(client):
-    """A redeploy with another config leaves the old router behind: it must go away by itself."""
+    """A redeploy with another config leaves the old router behind: it must go away by itself,
+    and take the config's ledger and telemetry actors with it."""
+    import asyncio
+
     import ray
 
-    from serving.ray.router_actor import NAMESPACE, config_digest, router_actor
+    from serving.ingress.metrics import GatewayMetrics
+    from serving.ray.ledger import LedgerClient, start_ledger
+    from serving.ray.router_actor import NAMESPACE, actor_name, config_digest, router_actor
+    from serving.ray.telemetry import RayTelemetry, telemetry_actor
     from serving.types import ReplicaSnapshot
     from tests.integration.conftest import CONFIG
 
     config = {**CONFIG, "router": {**CONFIG["router"], "idle_exit_s": 1.0}}
     name = f"proxima-router-{config_digest(config)}"
     actor = router_actor(config)
+    # the config's other shared actors, as its ingress replicas start them
+    ledger = start_ledger({}, None, name=actor_name("ledger", config))
+    telemetry = telemetry_actor(actor_name("telemetry", config), 10, 8)
+    ray.get([ledger.pid.remote(), telemetry.push.remote("replica-a", None, [])])
     snap = ReplicaSnapshot("us-east-old", "us-east", "llama3-8b", kv_capacity_tokens=200_000)
     t_end = time.monotonic() + 2.5
     while time.monotonic() < t_end:  # an engine still reports: the router stays
@@ -246,6 +256,27 @@ def test_router_of_a_config_no_engine_uses_any_more_exits(client):
             time.sleep(0.2)
 
     assert seconds_until_gone() >= 0.9  # silence from the last report on
+    for call in (ledger.pid.remote, lambda: telemetry.steps.remote("t", "s", [])):
+        deadline = time.monotonic() + 10  # it took the config's ledger and telemetry along
+        while True:
+            try:
+                ray.get(call(), timeout=10)
+            except ray.exceptions.ActorDiedError:
+                break
+            assert time.monotonic() < deadline, "the idle router left its ledger or telemetry behind"
+            time.sleep(0.2)
+
+    async def clients_find_them_again():  # should the app come back: its clients create them afresh
+        led = LedgerClient(ledger, reconnect=lambda: start_ledger({}, None, name=actor_name("ledger", config)))
+        tel = RayTelemetry(telemetry, "replica-a", GatewayMetrics(), flush_s=60,
+                           reconnect=lambda: telemetry_actor(actor_name("telemetry", config), 10, 8))
+        tel.record_step("t", "s", {"i": 1})
+        return await led.remaining("nobody"), await tel.steps("t", "s")
+
+    remaining, steps = asyncio.run(clients_find_them_again())
+    assert [x["i"] for x in steps["data"]] == [1] and remaining["tenant"] == "nobody"
+    for kind in ("ledger", "telemetry"):
+        ray.kill(ray.get_actor(actor_name(kind, config), namespace=NAMESPACE), no_restart=True)
     fresh = router_actor(config)  # whoever asks next gets a new one under the same name
     assert ray.get(fresh.stats.remote())["replicas"] == {}
     ray.get(fresh.channel.remote())  # as an ingress would: a router nobody reports to exits as well
