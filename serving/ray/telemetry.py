@@ -7,8 +7,9 @@ whole gateway, so every ingress replica sends what it has to one named actor:
 - metrics: its full cumulative snapshot every `observability.metrics_push_s`
   (one call per period, none per request) and with every scrape it answers;
   the actor keeps each replica's last snapshot and returns their sum;
-- steps: buffered and sent together at most every `flush_s` (fire-and-forget),
-  and flushed before the replica reads a session.
+- steps: buffered and sent together at most every `flush_s`, and flushed
+  before the replica reads a session; a batch the actor did not take is kept
+  for the next push.
 
 So a scrape of any replica is at most one push period behind the others, and a
 session's steps at most `flush_s`. If the actor restarts, the step history is
@@ -88,10 +89,17 @@ class RayTelemetry:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_later())
 
     async def _flush_later(self) -> None:
-        await asyncio.sleep(self.flush_s)
-        if self._steps:
+        while True:
+            await asyncio.sleep(self.flush_s)
+            if not self._steps:
+                return
             batch, self._steps = self._steps, []
-            self.handle.push.remote(self.replica, None, batch)
+            try:
+                await self.handle.push.remote(self.replica, None, batch)
+            except RayError as e:  # kept: the next push carries them (to the actor found again)
+                self._requeue(batch)
+                await self._find_again(e)
+                return
 
     async def _push_loop(self) -> None:
         while True:

@@ -268,10 +268,12 @@ def test_router_of_a_config_no_engine_uses_any_more_exits(client):
 
     async def clients_find_them_again():  # should the app come back: its clients create them afresh
         led = LedgerClient(ledger, reconnect=lambda: start_ledger({}, None, name=actor_name("ledger", config)))
-        tel = RayTelemetry(telemetry, "replica-a", GatewayMetrics(), flush_s=60,
+        tel = RayTelemetry(telemetry, "replica-a", GatewayMetrics(), flush_s=0.05,
                            reconnect=lambda: telemetry_actor(actor_name("telemetry", config), 10, 8))
         tel.record_step("t", "s", {"i": 1})
-        return await led.remaining("nobody"), await tel.steps("t", "s")
+        while tel._flusher is not None and not tel._flusher.done():  # its flush meets the dead actor
+            await asyncio.sleep(0.05)
+        return await led.remaining("nobody"), await tel.steps("t", "s")  # the step was kept
 
     remaining, steps = asyncio.run(clients_find_them_again())
     assert [x["i"] for x in steps["data"]] == [1] and remaining["tenant"] == "nobody"
