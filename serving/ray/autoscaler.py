@@ -129,7 +129,8 @@ class AutoscalerDeployment:
         busy = {p for p, t in self.draining.items() if not t.done()}
         stale = stale_drains(view["replicas"], self.targets, busy)
         if stale:
-            log.info("autoscaler: %d replica(s) drained by no drain under way serve again", len(stale))
+            log.info("autoscaler: %d replica(s) left draining by a drain no longer under way serve again",
+                     len(stale))
             await self.router.undrain.remote(stale)
         draining = {p: sum(1 for r in view["replicas"] if (r["region"], r["model"]) == p and r["draining"]
                            and r["replica_id"] not in stale) for p in self.names}
