@@ -37,11 +37,12 @@ from typing import Any
 
 import ray
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError, RayError
+from ray.exceptions import RayActorError, RayError
 
 from serving.autoscaler.policy import Limits, Observation, PolicyConfig, PoolLimits, decide
 from serving.config import load_config
 from serving.engines.profiles import get_profile
+from serving.ray.named import find_again
 from serving.ray.router_actor import router_actor
 
 log = logging.getLogger("proxima.autoscaler")
@@ -116,9 +117,8 @@ class AutoscalerDeployment:
             await asyncio.sleep(self.a.interval_s)
             try:
                 await self.step()
-            except RayActorError as e:
-                if not isinstance(e, ActorUnavailableError):  # gone for good (killed, exited idle): find or create it
-                    self.router = await asyncio.to_thread(router_actor, self.config)
+            except RayActorError as e:  # gone for good (killed, exited idle): find or create it
+                self.router = await find_again(e, lambda: router_actor(self.config)) or self.router
                 log.warning("autoscaler step failed: %s", type(e).__name__)
             except Exception as e:  # the router restarting: decide again next time
                 log.warning("autoscaler step failed: %s", type(e).__name__)

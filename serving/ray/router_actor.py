@@ -47,13 +47,14 @@ from dataclasses import replace
 from typing import Any, Callable
 
 import ray
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import RayActorError
 
 from serving.autoscaler.window import DemandWindow
 from serving.config import load_config
 from serving.errors import ModelNotFound, NoReplicaAvailable, ProximaError, RouterUnavailable
 from serving.ingress.local import router_stats
 from serving.ray import channel as chan
+from serving.ray.named import find_again
 from serving.routing.router import Router
 from serving.types import Decision, Health, ReplicaSnapshot, RouteRequest
 
@@ -394,11 +395,10 @@ class RayRouter:
                 why = res.message
             except RayActorError as e:
                 why = f"{type(e).__name__}"
-                if not isinstance(e, ActorUnavailableError) and self.reconnect is not None:
-                    try:  # gone for good: the named actor is found again, or created afresh
-                        self.handle = await asyncio.to_thread(self.reconnect)
-                    except Exception as e2:  # e.g. the name still held while Ray cleans up
-                        why += f"; reconnect: {type(e2).__name__}"
+                try:  # gone for good: the named actor is found again, or created afresh
+                    self.handle = await find_again(e, self.reconnect) or self.handle
+                except Exception as e2:  # e.g. the name still held while Ray cleans up
+                    why += f"; reconnect: {type(e2).__name__}"
             if loop.time() + delay > deadline:
                 raise RouterUnavailable(f"The router is unavailable ({why}); please retry.")
             self.retries += 1
