@@ -10,6 +10,10 @@ of us and a per-step token budget `B` (profile a, b, c; see engines.profiles):
 `s` is the replica's online correction: an EWMA of observed / predicted
 engine-side TTFT, clamped, so a replica that is slower than its profile (a
 noisy neighbour, a smaller GPU, a CPU engine) is predicted slower.
+
+A replica whose KV cache cannot hold the queue ahead plus the prompt admits
+it only as running requests end; the router (Router.context) then predicts
+the queue as the longer of `queue_ms` and that wait for KV.
 """
 
 from __future__ import annotations

@@ -30,6 +30,10 @@ class _InFlight:
     routed_at: float
     predicted_engine_ms: float
     first_token: bool = False
+    first_at: float = 0.0
+
+
+KV_WAIT_MAX_MS = 60_000.0  # a predicted wait for KV is capped here (a replica with nothing running)
 
 
 class Router:
@@ -113,8 +117,21 @@ class Router:
         prefill = steps * table.step0_ms[cands] + table.b_ms[cands] * uncached
         rtt = table.rtt_row(req.client_region, self.rtt_ms)[cands]
         queue = table.queue_ms[cands]
+        now = self.clock()
+        # A replica whose free KV cannot take the queue ahead plus this prompt admits it
+        # only as running requests end: they free the KV they hold over about one decode
+        # lifetime (first token -> end, learnt from requests that ended), so the prompt
+        # waits (tokens short) / (KV held / lifetime), or for the queue's compute if longer.
+        short = uncached - table.kv_free[cands]
+        if short.max() > 0:
+            queue = queue.copy()
+            sub = np.flatnonzero((short > 0) & (table.decode_s[cands] > 0))
+            rows = cands[sub]
+            release = table.kv_used[rows] / table.decode_s[rows]  # tokens/s
+            wait = np.minimum(short[sub] * 1000.0 / np.maximum(release, 1.0), KV_WAIT_MAX_MS)
+            queue[sub] = np.maximum(queue[sub], wait)
         return Context(req, table, cands, cached, self.index.block_size, rtt,
-                       queue, prefill, self.rng, rtt + queue + prefill, self.clock())
+                       queue, prefill, self.rng, rtt + queue + prefill, now)
 
     def choose(self, req: RouteRequest) -> tuple[Decision, Context, int]:
         ctx = self.context(req)
@@ -160,6 +177,7 @@ class Router:
         if f is None or f.first_token:
             return
         f.first_token = True
+        f.first_at = self.clock()
         pending = self._unprefilled.get(f.row_id)
         if pending is not None:
             pending.pop(request_id, None)
@@ -174,6 +192,8 @@ class Router:
 
     def on_finished(self, request_id: str, ok: bool = True) -> None:
         """The request ended (ok, or failed/aborted: then its guessed blocks are taken back)."""
+        f = self._inflight.get(request_id)
+        timed = f is not None and f.first_token  # its first token was reported before its end
         self.on_first_token(request_id)
         f = self._inflight.pop(request_id, None)
         self.index.release(request_id, succeeded=ok)
@@ -181,6 +201,8 @@ class Router:
             return
         i = self.table.index.get(f.row_id)
         if i is not None:
+            if ok and timed:
+                self.table.decoded(i, self.clock() - f.first_at)
             self.table.outstanding[i] = max(0, self.table.outstanding[i] - 1)
             self.table.refresh(i)
 

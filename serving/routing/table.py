@@ -16,6 +16,7 @@ from serving.routing.latency_model import ReplicaPerf
 from serving.types import ReplicaSnapshot
 
 RATE_TAU_S = 5.0  # the time constant of the per-replica routing rate
+DECODE_ALPHA = 0.05  # EWMA weight of one request's decode lifetime
 
 
 class ReplicaTable:
@@ -35,9 +36,12 @@ class ReplicaTable:
         # as of `rate_t`. See routed() and route_rate().
         self.rate = np.zeros(n)
         self.rate_t = np.zeros(n)
+        self.decode_s = np.zeros(n)  # EWMA of first token -> end of requests that ended well; 0: none yet
         self._first_routed: float | None = None
         self.num_waiting = np.zeros(n, np.int64)
         self.kv_usage = np.zeros(n)
+        self.kv_free = np.zeros(n)  # KV tokens free once the queue ahead is admitted (may be < 0)
+        self.kv_used = np.zeros(n)  # KV tokens running sequences hold
         self.queue_ms = np.zeros(n)
         self.step0_ms = np.zeros(n)  # scaled cost of one step at current batch
         self.b_ms = np.zeros(n)  # scaled per-token prefill cost
@@ -75,6 +79,7 @@ class ReplicaTable:
         self.outstanding = self.outstanding[keep]
         self.booked_tokens = self.booked_tokens[keep]
         self.rate, self.rate_t = self.rate[keep], self.rate_t[keep]
+        self.decode_s = self.decode_s[keep]
         self._rebuild(keep_counters=True)
         return True
 
@@ -91,9 +96,14 @@ class ReplicaTable:
             rate, rate_t = np.zeros(n), np.zeros(n)
             rate[:m], rate_t[:m] = self.rate[:m], self.rate_t[:m]
             self.rate, self.rate_t = rate, rate_t
+            decode = np.zeros(n)
+            decode[:m] = self.decode_s[:m]
+            self.decode_s = decode
         self.routable = np.zeros(n, bool)
         self.num_waiting = np.zeros(n, np.int64)
         self.kv_usage = np.zeros(n)
+        self.kv_free = np.zeros(n)
+        self.kv_used = np.zeros(n)
         self.queue_ms = np.zeros(n)
         self.step0_ms = np.zeros(n)
         self.b_ms = np.zeros(n)
@@ -111,6 +121,10 @@ class ReplicaTable:
         self.routable[i] = s.routable
         self.num_waiting[i] = s.num_waiting
         self.kv_usage[i] = s.kv_usage
+        cap = s.kv_capacity_tokens
+        used = s.kv_usage * cap
+        self.kv_free[i] = cap - used - queued if cap > 0 else math.inf
+        self.kv_used[i] = used
         self.queue_ms[i] = perf.queue_ms(queued, s.num_running, s.num_waiting)
         self.step0_ms[i] = perf.step0_ms(s.num_running) * perf.scale
         self.b_ms[i] = perf.profile.b_ms_per_token * perf.scale
@@ -123,6 +137,11 @@ class ReplicaTable:
             self._first_routed = now
         self.rate[i] = self.rate[i] * math.exp(min(0.0, self.rate_t[i] - now) / RATE_TAU_S) + 1.0 / RATE_TAU_S
         self.rate_t[i] = now
+
+    def decoded(self, i: int, seconds: float) -> None:
+        """A request on row i ended well `seconds` after its first token."""
+        d = self.decode_s[i]
+        self.decode_s[i] = seconds if d == 0 else d + DECODE_ALPHA * (seconds - d)
 
     def route_rate(self, rows: np.ndarray, now: float) -> np.ndarray:
         """Requests per second routed to `rows` lately (decayed to `now`).

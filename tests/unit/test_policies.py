@@ -226,6 +226,40 @@ def test_latency_weighs_the_delay_a_cold_prefill_puts_on_the_next_requests(cold_
                                                                            and weight > 0 and cold_rate > 0)
 
 
+def test_latency_predicts_the_wait_for_kv_on_a_full_replica():
+    """A replica whose KV cannot take the queue ahead plus this prompt admits it only as
+    running requests end and free theirs: they free what they hold over about one decode
+    lifetime, which the router learns from requests that ended (first token -> end)."""
+    t = {"now": 0.0}
+    router = Router("latency", block_size=BS, rtt_ms=RTT, clock=lambda: t["now"])
+    # "full": 40k tokens of KV, 95% held by running requests, 1,000 queued: 1,000 left for us
+    router.update(snap("full", kv_capacity_tokens=40_000, kv_usage=0.95, num_running=30,
+                       waiting_prefill_tokens=1000))
+    router.update(snap("roomy", kv_capacity_tokens=40_000, kv_usage=0.5, num_running=30,
+                       waiting_prefill_tokens=1500))
+
+    def predict(prompt_tokens):
+        ctx = router.context(RouteRequest(f"p{prompt_tokens}", "m", prompt_tokens))
+        return {router.table.ids[i]: float(q) for i, q in zip(ctx.cands, ctx.queue_ms)}
+
+    compute = predict(3000)  # no request has ended yet: no decode lifetime, the queue's compute only
+    assert compute["full"] < compute["roomy"]
+    assert router.route(RouteRequest("q", "m", 3000)).replica_id == "full"
+    router.on_first_token("q")
+    t["now"] = 2.0
+    router.on_finished("q")  # a decode lifetime of 2 s
+    router.update(snap("full", kv_capacity_tokens=40_000, kv_usage=0.95, num_running=30,
+                       waiting_prefill_tokens=1000))
+    # 2,000 tokens short; 38,000 held are freed over 2 s: 105 ms until the prompt fits
+    assert predict(3000) == pytest.approx({"full": 2000 / 38_000 * 2000, "roomy": compute["roomy"]})
+    assert predict(900)["full"] == pytest.approx(compute["full"])  # fits: no wait
+    assert router.route(RouteRequest("q2", "m", 3000)).replica_id == "roomy"
+    router.on_first_token("q2")
+    t["now"] = 60.0
+    router.on_finished("q2", ok=False)  # a failed request teaches nothing about decode lifetimes
+    assert predict(3000)["full"] == pytest.approx(2000 / 38_000 * 2000)
+
+
 def test_routing_rate_decays_and_survives_membership_changes():
     t = {"now": 0.0}
     world = World([snap("a"), snap("b")])

@@ -5,8 +5,11 @@
     score(r)  = ttft(r) + load_weight * kappa(r) * extra(r) / (1 - u(r))
     kappa(r)  = rate(r) * (queue_ms(r) + prefill_ms(r)) / 1000
 
-Every term is in milliseconds (see routing.latency_model), so cache affinity,
-load and distance trade off without weights. `extra(r)` is the prefill r
+`queue_ms(r)` is the compute queued ahead, or, where r's KV cache cannot hold
+that queue plus this prompt, the wait for its running requests to free enough
+KV if that is longer (see Router.context). Every term is in milliseconds (see
+routing.latency_model), so cache affinity, load and distance trade off
+without weights. `extra(r)` is the prefill r
 would spend on tokens another candidate already holds: work the fleet need
 not do. The requests routed to r after this one wait for it: `rate(r)` is
 how many per second the router has been sending there, so `kappa(r)` is how
