@@ -244,7 +244,8 @@ def test_latency_predicts_the_wait_for_kv_on_a_full_replica():
 
     compute = predict(3000)  # no request has ended yet: no decode lifetime, the queue's compute only
     assert compute["full"] < compute["roomy"]
-    assert router.route(RouteRequest("q", "m", 3000)).replica_id == "full"
+    d = router.route(RouteRequest("q", "m", 3000))
+    assert d.replica_id == "full" and "waiting for KV" not in d.reason
     router.on_first_token("q")
     t["now"] = 2.0
     router.on_finished("q")  # a decode lifetime of 2 s
@@ -254,6 +255,8 @@ def test_latency_predicts_the_wait_for_kv_on_a_full_replica():
     assert predict(3000) == pytest.approx({"full": 2000 / 38_000 * 2000, "roomy": compute["roomy"]})
     assert predict(900)["full"] == pytest.approx(compute["full"])  # fits: no wait
     assert router.route(RouteRequest("q2", "m", 3000)).replica_id == "roomy"
+    only_full = RouteRequest("q3", "m", 3000, exclude=frozenset({"roomy"}))
+    assert "queue waiting for KV 105.3" in router.choose(only_full)[0].reason
     router.on_first_token("q2")
     t["now"] = 60.0
     router.on_finished("q2", ok=False)  # a failed request teaches nothing about decode lifetimes

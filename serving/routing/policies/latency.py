@@ -116,6 +116,7 @@ class Latency(Policy):
         least = "least " if ttft[pos] <= ttft.min() else ""
         if toll is not None and toll[pos] > 0:
             why = f"; recomputing held tokens delays the next ones {toll[pos]:.1f} ms" + why
+        kv = " waiting for KV" if ctx.queue_ms[pos] > ctx.table.queue_ms[ctx.cands[pos]] else ""
         return pos, (f"{least}predicted TTFT {ttft[pos]:.1f} ms (rtt {ctx.rtt_ms[pos]:.0f}, "
-                     f"queue {ctx.queue_ms[pos]:.1f}, prefill {ctx.prefill_ms[pos]:.1f}; "
+                     f"queue{kv} {ctx.queue_ms[pos]:.1f}, prefill {ctx.prefill_ms[pos]:.1f}; "
                      f"cached {cached}/{ctx.req.prompt_tokens}; {near.size} near-tie{why})")
