@@ -261,6 +261,9 @@ def test_latency_predicts_the_wait_for_kv_on_a_full_replica():
     t["now"] = 60.0
     router.on_finished("q2", ok=False)  # a failed request teaches nothing about decode lifetimes
     assert predict(3000)["full"] == pytest.approx(2000 / 38_000 * 2000)
+    router.update(snap("new"))  # membership changes: the lifetime learnt stays with its replica
+    router.remove("roomy")
+    assert predict(3000)["full"] == pytest.approx(2000 / 38_000 * 2000)
 
 
 def test_routing_rate_decays_and_survives_membership_changes():
