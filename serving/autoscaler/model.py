@@ -19,8 +19,15 @@ is placed slice by slice where its predicted TTFT is least (RTT + queue +
 prefill at that pool's load), so a busy local pool spills to a neighbour
 exactly when the RTT costs less than the queue, and a region with no
 replicas of its own is served from its nearest region at that RTT cost.
-A pool takes no load past `max_utilization`; demand that fits nowhere is
-`unserved`.
+A pool takes no load past `max_utilization`, of its compute or of its KV
+cache; demand that fits nowhere is `unserved`.
+
+The KV a pool's running requests hold is Little's law: each replica has
+(rps / n) x lifetime requests running, a lifetime being the mean output
+times the step time, each holding its uncached prompt and, on average, half
+its output. The router predicts a wait for KV where a replica's cache is
+full; the planner keeps pools out of that state (long prompts or long
+answers need replicas for their KV before they need them for compute).
 """
 
 from __future__ import annotations
@@ -61,6 +68,20 @@ def utilization(profile: EngineProfile, uncached_tps: float, decode_tps: float, 
     return (profile.b_ms_per_token * uncached_tps + profile.c_ms_per_seq * decode_tps) / (1000.0 * n)
 
 
+def kv_utilization(profile: EngineProfile, kv_capacity_tokens: int, uncached_tps: float, decode_tps: float,
+                   rps: float, n: int) -> float:
+    """Share of each replica's KV cache the pool's running requests hold (see the module doc)."""
+    if rps <= 0 or kv_capacity_tokens <= 0:
+        return 0.0
+    if n <= 0:
+        return float("inf")
+    rho = utilization(profile, uncached_tps, decode_tps, n)
+    step_ms = profile.a_ms / max(1e-6, 1.0 - min(rho, 0.99))
+    out = decode_tps / rps
+    running = rps / n * out * step_ms / 1000.0
+    return running * (uncached_tps / rps + out / 2.0) / kv_capacity_tokens
+
+
 def engine_ttft_ms(perf: ReplicaPerf, rho: float, mean_uncached: float, decode_tps_per_replica: float) -> float:
     """Queue wait + prefill of a mean request on one replica at utilization rho (< 1)."""
     p = perf.profile
@@ -72,9 +93,11 @@ def engine_ttft_ms(perf: ReplicaPerf, rho: float, mean_uncached: float, decode_t
 
 def predict(demand: dict[str, Demand], replicas: dict[str, int], profiles: dict[str, EngineProfile],
             rtt_ms: dict[str, dict[str, float]], max_utilization: float = 0.85,
-            scale: dict[str, float] | None = None) -> Prediction:
-    """Predicted TTFT by client region when `replicas[region]` replicas serve `demand` (one model)."""
+            scale: dict[str, float] | None = None, kv_capacity: dict[str, int] | None = None) -> Prediction:
+    """Predicted TTFT by client region when `replicas[region]` replicas serve `demand` (one model);
+    `kv_capacity[region]` is a replica's KV cache in tokens (absent: not a limit)."""
     scale = scale or {}
+    kv_capacity = kv_capacity or {}
     pools = [r for r, n in replicas.items() if n > 0]
     load = {r: [0.0, 0.0, 0.0] for r in pools}  # uncached tps, decode tps, rps
     share: dict[str, list[tuple[str, float]]] = {}
@@ -95,6 +118,8 @@ def predict(demand: dict[str, Demand], replicas: dict[str, int], profiles: dict[
                 if rho > max_utilization:
                     continue
                 rps = load[r][2] + d.rps / CHUNKS
+                if kv_utilization(profiles[r], kv_capacity.get(r, 0), u, dec, rps, replicas[r]) > max_utilization:
+                    continue
                 t = _rtt(rtt_ms, client, r) + engine_ttft_ms(
                     ReplicaPerf(profiles[r], scale.get(r, 1.0)), rho, u / rps, dec / replicas[r])
                 if t < best_t:

@@ -46,7 +46,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from serving.autoscaler.model import Demand, predict, utilization
+from serving.autoscaler.model import Demand, kv_utilization, predict, utilization
 from serving.engines.profiles import EngineProfile
 
 Pool = tuple[str, str]  # (region, model)
@@ -81,6 +81,7 @@ class PolicyConfig:
     lead_s: float = 60.0  # plan for the demand the trend predicts this far ahead (the time a
     #                       replica takes to arrive), within [0.5, 2] x now's
     max_down_step: int = 2  # replicas one pool gives up per decision
+    kv_capacity_tokens: dict[Pool, int] = field(default_factory=dict)  # a replica's KV cache per pool
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,8 +112,8 @@ class Decision:
 
 # --- planning -------------------------------------------------------------------
 def objective(demand: dict[str, Demand], replicas: dict[str, int], profiles: dict[str, EngineProfile],
-              cfg: PolicyConfig, total_rps: float) -> float:
-    pred = predict(demand, replicas, profiles, cfg.rtt_ms, cfg.max_utilization)
+              cfg: PolicyConfig, total_rps: float, kv: dict[str, int] | None = None) -> float:
+    pred = predict(demand, replicas, profiles, cfg.rtt_ms, cfg.max_utilization, kv_capacity=kv)
     j = pred.unserved_rps * UNSERVED_MS
     for client, t in pred.ttft_ms.items():
         j += demand[client].rps * (t + cfg.slo_weight * max(0.0, t - cfg.slo_ttft_ms))
@@ -197,7 +198,15 @@ def _local_need(demand: dict[str, dict[str, Demand]], pool: Pool, cfg: PolicyCon
     d = demand.get(model, {}).get(region)
     if d is None or d.rps <= 0:
         return 0
-    return math.ceil(utilization(cfg.profiles[pool], d.uncached_tps, d.decode_tps, 1) / cfg.max_utilization)
+    prof, cap = cfg.profiles[pool], cfg.kv_capacity_tokens.get(pool, 0)
+    n = max(1, math.ceil(utilization(prof, d.uncached_tps, d.decode_tps, 1) / cfg.max_utilization))
+    while n < 1024 and kv_utilization(prof, cap, d.uncached_tps, d.decode_tps, d.rps, n) > cfg.max_utilization:
+        n += 1  # its clients' KV needs more replicas than their compute
+    return n
+
+
+def _kv(cfg: PolicyConfig, model: str) -> dict[str, int]:
+    return {r: c for (r, m), c in cfg.kv_capacity_tokens.items() if m == model}
 
 
 class _Costs:
@@ -214,7 +223,7 @@ class _Costs:
             by_region = {r: n for (r, m), n in alloc.items() if m == model}
             profiles = {r: self.cfg.profiles[(r, m)] for (r, m) in alloc if m == model}
             v = self.memo[key] = objective(self.demand.get(model, {}), by_region, profiles, self.cfg,
-                                           self.total_rps)
+                                           self.total_rps, _kv(self.cfg, model))
         return v
 
 
@@ -315,7 +324,8 @@ def decide(obs: Observation, limits: Limits, cfg: PolicyConfig,
     for m in obs.demand:
         by_region = {r: n for (r, mm), n in targets.items() if mm == m}
         profiles = {r: cfg.profiles[(r, mm)] for (r, mm) in targets if mm == m}
-        pred[m] = predict(obs.demand[m], by_region, profiles, cfg.rtt_ms, cfg.max_utilization).ttft_ms
+        pred[m] = predict(obs.demand[m], by_region, profiles, cfg.rtt_ms, cfg.max_utilization,
+                          kv_capacity=_kv(cfg, m)).ttft_ms
     return Decision(targets, up_plan, pred, reasons), state
 
 

@@ -156,7 +156,8 @@ class ProximaHooks(ScalerHooks):
             slo_weight=o["slo_weight"], max_utilization=o["max_utilization"],
             replica_cost_ms=o["replica_cost_ms"], hysteresis=o["hysteresis"],
             upscale_cooldown_s=o["upscale_cooldown_s"], downscale_delay_s=o["downscale_delay_s"],
-            move_delay_s=o["move_delay_s"], lead_s=o["lead_s"], max_down_step=int(o["max_down_step"]))
+            move_delay_s=o["move_delay_s"], lead_s=o["lead_s"], max_down_step=int(o["max_down_step"]),
+            kv_capacity_tokens={p: sc.regions[r].kv_capacity_tokens for p, r in self.pools.items()})
         self.state: dict = {}
         self.hits: dict[str, deque] = {}  # replica -> (t, prefix cache hit tokens so far)
         self.prewarmed_blocks = 0

@@ -81,7 +81,8 @@ class AutoscalerDeployment:
             slo_ttft_ms=a.slo_ttft_ms, slo_weight=a.slo_weight, max_utilization=a.max_utilization,
             replica_cost_ms=a.replica_cost_ms, hysteresis=a.hysteresis,
             upscale_cooldown_s=a.upscale_cooldown_s, downscale_delay_s=a.downscale_delay_s,
-            move_delay_s=a.move_delay_s, lead_s=a.lead_s, max_down_step=a.max_down_step)
+            move_delay_s=a.move_delay_s, lead_s=a.lead_s, max_down_step=a.max_down_step,
+            kv_capacity_tokens={p: cfg.regions[p[0]].kv_capacity_tokens for p in self.names})
         self.state: dict = {}
         self.draining: dict[tuple, asyncio.Task] = {}
         self.events: list[dict[str, Any]] = []  # what it did, newest last (bounded)

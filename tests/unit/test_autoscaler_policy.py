@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from serving.autoscaler.model import Demand, predict
+from serving.autoscaler.model import Demand, kv_utilization, predict
 from serving.autoscaler.policy import (Limits, Observation, PolicyConfig, PoolLimits, decide, forecast,
                                        plan)
 from serving.engines.profiles import get_profile
@@ -60,6 +60,25 @@ def test_a_region_without_replicas_is_served_from_its_nearest_region_at_that_rtt
     engine_us = p.ttft_ms["us"] - RTT["us"]["us"]
     assert p.ttft_ms["eu"] == pytest.approx(engine_us + RTT["us"]["eu"], rel=0.05)
     assert p.unserved_rps == 0
+
+
+def test_long_answers_get_replicas_for_their_kv():
+    """10 requests/s of 1,000 uncached prompt tokens and 2,000 out: three A100 replicas have
+    the compute a replica must be worth (20 ms) but their running requests would hold 1.5x
+    their 200k-token KV cache (~95 each, 2,000 tokens apiece on average); five hold 79 %."""
+    d = {M: {"us": Demand(10, 10_000, 20_000)}}
+    kv = {(r, M): 200_000 for r in REGIONS}
+    assert kv_utilization(A100, 200_000, 10_000, 20_000, 10, 3) == pytest.approx(1.52, abs=0.01)
+    assert kv_utilization(A100, 200_000, 10_000, 20_000, 10, 5) == pytest.approx(0.79, abs=0.01)
+    compute_only = by_region(plan(d, limits(24), cfg(replica_cost_ms=20)))
+    with_kv = by_region(plan(d, limits(24), cfg(replica_cost_ms=20, kv_capacity_tokens=kv)))
+    assert compute_only["us"] == 3 and with_kv["us"] == 5, (compute_only, with_kv)
+    # a pool whose KV is full takes no more load: with us capped at 2, the rest goes to eu
+    capped = by_region(plan(d, limits(24, us=PoolLimits(0, 2)), cfg(replica_cost_ms=20, kv_capacity_tokens=kv)))
+    assert capped == {"us": 2, "eu": 3, "ap": 0}, capped
+    p = predict(d[M], {"us": 2, "eu": 0, "ap": 0}, {r: A100 for r in REGIONS}, RTT, kv_capacity={"us": 200_000})
+    assert p.unserved_rps > 0  # two replicas cannot hold it
+    assert predict(d[M], {"us": 2, "eu": 0, "ap": 0}, {r: A100 for r in REGIONS}, RTT).unserved_rps == 0
 
 
 def test_a_higher_replica_cost_buys_fewer_replicas():
