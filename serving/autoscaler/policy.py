@@ -293,8 +293,9 @@ def decide(obs: Observation, limits: Limits, cfg: PolicyConfig,
     gpus_of = {p: limits.pools[p].gpus_per_replica for p in limits.pools}
     budget = math.inf if limits.max_gpus is None else limits.max_gpus
 
-    def used() -> int:
-        return sum((targets[p] + obs.draining.get(p, 0)) * gpus_of[p] for p in targets)
+    def used() -> int:  # a replica taken down just now drains first: its GPU is not free yet
+        return sum((max(targets[p], obs.replicas.get(p, 0)) + obs.draining.get(p, 0)) * gpus_of[p]
+                   for p in targets)
 
     blocked = False
     # Grant ups one replica at a time, the pool furthest below its plan first.

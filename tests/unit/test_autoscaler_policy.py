@@ -175,6 +175,21 @@ def test_draining_replicas_count_against_the_budget():
     assert dec.targets[("us", M)] == 3
 
 
+def test_a_replica_taken_down_still_holds_its_gpu_while_it_drains():
+    """eu's lower plan has held long enough and it goes down from 2 in the same decision in
+    which us wants more: eu's replicas drain first, so the budget of 4 has no GPU for us
+    yet (before, us got them at once and the pools held 6 GPUs until the drain ended)."""
+    lim, c = limits(4), cfg(downscale_delay_s=10, upscale_cooldown_s=0)
+    cur = {("us", M): 2, ("eu", M): 2, ("ap", M): 0}
+    _, state = decide(Observation(0.0, demand(us=60), cur), lim, c)  # eu's lower plan starts to hold
+    dec, _ = decide(Observation(20.0, demand(us=60), cur), lim, c, state)
+    assert dec.targets[("eu", M)] < 2 and dec.targets[("us", M)] == 2, dec.targets
+    # once they have drained and stopped, us gets the GPUs
+    drained = {("us", M): 2, ("eu", M): dec.targets[("eu", M)], ("ap", M): 0}
+    dec, _ = decide(Observation(25.0, demand(us=60), drained), lim, c)
+    assert dec.targets[("us", M)] == 4 - drained[("eu", M)], dec.targets
+
+
 def test_limits_clamp_the_current_count():
     lim = limits(None, us=PoolLimits(2, 4))
     obs = Observation(0.0, demand(), {("us", M): 7, ("eu", M): 0, ("ap", M): 0})
