@@ -68,6 +68,11 @@ def utilization(profile: EngineProfile, uncached_tps: float, decode_tps: float, 
     return (profile.b_ms_per_token * uncached_tps + profile.c_ms_per_seq * decode_tps) / (1000.0 * n)
 
 
+def _step_ms(profile: EngineProfile, rho: float) -> float:
+    """A step's mean length at utilization rho: the fixed cost stretched by the token work."""
+    return profile.a_ms / max(1e-6, 1.0 - rho)
+
+
 def kv_utilization(profile: EngineProfile, kv_capacity_tokens: int, uncached_tps: float, decode_tps: float,
                    rps: float, n: int) -> float:
     """Share of each replica's KV cache the pool's running requests hold (see the module doc)."""
@@ -75,8 +80,7 @@ def kv_utilization(profile: EngineProfile, kv_capacity_tokens: int, uncached_tps
         return 0.0
     if n <= 0:
         return float("inf")
-    rho = utilization(profile, uncached_tps, decode_tps, n)
-    step_ms = profile.a_ms / max(1e-6, 1.0 - min(rho, 0.99))
+    step_ms = _step_ms(profile, min(utilization(profile, uncached_tps, decode_tps, n), 0.99))
     out = decode_tps / rps
     running = rps / n * out * step_ms / 1000.0
     return running * (uncached_tps / rps + out / 2.0) / kv_capacity_tokens
@@ -84,8 +88,7 @@ def kv_utilization(profile: EngineProfile, kv_capacity_tokens: int, uncached_tps
 
 def engine_ttft_ms(perf: ReplicaPerf, rho: float, mean_uncached: float, decode_tps_per_replica: float) -> float:
     """Queue wait + prefill of a mean request on one replica at utilization rho (< 1)."""
-    p = perf.profile
-    step = p.a_ms / max(1e-6, 1.0 - rho)
+    step = _step_ms(perf.profile, rho)
     n_run = int(decode_tps_per_replica * step / 1000.0)
     queued = rho * rho / max(1e-6, 1.0 - rho) * mean_uncached
     return perf.queue_ms(int(queued), n_run) + perf.prefill_ms(max(1, int(mean_uncached)), n_run)

@@ -20,6 +20,9 @@ DECODE_ALPHA = 0.05  # EWMA weight of one request's decode lifetime
 
 
 class ReplicaTable:
+    # Per-row state the router accumulates (not derived from snapshots): kept across membership changes.
+    _COUNTERS = ("outstanding", "booked_tokens", "rate", "rate_t", "decode_s")
+
     def __init__(self) -> None:
         self.ids: list[str] = []
         self.index: dict[str, int] = {}
@@ -76,10 +79,8 @@ class ReplicaTable:
             del seq[i]
         keep = np.ones(len(self.outstanding), bool)
         keep[i] = False
-        self.outstanding = self.outstanding[keep]
-        self.booked_tokens = self.booked_tokens[keep]
-        self.rate, self.rate_t = self.rate[keep], self.rate_t[keep]
-        self.decode_s = self.decode_s[keep]
+        for name in self._COUNTERS:
+            setattr(self, name, getattr(self, name)[keep])
         self._rebuild(keep_counters=True)
         return True
 
@@ -87,18 +88,13 @@ class ReplicaTable:
         n = len(self.ids)
         self.index = {rid: i for i, rid in enumerate(self.ids)}
         self.regions = [s.region for s in self.snaps]
-        if not keep_counters:
-            out = np.zeros(n, np.int64)
-            booked = np.zeros(n, np.int64)
+        if not keep_counters:  # rows keep their place: carry the counters over, zero the new rows
             m = min(n, len(self.outstanding))
-            out[:m], booked[:m] = self.outstanding[:m], self.booked_tokens[:m]
-            self.outstanding, self.booked_tokens = out, booked
-            rate, rate_t = np.zeros(n), np.zeros(n)
-            rate[:m], rate_t[:m] = self.rate[:m], self.rate_t[:m]
-            self.rate, self.rate_t = rate, rate_t
-            decode = np.zeros(n)
-            decode[:m] = self.decode_s[:m]
-            self.decode_s = decode
+            for name in self._COUNTERS:
+                old = getattr(self, name)
+                new = np.zeros(n, old.dtype)
+                new[:m] = old[:m]
+                setattr(self, name, new)
         self.routable = np.zeros(n, bool)
         self.num_waiting = np.zeros(n, np.int64)
         self.kv_usage = np.zeros(n)
