@@ -31,6 +31,7 @@ cannot be grown: configure at least 1.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -58,6 +59,20 @@ def stale_drains(rows: list[dict[str, Any]], targets: dict[tuple, int], busy: se
         pool = [r for r in rows if (r["region"], r["model"]) == p]
         if len(pool) <= n:
             out += [r["replica_id"] for r in pool if r["draining"]]
+    return out
+
+
+def reported_kv(rows: list[dict[str, Any]], known: dict[tuple, int]) -> dict[tuple, int]:
+    """Each pool's KV cache per replica as its engines report it (a vLLM engine sizes its
+    cache from the GPU's free memory at start), the smallest where replicas differ; pools
+    with no replica reporting now keep what `known` has (the last report, or the config)."""
+    out = dict(known)
+    seen: dict[tuple, int] = {}
+    for r in rows:
+        cap, p = int(r.get("kv_capacity_tokens") or 0), (r["region"], r["model"])
+        if cap > 0 and p in out:
+            seen[p] = min(cap, seen.get(p, cap))
+    out.update(seen)
     return out
 
 
@@ -135,6 +150,11 @@ class AutoscalerDeployment:
             await self.router.undrain.remote(stale)
         draining = {p: sum(1 for r in view["replicas"] if (r["region"], r["model"]) == p and r["draining"]
                            and r["replica_id"] not in stale) for p in self.names}
+        kv = reported_kv(view["replicas"], self.cfg.kv_capacity_tokens)
+        if kv != self.cfg.kv_capacity_tokens:
+            log.info("autoscaler: planning KV against the engines' reported caches: %s",
+                     {"/".join(p): n for p, n in kv.items()})
+            self.cfg = dataclasses.replace(self.cfg, kv_capacity_tokens=kv)
         obs = Observation(now, view["demand"], dict(self.targets), draining)
         decision, self.state = decide(obs, self.limits, self.cfg, self.state)
         self.last = {"targets": {"/".join(p): n for p, n in decision.targets.items()},

@@ -206,7 +206,8 @@ class RouterActor:
             t[1] += s.prefix_cache_hits
             rows.append({"replica_id": rid, "region": s.region, "model": s.model,
                          "outstanding": int(table.outstanding[i]), "age_s": now - self.first_seen.get(rid, now),
-                         "draining": rid in self.draining, "hits": s.prefix_cache_hits})
+                         "draining": rid in self.draining, "hits": s.prefix_cache_hits,
+                         "kv_capacity_tokens": s.kv_capacity_tokens})
         demand = {}
         if self.window is not None:
             for model, (q, h) in totals.items():

@@ -32,6 +32,19 @@ def test_stale_drains(rows, targets, busy, want):
     assert stale_drains(view, targets, busy) == want
 
 
+def test_kv_is_planned_against_what_the_engines_report():
+    from serving.ray.autoscaler import reported_kv
+    config = {("us", "m"): 200_000, ("eu", "m"): 200_000, ("ap", "m"): 200_000}
+    rows = [{"region": "us", "model": "m", "kv_capacity_tokens": 61_440},
+            {"region": "us", "model": "m", "kv_capacity_tokens": 57_344},  # the smaller GPU bounds the pool
+            {"region": "eu", "model": "m", "kv_capacity_tokens": 0},  # not reported (yet): the config's
+            {"region": "xx", "model": "m", "kv_capacity_tokens": 1}]  # not a pool of this autoscaler
+    got = reported_kv(rows, config)
+    assert got == {("us", "m"): 57_344, ("eu", "m"): 200_000, ("ap", "m"): 200_000}
+    # a pool scaled to no replicas keeps its last report
+    assert reported_kv([], got)[("us", "m")] == 57_344
+
+
 # --- demand window ---------------------------------------------------------------
 def test_window_averages_demand_per_client_region_and_forgets_the_old():
     w = DemandWindow(window_s=10)
