@@ -5,6 +5,8 @@ profile's step time) in one background task per engine and sleeps each
 step's predicted duration, so tokens arrive at the pace a real replica of
 that profile would deliver them. It reports vLLM's counters in its snapshot.
 Closing the `generate` iterator (a client went away) aborts the request.
+`stop` strings end the answer where one first appears, as vLLM's do (not
+included, finish_reason "stop", the rest never generated).
 `kill()` makes it fail like a crashed replica, for failover tests.
 """
 
@@ -23,6 +25,28 @@ from serving.prefix.hashing import block_hashes
 from serving.types import Health, ReplicaSnapshot
 
 _NO_STEP = (0.0, 0.0, 0)
+
+
+class StopStrings:
+    """Stop strings on streamed text, as vLLM applies them: the answer ends where one
+    first appears, without it (finish_reason "stop"); while streaming, the last
+    (longest stop - 1) characters are held back, so no part of a stop string is sent."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = tuple(s for s in stops if s)
+        self.hold = max(map(len, self.stops), default=1) - 1
+        self.text = ""
+        self.sent = 0  # characters of `text` already released
+
+    def feed(self, piece: str, last: bool) -> tuple[str, bool]:
+        """(text to release now, whether a stop string ended the answer)."""
+        self.text += piece
+        # a stop string starting before `sent` would have ended inside the text seen
+        # last time (the hold-back covers it), and been found then
+        hits = [i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0]
+        end = min(hits) if hits else len(self.text) if last else max(self.sent, len(self.text) - self.hold)
+        out, self.sent = self.text[self.sent:end], end
+        return out, bool(hits)
 
 
 class SimEngine:
@@ -59,6 +83,7 @@ class SimEngine:
         self._ensure_loop()
         seed = default_seed(request.request_id) if request.seed is None else request.seed
         seed += request.token_offset  # token i of the full answer is (seed + i) % vocab
+        stops = StopStrings(request.stop) if request.stop else None
         done = False
         try:
             while True:
@@ -68,9 +93,15 @@ class SimEngine:
                     raise item
                 n, finished, out = item  # `out` as of emission: the queue may lag the core
                 ids = tuple((seed + out - n + k) % 32000 for k in range(n))
+                text = "".join(" " + WORDS[t % len(WORDS)] for t in ids)
+                reason = "length" if finished else None
+                if stops is not None:
+                    text, stopped = stops.feed(text, finished)
+                    if stopped:  # the rest is not generated: `finally` aborts it, freeing its KV
+                        yield Chunk(request.request_id, ids, text, "stop", seq.prompt_len, seq.cached, out)
+                        return
                 done = finished
-                yield Chunk(request.request_id, ids, "".join(" " + WORDS[t % len(WORDS)] for t in ids),
-                            "length" if finished else None, seq.prompt_len, seq.cached, out)
+                yield Chunk(request.request_id, ids, text, reason, seq.prompt_len, seq.cached, out)
                 if finished:
                     return
         finally:

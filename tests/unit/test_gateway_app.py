@@ -75,6 +75,24 @@ async def test_stream_events_headers_and_usage():
     assert router.router.inflight == 0
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_stop_string_ends_the_answer_before_it(stream):
+    c, _, router = make()
+    body = chat(max_tokens=12, seed=3)
+    full = (await c.post("/v1/chat/completions", json=body)).json()["choices"][0]["message"]["content"]
+    stop = full.split()[3]
+    r = await c.post("/v1/chat/completions", json={**body, "stop": stop, "stream": stream})
+    assert r.status_code == 200
+    if stream:
+        ev = events(r.text)
+        text = "".join(e["choices"][0]["delta"].get("content", "") for e in ev)
+        reason = ev[-1]["choices"][0]["finish_reason"]
+    else:
+        text, reason = r.json()["choices"][0]["message"]["content"], r.json()["choices"][0]["finish_reason"]
+    assert (text, reason) == (full[:full.index(stop)], "stop")
+    assert router.router.inflight == 0
+
+
 async def test_second_request_reuses_the_prefix_and_reports_cached_tokens():
     c, _, _ = make()
     prompt = " ".join(f"w{i}" for i in range(400))

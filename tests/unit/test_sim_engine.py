@@ -233,3 +233,36 @@ async def test_sim_engine_rejects_prompts_over_its_context():
     with pytest.raises(ContextLengthExceeded):
         await collect(eng, GenerateRequest("big", tuple(range(990)), max_tokens=20, model="m"))
     await eng.close()
+
+
+@pytest.mark.parametrize("pieces,stops,want", [
+    ([" a b", " c d", " e"], ("c",), ([" a b", " "], True)),  # ends before the stop string
+    ([" ab", "c d"], ("bc",), ([" a", ""], True)),  # a stop string across two pieces
+    ([" ab", "x y"], ("bc", "q"), ([" a", "bx y"], False)),  # held back, then released
+    ([" a", " b"], ("zz",), ([" ", "a b"], False)),  # the last piece releases all
+    ([" a"], ("",), ([" a"], False)),  # an empty stop string stops nothing
+])
+def test_stop_strings_as_vllm_applies_them(pieces, stops, want):
+    from serving.engines.sim import StopStrings
+    scan, out, stopped = StopStrings(stops), [], False
+    for k, p in enumerate(pieces):
+        text, stopped = scan.feed(p, k == len(pieces) - 1)
+        out.append(text)
+        if stopped:
+            break
+    assert (out, stopped) == want
+
+
+async def test_sim_engine_ends_at_a_stop_string_and_frees_the_rest():
+    eng = SimEngine("e0", model="m", kv_capacity_tokens=50_000)
+    _, chunks = await collect(eng, GenerateRequest("full", tuple(range(100)), max_tokens=12, model="m", seed=7))
+    full = "".join(c.text for c in chunks)
+    stop = full.split()[4]  # the fifth word of the same answer
+    _, chunks = await collect(eng, GenerateRequest("s", tuple(range(100)), max_tokens=12, model="m", seed=7,
+                                                   stop=("nothing-like-it", stop)))
+    text = "".join(c.text for c in chunks)
+    assert text == full[:full.index(stop)] and chunks[-1].finish_reason == "stop"
+    assert chunks[-1].completion_tokens < 12
+    await asyncio.sleep(0.02)
+    assert eng.snapshot().num_running == 0 and eng.core.pool.num_used == 0  # the rest was not generated
+    await eng.close()
