@@ -5,7 +5,8 @@
 
 Every bad input becomes serving.errors.InvalidRequest (400) naming the field
 in `param`: malformed JSON, wrong types, empty `messages`, `max_tokens` < 1,
-unsupported options (`n` > 1). Model existence and context length are checked
+unsupported options (`n` > 1, `echo`, `logprobs`: refused, not silently
+dropped). Model existence and context length are checked
 later by the pipeline, which knows the deployment. Unknown fields are ignored,
 as vLLM's server does, so newer clients keep working.
 
@@ -63,6 +64,8 @@ class ChatRequest(_Common):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     tools: list[dict[str, Any]] | None = None  # read by delegation (tools -> the large tier)
     response_format: dict[str, Any] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
 
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]  # token ids are hashed as 32-bit words
@@ -72,6 +75,7 @@ class CompletionRequest(_Common):
     prompt: str | list[str] | list[TokenId] = Field()
     max_tokens: int | None = Field(default=16, ge=1)
     echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +153,8 @@ def render_messages(messages: list[Message]) -> str:
 
 def parse_chat(body: bytes) -> Parsed:
     r: ChatRequest = _validate(ChatRequest, body)
+    if r.logprobs or r.top_logprobs:
+        raise InvalidRequest("`logprobs` is not supported.", param="logprobs")
     prompt = render_messages(r.messages)
     max_tokens = r.max_completion_tokens or r.max_tokens
     return Parsed("chat", prompt=prompt, prompt_token_ids=None, max_tokens=max_tokens, **_common(r),
@@ -159,6 +165,8 @@ def parse_completion(body: bytes) -> Parsed:
     r: CompletionRequest = _validate(CompletionRequest, body)
     if r.echo:
         raise InvalidRequest("`echo` is not supported.", param="echo")
+    if r.logprobs is not None:
+        raise InvalidRequest("`logprobs` is not supported.", param="logprobs")
     ids: tuple[int, ...] | None = None
     p = r.prompt
     if isinstance(p, list) and p and all(isinstance(x, int) for x in p):

@@ -35,6 +35,9 @@ BAD_CHAT = [
     ("stream-not-bool", body(stream="yes please"), "stream", "valid boolean"),
     ("stream-options-type", body(stream=True, stream_options={"include_usage": "x"}),
      "stream_options.include_usage", "valid boolean"),
+    ("logprobs", body(logprobs=True), "logprobs", "not supported"),  # refused, not silently dropped
+    ("top-logprobs", body(top_logprobs=2), "logprobs", "not supported"),
+    ("top-logprobs-high", body(top_logprobs=21), "top_logprobs", "less than or equal to 20"),
 ]
 
 
@@ -53,6 +56,8 @@ BAD_COMPLETION = [
     ("prompt-object", {"prompt": {"a": 1}}, "prompt"),
     ("two-prompts", {"prompt": ["a", "b"]}, "prompt"),
     ("echo", {"prompt": "a", "echo": True}, "echo"),
+    ("logprobs", {"prompt": "a", "logprobs": 1}, "logprobs"),
+    ("logprobs-zero", {"prompt": "a", "logprobs": 0}, "logprobs"),  # 0: the chosen token's own
     ("max-tokens-zero", {"prompt": "a", "max_tokens": 0}, "max_tokens"),
     ("token-id-negative", {"prompt": [5, -1]}, "prompt"),  # found by the fuzz drill: was a 500
     ("token-id-over-32-bit", {"prompt": [2**32]}, "prompt"),
@@ -79,6 +84,7 @@ def test_chat_parse_renders_messages_in_order_and_reads_options():
     assert parse_chat(body()).max_tokens is None  # the model's default applies later
     assert parse_chat(body(max_tokens=9, max_completion_tokens=4)).max_tokens == 4
     assert parse_chat(body(stream_options={"include_usage": True})).include_usage is False  # only streamed
+    assert parse_chat(body(logprobs=False, top_logprobs=0)).kind == "chat"  # SDK defaults: nothing asked
 
 
 def test_completion_prompt_forms():
