@@ -28,25 +28,39 @@ _NO_STEP = (0.0, 0.0, 0)
 
 
 class StopStrings:
-    """Stop strings on streamed text, as vLLM applies them: the answer ends where one
-    first appears, without it (finish_reason "stop"); while streaming, the last
-    (longest stop - 1) characters are held back, so no part of a stop string is sent."""
+    """Stop strings on streamed tokens, as vLLM applies them: the answer ends where one
+    first appears, without it (finish_reason "stop"). While streaming, tokens whose text
+    could begin a stop string (the last longest-stop - 1 characters) are held back, whole:
+    a failover continuation then resumes from the first token not delivered and
+    generates the held text again, so nothing is lost and no part of a stop string is sent."""
 
     def __init__(self, stops: tuple[str, ...]):
         self.stops = tuple(s for s in stops if s)
         self.hold = max(map(len, self.stops), default=1) - 1
         self.text = ""
-        self.sent = 0  # characters of `text` already released
+        self.sent = 0  # characters of `text` released
+        self.held: list[tuple[int, int]] = []  # (token id, end of its text) not yet released
 
-    def feed(self, piece: str, last: bool) -> tuple[str, bool]:
-        """(text to release now, whether a stop string ended the answer)."""
-        self.text += piece
+    def feed(self, ids: tuple[int, ...], pieces: list[str], last: bool) -> tuple[tuple[int, ...], str, bool]:
+        """(token ids to release, their text, whether a stop string ended the answer)."""
+        for t, p in zip(ids, pieces):
+            self.text += p
+            self.held.append((t, len(self.text)))
         # a stop string starting before `sent` would have ended inside the text seen
         # last time (the hold-back covers it), and been found then
         hits = [i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0]
-        end = min(hits) if hits else len(self.text) if last else max(self.sent, len(self.text) - self.hold)
-        out, self.sent = self.text[self.sent:end], end
-        return out, bool(hits)
+        if hits:
+            end, k = min(hits), len(self.held)
+        else:
+            limit = len(self.text) if last else len(self.text) - self.hold
+            k = 0
+            while k < len(self.held) and self.held[k][1] <= limit:
+                k += 1
+            end = self.held[k - 1][1] if k else self.sent
+        out, self.sent = self.text[self.sent:end], max(self.sent, end)
+        rel = tuple(t for t, _ in self.held[:k])
+        del self.held[:k]
+        return rel, out, bool(hits)
 
 
 class SimEngine:
@@ -93,10 +107,11 @@ class SimEngine:
                     raise item
                 n, finished, out = item  # `out` as of emission: the queue may lag the core
                 ids = tuple((seed + out - n + k) % 32000 for k in range(n))
-                text = "".join(" " + WORDS[t % len(WORDS)] for t in ids)
+                pieces = [" " + WORDS[t % len(WORDS)] for t in ids]
+                text = "".join(pieces)
                 reason = "length" if finished else None
                 if stops is not None:
-                    text, stopped = stops.feed(text, finished)
+                    ids, text, stopped = stops.feed(ids, pieces, finished)
                     if stopped:  # the rest is not generated: `finally` aborts it, freeing its KV
                         yield Chunk(request.request_id, ids, text, "stop", seq.prompt_len, seq.cached, out)
                         return

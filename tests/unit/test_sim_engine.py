@@ -237,20 +237,49 @@ async def test_sim_engine_rejects_prompts_over_its_context():
 
 @pytest.mark.parametrize("pieces,stops,want", [
     ([" a b", " c d", " e"], ("c",), ([" a b", " "], True)),  # ends before the stop string
-    ([" ab", "c d"], ("bc",), ([" a", ""], True)),  # a stop string across two pieces
-    ([" ab", "x y"], ("bc", "q"), ([" a", "bx y"], False)),  # held back, then released
-    ([" a", " b"], ("zz",), ([" ", "a b"], False)),  # the last piece releases all
+    ([" ab", "c d"], ("bc",), (["", " a"], True)),  # across two tokens; " ab" was held whole
+    ([" ab", "x y"], ("bc", "q"), (["", " abx y"], False)),  # held back, then released
+    ([" a", " b", " c"], ("zz",), (["", " a", " b c"], False)),  # a token is held while its last character
+                                                               # could begin "zz"; the last releases all
     ([" a"], ("",), ([" a"], False)),  # an empty stop string stops nothing
 ])
 def test_stop_strings_as_vllm_applies_them(pieces, stops, want):
     from serving.engines.sim import StopStrings
     scan, out, stopped = StopStrings(stops), [], False
     for k, p in enumerate(pieces):
-        text, stopped = scan.feed(p, k == len(pieces) - 1)
+        _, text, stopped = scan.feed((k,), [p], k == len(pieces) - 1)
         out.append(text)
         if stopped:
             break
     assert (out, stopped) == want
+
+
+WORD = {i: w for i, w in enumerate(" the cat sat on the mat and the dog sat on the log".split(" ")[1:])}
+
+
+def _answer(stops, cut=None):
+    """Released text of a stream of WORD tokens; at token `cut` the engine dies and a new
+    one continues from the first token not delivered, as failover does."""
+    from serving.engines.sim import StopStrings
+    scan, sent, text, i = StopStrings(stops), 0, "", 0
+    while i < len(WORD):
+        last = i == len(WORD) - 1
+        ids, piece, stopped = scan.feed((i,), [" " + WORD[i]], last)
+        sent += len(ids)
+        text += piece
+        if stopped or last:
+            return text, stopped
+        i += 1
+        if i == cut:  # held tokens die with the engine; the continuation starts at `sent`
+            scan, i, cut = StopStrings(stops), sent, None
+
+
+@pytest.mark.parametrize("stops", [("the dog",), ("sat on the log",), ("mat an",), ("zebra",)])
+def test_a_failover_continuation_loses_no_held_text(stops):
+    whole = _answer(stops)
+    assert whole[0] == " the cat sat on the mat and the dog sat on the log".split(stops[0])[0]
+    for cut in range(1, len(WORD)):
+        assert _answer(stops, cut) == whole, cut
 
 
 async def test_sim_engine_ends_at_a_stop_string_and_frees_the_rest():
