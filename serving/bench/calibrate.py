@@ -38,7 +38,7 @@ async def _timed(e: VLLMHttpEngine, ids: list[int], max_tokens: int) -> tuple[fl
     n = 0
     salt = uuid.uuid4().hex  # never a cache hit
     async for ch in e.generate(GenerateRequest(uuid.uuid4().hex, tuple(ids), max_tokens=max_tokens,
-                                               cache_salt=salt, temperature=0.0)):
+                                               cache_salt=salt, temperature=0.0, ignore_eos=True)):
         if first is None and ch.token_ids:
             first = time.perf_counter()
         n = ch.completion_tokens

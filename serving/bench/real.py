@@ -70,7 +70,7 @@ async def _warm_up(engines: list[VLLMHttpEngine], prompts: PromptMaker, records)
         for j, rec in enumerate(records[:3]):
             ids = tuple(prompts.token_ids(rec))
             async for _ in e.generate(GenerateRequest(f"warm-{k}-{j}", ids, max_tokens=8,
-                                                      temperature=0.0)):
+                                                      temperature=0.0, ignore_eos=True)):
                 pass
 
 

@@ -29,7 +29,7 @@ class GenerateRequest:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    ignore_eos: bool = True
+    ignore_eos: bool = False  # vLLM's default: the answer ends at the model's end-of-sequence token
     block_hashes: tuple[int, ...] | None = None  # engine-block hashes, if the caller has them
     prompt_len: int | None = None  # token count when only hashes are given (traces)
     # Deterministic continuation (failover after tokens were streamed): the new

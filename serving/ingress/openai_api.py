@@ -56,6 +56,7 @@ class _Common(_Body):
     seed: int | None = None
     stop: str | list[str] | None = None
     user: str | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
 
 
 class ChatRequest(_Common):
@@ -93,6 +94,7 @@ class Parsed:
     top_p: float
     seed: int | None
     stop: tuple[str, ...]
+    ignore_eos: bool = False
     tools: bool = False  # the request carries tools (delegation rules)
     response_format: dict[str, Any] | None = None
 
@@ -137,7 +139,8 @@ def _common(r: _Common) -> dict[str, Any]:
     return dict(model=r.model, stream=r.stream,
                 include_usage=bool(r.stream and r.stream_options and r.stream_options.include_usage),
                 temperature=1.0 if r.temperature is None else r.temperature,
-                top_p=1.0 if r.top_p is None else r.top_p, seed=r.seed, stop=stop)
+                top_p=1.0 if r.top_p is None else r.top_p, seed=r.seed, stop=stop,
+                ignore_eos=r.ignore_eos)
 
 
 def render_messages(messages: list[Message]) -> str:

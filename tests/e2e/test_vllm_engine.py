@@ -39,28 +39,28 @@ async def test_in_process_engine_streams_caches_salts_and_aborts(tiny_model, mon
         snap = engine.snapshot()
         assert (snap.health, snap.kv_capacity_tokens, snap.region) == (Health.UP, 32 * 128, "eu-west")
 
-        first = await _drain(engine, GenerateRequest("a1", ids, max_tokens=6, temperature=0.0,
+        first = await _drain(engine, GenerateRequest("a1", ids, max_tokens=6, temperature=0.0, ignore_eos=True,
                                                      cache_salt="tenant-a"))
         assert len(first) >= 2 and sum(len(c.token_ids) for c in first) == 6
         assert (first[-1].finish_reason, first[-1].completion_tokens, first[-1].prompt_tokens) == ("length", 6, 520)
         assert first[-1].cached_tokens == 0
 
-        same = await _drain(engine, GenerateRequest("a2", ids, max_tokens=6, temperature=0.0,
+        same = await _drain(engine, GenerateRequest("a2", ids, max_tokens=6, temperature=0.0, ignore_eos=True,
                                                     cache_salt="tenant-a"))
-        other = await _drain(engine, GenerateRequest("b1", ids, max_tokens=6, temperature=0.0,
+        other = await _drain(engine, GenerateRequest("b1", ids, max_tokens=6, temperature=0.0, ignore_eos=True,
                                                      cache_salt="tenant-b"))
         assert same[-1].cached_tokens == 512  # four full 128-token blocks
         assert other[-1].cached_tokens == 0  # another tenant's salt never matches
         assert [t for c in same for t in c.token_ids] == [t for c in first for t in c.token_ids]
 
-        stream = engine.generate(GenerateRequest("long", ids, max_tokens=1500, temperature=0.0))
+        stream = engine.generate(GenerateRequest("long", ids, max_tokens=1500, temperature=0.0, ignore_eos=True))
         await stream.__anext__()
         await stream.aclose()  # the client went away: vLLM must drop the request
 
         with pytest.raises(ContextLengthExceeded):
             await _drain(engine, GenerateRequest("big", ids * 5, max_tokens=4))
 
-        after = await _drain(engine, GenerateRequest("a3", ids[:300], max_tokens=2, temperature=0.0,
+        after = await _drain(engine, GenerateRequest("a3", ids[:300], max_tokens=2, temperature=0.0, ignore_eos=True,
                                                      cache_salt="tenant-a"))
         assert after[-1].completion_tokens == 2  # the engine still serves after the abort
         snap = engine.snapshot()

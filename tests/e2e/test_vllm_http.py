@@ -45,8 +45,8 @@ async def test_streamed_completion_from_real_vllm(vllm_servers, tiny_model):
     ids = tuple(random.Random(1).choice(_words(tiny_model)) for _ in range(300))
     (e,) = await _engines(vllm_servers, [0])
     try:
-        chunks = await _drain(e, GenerateRequest("stream-1", ids, max_tokens=12, temperature=0.0))
-        again = await _drain(e, GenerateRequest("stream-2", ids, max_tokens=12, temperature=0.0))
+        chunks = await _drain(e, GenerateRequest("stream-1", ids, max_tokens=12, temperature=0.0, ignore_eos=True))
+        again = await _drain(e, GenerateRequest("stream-2", ids, max_tokens=12, temperature=0.0, ignore_eos=True))
     finally:
         await e.close()
     assert len(chunks) >= 2, "tokens must arrive as a stream, not one response"
@@ -75,7 +75,7 @@ async def test_shared_prefix_burst_lands_on_the_replica_holding_it(vllm_servers,
                            max_tokens=4)
         d = router.route(req)
         chunks = await _drain(by_id[d.replica_id], GenerateRequest(req.request_id, tuple(prompts[i]),
-                                                                   max_tokens=4, temperature=0.0))
+                                                                   max_tokens=4, temperature=0.0, ignore_eos=True))
         router.on_finished(req.request_id)
         return d, chunks[-1]
 
@@ -110,7 +110,7 @@ async def test_killed_engine_is_marked_down_and_traffic_moves_on(vllm_servers, t
         d = router.route(RouteRequest("long", "tiny", len(ids), max_tokens=4000,
                                       exclude=frozenset({survivor.replica_id})))
         assert d.replica_id == victim.replica_id
-        stream = victim.generate(GenerateRequest("long", ids, max_tokens=4000, temperature=0.0))
+        stream = victim.generate(GenerateRequest("long", ids, max_tokens=4000, temperature=0.0, ignore_eos=True))
         got = [await stream.__anext__()]
         vllm_servers.kill(2)
         with pytest.raises(EngineError):
@@ -126,7 +126,7 @@ async def test_killed_engine_is_marked_down_and_traffic_moves_on(vllm_servers, t
             p = tuple(rng.choice(words) for _ in range(150))
             req = RouteRequest(f"after-{i}", "tiny", len(p), block_hashes(p, BLOCK, "tiny"), max_tokens=3)
             dec = router.route(req)
-            chunks = await _drain(survivor, GenerateRequest(req.request_id, p, max_tokens=3))
+            chunks = await _drain(survivor, GenerateRequest(req.request_id, p, max_tokens=3, ignore_eos=True))
             router.on_finished(req.request_id)
             placed.append((dec.replica_id, chunks[-1].completion_tokens))
     finally:

@@ -101,7 +101,8 @@ async def test_streams_chunks_and_sends_ids_salt_and_ignore_eos(fake):
     e = await _engine(fake.url)
     try:
         chunks = [c async for c in e.generate(GenerateRequest("q1", (5, 6, 7), max_tokens=3,
-                                                              cache_salt="tenant-a", seed=9))]
+                                                              cache_salt="tenant-a", seed=9,
+                                                              ignore_eos=True))]
     finally:
         await e.close()
     body = fake.bodies[0]
