@@ -17,6 +17,10 @@ import xxhash
 from serving.types import ReplicaSnapshot
 
 
+# OpenAI's penalties and vLLM's extensions a request may set, passed to the engine as given
+SAMPLING = ("presence_penalty", "frequency_penalty", "repetition_penalty", "top_k", "min_p")
+
+
 @dataclass(frozen=True, slots=True)
 class GenerateRequest:
     request_id: str
@@ -29,6 +33,9 @@ class GenerateRequest:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # more of vLLM's sampling, passed on where set (None: the engine's default); simulated
+    # engines do not sample and ignore them
+    sampling: tuple[tuple[str, float | int], ...] = ()  # (SamplingParams field, value), see SAMPLING
     ignore_eos: bool = False  # vLLM's default: the answer ends at the model's end-of-sequence token
     block_hashes: tuple[int, ...] | None = None  # engine-block hashes, if the caller has them
     prompt_len: int | None = None  # token count when only hashes are given (traces)

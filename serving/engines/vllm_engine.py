@@ -104,7 +104,8 @@ class VLLMEngine:
             params = SamplingParams(max_tokens=request.max_tokens, temperature=request.temperature,
                                     top_p=request.top_p, seed=vllm_seed(request.seed),
                                     stop=list(request.stop) or None,
-                                    ignore_eos=request.ignore_eos, output_kind=RequestOutputKind.DELTA)
+                                    ignore_eos=request.ignore_eos, output_kind=RequestOutputKind.DELTA,
+                                    **dict(request.sampling))
         except ValueError as e:
             raise InvalidRequest(str(e)) from None
         if request.prompt_token_ids:

@@ -4,8 +4,8 @@
               the caller has text (vLLM tokenizes it with the model's own
               tokenizer; the gateway's ids come from its word tokenizer) and as
               token ids otherwise (trace replay, clients sending ids);
-              `cache_salt`, `ignore_eos` and `return_token_ids` passed
-              through; SSE chunks become Chunks
+              `cache_salt`, `ignore_eos`, `return_token_ids` and the client's
+              penalties, `top_k` and `min_p` passed through; SSE chunks become Chunks
     abort     close the response: vLLM aborts a request whose client went away
     snapshot  vLLM's own /metrics (running, waiting, KV usage, prefix-cache
               queries and hits, KV capacity from cache_config_info), polled in
@@ -224,6 +224,7 @@ class VLLMHttpEngine:
             body["seed"] = r.seed % (1 << 63)  # vLLM takes signed 64-bit seeds
         if r.stop:
             body["stop"] = list(r.stop)
+        body.update(r.sampling)  # penalties, top_k, min_p: only those the client set
         if r.cache_salt:
             body["cache_salt"] = r.cache_salt
         return body

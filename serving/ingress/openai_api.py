@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from serving.engines.base import SAMPLING
 from serving.errors import InvalidRequest
 
 
@@ -57,6 +58,11 @@ class _Common(_Body):
     stop: str | list[str] | None = None
     user: str | None = None
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=2)  # vLLM's extensions from here
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0, le=1)
 
 
 class ChatRequest(_Common):
@@ -95,6 +101,7 @@ class Parsed:
     seed: int | None
     stop: tuple[str, ...]
     ignore_eos: bool = False
+    sampling: tuple[tuple[str, float | int], ...] = ()  # penalties, top_k, min_p as given
     tools: bool = False  # the request carries tools (delegation rules)
     response_format: dict[str, Any] | None = None
 
@@ -140,7 +147,8 @@ def _common(r: _Common) -> dict[str, Any]:
                 include_usage=bool(r.stream and r.stream_options and r.stream_options.include_usage),
                 temperature=1.0 if r.temperature is None else r.temperature,
                 top_p=1.0 if r.top_p is None else r.top_p, seed=r.seed, stop=stop,
-                ignore_eos=r.ignore_eos)
+                ignore_eos=r.ignore_eos,
+                sampling=tuple((k, v) for k in SAMPLING if (v := getattr(r, k)) is not None))
 
 
 def render_messages(messages: list[Message]) -> str:

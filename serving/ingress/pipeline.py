@@ -97,7 +97,7 @@ class Job:
         p = self.parsed
         return GenerateRequest(self.request_id, self.prompt_token_ids, p.prompt or None, self.max_tokens,
                                self.model, self.cache_salt, p.temperature, p.top_p, p.seed, p.stop,
-                               ignore_eos=p.ignore_eos, block_hashes=self.block_hashes, trace_headers=self.trace_headers())
+                               ignore_eos=p.ignore_eos, sampling=p.sampling, block_hashes=self.block_hashes, trace_headers=self.trace_headers())
 
     def trace_headers(self) -> tuple[tuple[str, str], ...]:
         """What the engines get: our traceparent (and tracestate), the session and step."""

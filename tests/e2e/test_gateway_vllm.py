@@ -73,6 +73,7 @@ async def test_streamed_chat_completion_through_the_gateway(gateway):
     client, _ = gateway
     r = await client.post("/v1/chat/completions", json={
         "model": "tiny", "max_tokens": 10, "ignore_eos": True,  # vLLM's extension: exactly 10
+        "presence_penalty": 0.2, "top_k": 5, "min_p": 0.05, "repetition_penalty": 1.1,  # passed on
         "stream": True, "stream_options": {"include_usage": True},
         "messages": [{"role": "user", "content": "route this call to the fastest replica please"}]})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")

@@ -61,7 +61,10 @@ async def test_in_process_engine_streams_caches_salts_and_aborts(tiny_model, mon
             await _drain(engine, GenerateRequest("big", ids * 5, max_tokens=4))
 
         after = await _drain(engine, GenerateRequest("a3", ids[:300], max_tokens=2, temperature=0.0, ignore_eos=True,
-                                                     cache_salt="tenant-a"))
+                                                     cache_salt="tenant-a",  # and every sampling field passed on
+                                                     sampling=(("presence_penalty", 0.2), ("frequency_penalty", 0.1),
+                                                               ("repetition_penalty", 1.1), ("top_k", 5),
+                                                               ("min_p", 0.05))))
         assert after[-1].completion_tokens == 2  # the engine still serves after the abort
         snap = engine.snapshot()
         assert snap.waiting_prefill_tokens == 0

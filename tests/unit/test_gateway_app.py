@@ -93,17 +93,20 @@ async def test_a_stop_string_ends_the_answer_before_it(stream):
     assert router.router.inflight == 0
 
 
-@pytest.mark.parametrize("body,want", [({}, False), ({"ignore_eos": True}, True)])
-async def test_engines_stop_at_eos_unless_asked_not_to(body, want):
+@pytest.mark.parametrize("body,want", [
+    ({}, (False, ())),  # vLLM's defaults: stop at EOS, sample as the engine does
+    ({"ignore_eos": True, "presence_penalty": 0.3, "top_k": 20}, (True, (("presence_penalty", 0.3), ("top_k", 20)))),
+])
+async def test_engines_get_the_sampling_asked_for_and_stop_at_eos_unless_told(body, want):
     c, engines, _ = make()
     seen = []
     for e in engines.values():
         def spy(req, _gen=e.generate):
-            seen.append(req.ignore_eos)
+            seen.append((req.ignore_eos, req.sampling))
             return _gen(req)
         e.generate = spy
     r = await c.post("/v1/chat/completions", json=chat(max_tokens=2, **body))
-    assert r.status_code == 200 and seen == [want]  # vLLM's default is to stop at EOS
+    assert r.status_code == 200 and seen == [want]
 
 
 async def test_second_request_reuses_the_prefix_and_reports_cached_tokens():

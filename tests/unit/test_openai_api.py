@@ -38,6 +38,11 @@ BAD_CHAT = [
     ("logprobs", body(logprobs=True), "logprobs", "not supported"),  # refused, not silently dropped
     ("top-logprobs", body(top_logprobs=2), "logprobs", "not supported"),
     ("top-logprobs-high", body(top_logprobs=21), "top_logprobs", "less than or equal to 20"),
+    ("presence-penalty-high", body(presence_penalty=2.5), "presence_penalty", "less than or equal to 2"),
+    ("frequency-penalty-text", body(frequency_penalty="lots"), "frequency_penalty", "valid number"),
+    ("repetition-penalty-zero", body(repetition_penalty=0), "repetition_penalty", "greater than 0"),
+    ("top-k-below-minus-one", body(top_k=-2), "top_k", "greater than or equal to -1"),
+    ("min-p-over-one", body(min_p=1.5), "min_p", "less than or equal to 1"),
 ]
 
 
@@ -85,6 +90,10 @@ def test_chat_parse_renders_messages_in_order_and_reads_options():
     assert parse_chat(body(max_tokens=9, max_completion_tokens=4)).max_tokens == 4
     assert parse_chat(body(stream_options={"include_usage": True})).include_usage is False  # only streamed
     assert parse_chat(body(logprobs=False, top_logprobs=0)).kind == "chat"  # SDK defaults: nothing asked
+    # penalties and vLLM's cut-offs go to the engine as given; unset ones are not sent
+    assert parse_chat(body()).sampling == ()
+    assert parse_chat(body(frequency_penalty=0.5, top_k=40, min_p=0.1, presence_penalty=None)).sampling == \
+        (("frequency_penalty", 0.5), ("top_k", 40), ("min_p", 0.1))
 
 
 def test_completion_prompt_forms():

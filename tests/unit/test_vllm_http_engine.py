@@ -102,13 +102,15 @@ async def test_streams_chunks_and_sends_ids_salt_and_ignore_eos(fake):
     try:
         chunks = [c async for c in e.generate(GenerateRequest("q1", (5, 6, 7), max_tokens=3,
                                                               cache_salt="tenant-a", seed=9,
-                                                              ignore_eos=True))]
+                                                              ignore_eos=True,
+                                                              sampling=(("top_k", 40), ("min_p", 0.1))))]
     finally:
         await e.close()
     body = fake.bodies[0]
     assert (body["prompt"], body["max_tokens"], body["stream"], body["cache_salt"], body["seed"],
             body["ignore_eos"], body["return_token_ids"], body["model"]) == \
         ([5, 6, 7], 3, True, "tenant-a", 9, True, True, "tiny")
+    assert (body["top_k"], body["min_p"]) == (40, 0.1) and "presence_penalty" not in body
     assert fake.headers[0]["X-Request-Id"] == "q1"
     assert [c.token_ids for c in chunks] == [(100,), (101,), (102,)]
     assert [c.finish_reason for c in chunks] == [None, None, "length"]
