@@ -29,8 +29,8 @@ class GenerateRequest:
     max_tokens: int = 16
     model: str = ""
     cache_salt: str | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float | None = None  # None: the engine's default (a vLLM model's own,
+    top_p: float | None = None  # from its generation_config, as vLLM's server applies it)
     seed: int | None = None
     stop: tuple[str, ...] = ()
     # more of vLLM's sampling, passed on where set (None: the engine's default); simulated

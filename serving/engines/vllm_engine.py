@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from serving.engines.base import Chunk, GenerateRequest
+from serving.engines.base import SAMPLING, Chunk, GenerateRequest
 from serving.engines.pending import PendingPrefill
 from serving.errors import ContextLengthExceeded, EngineError, InvalidRequest
 from serving.types import Health, ReplicaSnapshot
@@ -48,6 +48,7 @@ class VLLMEngine:
         self.block_size = int(self.engine_args.get("block_size") or 16)
         self.pending = PendingPrefill(self.block_size, self.model)
         self.kv_capacity_tokens = 0
+        self.sampling_defaults: dict[str, Any] = {}  # the model's generation_config, read at start
         # Written only by the stat logger, which vLLM calls on this event loop.
         self.num_running = self.num_waiting = 0
         self.kv_usage = 0.0
@@ -70,6 +71,8 @@ class VLLMEngine:
         self.block_size = int(cache.block_size)
         self.kv_capacity_tokens = int(cache.num_gpu_blocks or 0) * self.block_size
         self.pending = PendingPrefill(self.block_size, self.model, int(cache.num_gpu_blocks or 0))
+        defaults = self.engine.model_config.get_diff_sampling_param()
+        self.sampling_defaults = {k: v for k, v in defaults.items() if k in SAMPLING + ("temperature", "top_p")}
         self.health = Health.UP
         self._taken_at = self.clock()
 
@@ -101,11 +104,15 @@ class VLLMEngine:
         if request.cache_salt:
             prompt["cache_salt"] = request.cache_salt
         try:
-            params = SamplingParams(max_tokens=request.max_tokens, temperature=request.temperature,
-                                    top_p=request.top_p, seed=vllm_seed(request.seed),
+            # what the client did not set comes from the model's generation_config, as
+            # vLLM's own server does it
+            given = dict(request.sampling)
+            given.update((k, v) for k, v in (("temperature", request.temperature), ("top_p", request.top_p))
+                         if v is not None)
+            params = SamplingParams(max_tokens=request.max_tokens, seed=vllm_seed(request.seed),
                                     stop=list(request.stop) or None,
                                     ignore_eos=request.ignore_eos, output_kind=RequestOutputKind.DELTA,
-                                    **dict(request.sampling))
+                                    **{**self.sampling_defaults, **given})
         except ValueError as e:
             raise InvalidRequest(str(e)) from None
         if request.prompt_token_ids:

@@ -216,15 +216,16 @@ class VLLMHttpEngine:
     def _body(self, r: GenerateRequest, ids: list[int]) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.served_model, "prompt": r.prompt if r.prompt else ids,
-            "max_tokens": r.max_tokens, "stream": True, "temperature": r.temperature,
-            "top_p": r.top_p, "ignore_eos": r.ignore_eos, "return_token_ids": True,
+            "max_tokens": r.max_tokens, "stream": True, "ignore_eos": r.ignore_eos, "return_token_ids": True,
             "stream_options": {"include_usage": True, "continuous_usage_stats": True},
         }
         if r.seed is not None:
             body["seed"] = r.seed % (1 << 63)  # vLLM takes signed 64-bit seeds
         if r.stop:
             body["stop"] = list(r.stop)
-        body.update(r.sampling)  # penalties, top_k, min_p: only those the client set
+        # only what the client set: vLLM applies the model's generation_config to the rest
+        body.update((k, v) for k, v in (("temperature", r.temperature), ("top_p", r.top_p)) if v is not None)
+        body.update(r.sampling)
         if r.cache_salt:
             body["cache_salt"] = r.cache_salt
         return body

@@ -96,8 +96,8 @@ class Parsed:
     max_tokens: int | None  # None = the model's default
     stream: bool
     include_usage: bool
-    temperature: float
-    top_p: float
+    temperature: float | None  # None: not set, the engine's default
+    top_p: float | None
     seed: int | None
     stop: tuple[str, ...]
     ignore_eos: bool = False
@@ -145,8 +145,7 @@ def _common(r: _Common) -> dict[str, Any]:
     stop = (r.stop,) if isinstance(r.stop, str) else tuple(r.stop or ())
     return dict(model=r.model, stream=r.stream,
                 include_usage=bool(r.stream and r.stream_options and r.stream_options.include_usage),
-                temperature=1.0 if r.temperature is None else r.temperature,
-                top_p=1.0 if r.top_p is None else r.top_p, seed=r.seed, stop=stop,
+                temperature=r.temperature, top_p=r.top_p, seed=r.seed, stop=stop,
                 ignore_eos=r.ignore_eos,
                 sampling=tuple((k, v) for k in SAMPLING if (v := getattr(r, k)) is not None))
 

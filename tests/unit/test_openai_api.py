@@ -87,6 +87,7 @@ def test_chat_parse_renders_messages_in_order_and_reads_options():
     assert (p.kind, p.max_tokens, p.stream, p.include_usage, p.temperature, p.seed, p.stop) == \
            ("chat", 7, True, True, 0.0, 3, ("END",))
     assert parse_chat(body()).max_tokens is None  # the model's default applies later
+    assert (parse_chat(body()).temperature, parse_chat(body()).top_p) == (None, None)  # so does its sampling
     assert parse_chat(body(max_tokens=9, max_completion_tokens=4)).max_tokens == 4
     assert parse_chat(body(stream_options={"include_usage": True})).include_usage is False  # only streamed
     assert parse_chat(body(logprobs=False, top_logprobs=0)).kind == "chat"  # SDK defaults: nothing asked

@@ -111,6 +111,7 @@ async def test_streams_chunks_and_sends_ids_salt_and_ignore_eos(fake):
             body["ignore_eos"], body["return_token_ids"], body["model"]) == \
         ([5, 6, 7], 3, True, "tenant-a", 9, True, True, "tiny")
     assert (body["top_k"], body["min_p"]) == (40, 0.1) and "presence_penalty" not in body
+    assert "temperature" not in body and "top_p" not in body  # unset: the model's generation_config
     assert fake.headers[0]["X-Request-Id"] == "q1"
     assert [c.token_ids for c in chunks] == [(100,), (101,), (102,)]
     assert [c.finish_reason for c in chunks] == [None, None, "length"]
@@ -121,11 +122,13 @@ async def test_streams_chunks_and_sends_ids_salt_and_ignore_eos(fake):
 async def test_text_prompt_and_extra_headers_pass_through(fake):
     e = await _engine(fake.url)
     try:
-        chunks = [c async for c in e.generate(GenerateRequest("q2", prompt="a b", max_tokens=1),
+        chunks = [c async for c in e.generate(GenerateRequest("q2", prompt="a b", max_tokens=1,
+                                                              temperature=0.0, top_p=0.5),
                                               headers={"x-session-id": "s9"})]
     finally:
         await e.close()
     assert fake.bodies[0]["prompt"] == "a b" and "cache_salt" not in fake.bodies[0]
+    assert (fake.bodies[0]["temperature"], fake.bodies[0]["top_p"]) == (0.0, 0.5)  # greedy is sent, not dropped
     assert fake.headers[0]["x-session-id"] == "s9"
     assert chunks[-1].text == " w0"
 
