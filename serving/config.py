@@ -97,6 +97,10 @@ class ModelConfig(_Strict):
     name: str = Field(min_length=1)
     max_model_len: int | None = Field(default=None, gt=0)  # None = the smallest replica's limit
     default_max_tokens: int = Field(default=256, gt=0)
+    # the model's Hugging Face tokenizer (hub name, or a directory; relative ones from the
+    # repository root): chat is rendered with its template and engines get its token ids
+    # (serving.ingress.hf_tokenizer). None: the word tokenizer and fixed template (sim engines)
+    tokenizer: str | None = None
 
 
 class RouterConfig(_Strict):

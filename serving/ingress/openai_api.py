@@ -103,6 +103,7 @@ class Parsed:
     ignore_eos: bool = False
     sampling: tuple[tuple[str, float | int], ...] = ()  # penalties, top_k, min_p as given
     tools: bool = False  # the request carries tools (delegation rules)
+    messages: tuple[tuple[str, str], ...] = ()  # chat: (role, text), for a model's own template
     response_format: dict[str, Any] | None = None
 
 
@@ -167,8 +168,11 @@ def parse_chat(body: bytes) -> Parsed:
         raise InvalidRequest("`logprobs` is not supported.", param="logprobs")
     prompt = render_messages(r.messages)
     max_tokens = r.max_completion_tokens or r.max_tokens
+    # for a model's own template: text parts joined by newlines, as vLLM's server joins them
+    messages = tuple((m.role, "\n".join(p.text for p in m.content) if isinstance(m.content, list)
+                      else m.content or "") for m in r.messages)
     return Parsed("chat", prompt=prompt, prompt_token_ids=None, max_tokens=max_tokens, **_common(r),
-                  tools=bool(r.tools), response_format=r.response_format)
+                  tools=bool(r.tools), response_format=r.response_format, messages=messages)
 
 
 def parse_completion(body: bytes) -> Parsed:

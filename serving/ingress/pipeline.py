@@ -36,6 +36,7 @@ from serving.admission.tenancy import cache_salt
 from serving.config import Config
 from serving.engines.base import Chunk, GenerateRequest
 from serving.engines.tokenizer import encode
+from serving.ingress.hf_tokenizer import HFTokenizer
 from serving.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound
 from serving.failover import RetryPolicy
 from serving.ingress.auth import Authenticator, Principal
@@ -83,6 +84,7 @@ class Job:
     reply_headers: tuple[tuple[str, str], ...] = ()  # stages' notes for the response (x-proxima-tier, ...)
     trace: TraceContext | None = None  # W3C trace context: the gateway's span of this request
     created: float = 0.0  # wall-clock time the request arrived (step records)
+    model_tokens: bool = False  # prompt_token_ids are the model's own (the engine gets them, not text)
 
     @property
     def prompt_tokens(self) -> int:
@@ -95,7 +97,8 @@ class Job:
 
     def generate_request(self) -> GenerateRequest:
         p = self.parsed
-        return GenerateRequest(self.request_id, self.prompt_token_ids, p.prompt or None, self.max_tokens,
+        text = None if self.model_tokens else p.prompt or None
+        return GenerateRequest(self.request_id, self.prompt_token_ids, text, self.max_tokens,
                                self.model, self.cache_salt, p.temperature, p.top_p, p.seed, p.stop,
                                ignore_eos=p.ignore_eos, sampling=p.sampling, block_hashes=self.block_hashes, trace_headers=self.trace_headers())
 
@@ -155,6 +158,7 @@ class Gateway:
         self.block_size = config.block_size
         self.limits = {m.name: config.max_model_len(m.name) for m in config.models}
         self.default_max = {m.name: m.default_max_tokens for m in config.models}
+        self.hf = {m.name: HFTokenizer(m.tokenizer) for m in config.models if m.tokenizer}
 
     async def aclose(self, timeout_s: float = 10.0) -> None:
         """The replica is stopping: finish the charges of requests already answered and
@@ -212,6 +216,11 @@ class Gateway:
         limit = self.limits.get(job.model)
         if limit is None:
             raise ModelNotFound(f"The model `{job.model}` does not exist.", param="model")
+        hf = self.hf.get(job.model)
+        if hf is not None:  # the engine gets the ids vLLM's own server would make
+            p = job.parsed
+            ids = hf.chat(p.messages) if p.kind == "chat" else p.prompt_token_ids or hf.encode(p.prompt)
+            job = replace(job, prompt_token_ids=tuple(ids), model_tokens=True)
         if job.prompt_tokens + job.max_tokens > limit:
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {limit} tokens. However, you requested "

@@ -87,10 +87,9 @@ def word_token_ids(model_dir: str | Path) -> list[int]:
     return json.loads((Path(model_dir) / "proxima_words.json").read_text())["ids"]
 
 
-def write(out_dir: str | Path, *, seed: int = 0, hidden: int = 256, layers: int = 4, heads: int = 4,
-          kv_heads: int = 2, max_len: int = 8192) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+def write_tokenizer(out_dir: str | Path, max_len: int = 8192):
+    """The tokenizer and chat template alone (no torch needed); returns the raw tokenizer."""
+    from transformers import PreTrainedTokenizerFast
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,6 +98,16 @@ def write(out_dir: str | Path, *, seed: int = 0, hidden: int = 256, layers: int 
                                         pad_token=PAD, model_max_length=max_len)
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(out)
+    return raw
+
+
+def write(out_dir: str | Path, *, seed: int = 0, hidden: int = 256, layers: int = 4, heads: int = 4,
+          kv_heads: int = 2, max_len: int = 8192) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(out_dir)
+    raw = write_tokenizer(out, max_len)
     vocab = raw.get_vocab_size()
     config = LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2,

