@@ -46,6 +46,17 @@ def make(config=CONFIG, router_cls=LocalRouter):
     return client, engines, router
 
 
+def requests_seen(engines) -> list:
+    """Every GenerateRequest the engines are given, in order."""
+    seen: list = []
+    for e in engines.values():
+        def spy(req, _gen=e.generate):
+            seen.append(req)
+            return _gen(req)
+        e.generate = spy
+    return seen
+
+
 def chat(content="hello world", **kw):
     return {"model": "m", "messages": [{"role": "user", "content": content}], **kw}
 
@@ -99,14 +110,9 @@ async def test_a_stop_string_ends_the_answer_before_it(stream):
 ])
 async def test_engines_get_the_sampling_asked_for_and_stop_at_eos_unless_told(body, want):
     c, engines, _ = make()
-    seen = []
-    for e in engines.values():
-        def spy(req, _gen=e.generate):
-            seen.append((req.ignore_eos, req.sampling))
-            return _gen(req)
-        e.generate = spy
+    seen = requests_seen(engines)
     r = await c.post("/v1/chat/completions", json=chat(max_tokens=2, **body))
-    assert r.status_code == 200 and seen == [want]
+    assert r.status_code == 200 and [(g.ignore_eos, g.sampling) for g in seen] == [want]
 
 
 async def test_second_request_reuses_the_prefix_and_reports_cached_tokens():
@@ -236,12 +242,7 @@ async def test_a_models_own_tokenizer_and_chat_template_make_the_engines_prompt(
     config = {**CONFIG, "models": [{"name": "m", "max_model_len": 4096, "default_max_tokens": 2,
                                     "tokenizer": path}]}
     c, engines, _ = make(config)
-    seen = []
-    for e in engines.values():
-        def spy(req, _gen=e.generate):
-            seen.append((req.prompt, req.prompt_token_ids))
-            return _gen(req)
-        e.generate = spy
+    got = requests_seen(engines)
     messages = [{"role": "system", "content": "be brief"},
                 {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
     r = await c.post("/v1/chat/completions", json={"model": "m", "messages": messages})
@@ -250,10 +251,11 @@ async def test_a_models_own_tokenizer_and_chat_template_make_the_engines_prompt(
     want = tok.apply_chat_template([{"role": "system", "content": "be brief"}, {"role": "user", "content": "a\nb"}],
                                    add_generation_prompt=True, tokenize=False)
     assert want.startswith("<|begin|><|system|> be brief") and want.endswith("<|assistant|>")
-    assert seen == [(None, tuple(tok(want, add_special_tokens=False).input_ids))]
-    assert r.json()["usage"]["prompt_tokens"] == len(seen[0][1])
+    seen = lambda: [(g.prompt, g.prompt_token_ids) for g in got]  # noqa: E731
+    assert seen() == [(None, tuple(tok(want, add_special_tokens=False).input_ids))]
+    assert r.json()["usage"]["prompt_tokens"] == len(got[0].prompt_token_ids)
     r = await c.post("/v1/completions", json={"model": "m", "prompt": "zo ba"})
-    assert r.status_code == 200 and seen[1] == (None, tuple(tok("zo ba").input_ids))  # as vLLM's completions
+    assert r.status_code == 200 and seen()[1] == (None, tuple(tok("zo ba").input_ids))  # as vLLM's completions
 
 
 def test_a_tokenizer_without_a_chat_template_is_refused_at_start(tmp_path):
