@@ -1,10 +1,11 @@
 """The request pipeline, stage by stage, over two ports (router, engines).
 
     ingress      app.py: HTTP -> openai_api.Parsed, auth -> Principal, client region
-    prepare      tokenize once, default/validate max_tokens, model known?
+    prepare      tokenize (word tokenizer), default/validate max_tokens, model known?
     admission    `Admission.admit(job) -> ticket` (default: admit all)
     delegation   `Delegation.resolve(job) -> job` (default: the model as named)
-    bind         block hashes for the final model and cache salt, context-length check
+    bind         the final model's own tokenizer and chat template if configured
+                 (hf_tokenizer; engines then get ids), context-length check, block hashes
     routing      RouterPort.route(RouteRequest) -> Decision (the central router)
     dispatch     EnginePort.open(decision, GenerateRequest) -> chunks, through
                  serving.failover.stream_with_failover: another replica before the
@@ -36,10 +37,10 @@ from serving.admission.tenancy import cache_salt
 from serving.config import Config
 from serving.engines.base import Chunk, GenerateRequest
 from serving.engines.tokenizer import encode
-from serving.ingress.hf_tokenizer import HFTokenizer
 from serving.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound
 from serving.failover import RetryPolicy
 from serving.ingress.auth import Authenticator, Principal
+from serving.ingress.hf_tokenizer import HFTokenizer
 from serving.ingress.metrics import GatewayMetrics
 from serving.ingress.openai_api import Parsed
 from serving.observability.observer import LocalTelemetry, Observer, Telemetry
@@ -100,7 +101,8 @@ class Job:
         text = None if self.model_tokens else p.prompt or None
         return GenerateRequest(self.request_id, self.prompt_token_ids, text, self.max_tokens,
                                self.model, self.cache_salt, p.temperature, p.top_p, p.seed, p.stop,
-                               ignore_eos=p.ignore_eos, sampling=p.sampling, block_hashes=self.block_hashes, trace_headers=self.trace_headers())
+                               ignore_eos=p.ignore_eos, sampling=p.sampling, block_hashes=self.block_hashes,
+                               trace_headers=self.trace_headers())
 
     def trace_headers(self) -> tuple[tuple[str, str], ...]:
         """What the engines get: our traceparent (and tracestate), the session and step."""
@@ -212,7 +214,8 @@ class Gateway:
                    created=time.time())
 
     def bind(self, job: Job) -> Job:
-        """The model is final: check the context limit and hash the prompt's blocks for it."""
+        """The model is final: tokenize with its own tokenizer if it has one (`prepare`'s word
+        count served admission and delegation), check the context limit, hash the blocks."""
         limit = self.limits.get(job.model)
         if limit is None:
             raise ModelNotFound(f"The model `{job.model}` does not exist.", param="model")
