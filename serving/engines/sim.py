@@ -37,30 +37,28 @@ class StopStrings:
     def __init__(self, stops: tuple[str, ...]):
         self.stops = tuple(s for s in stops if s)
         self.hold = max(map(len, self.stops), default=1) - 1
-        self.text = ""
-        self.sent = 0  # characters of `text` released
-        self.held: list[tuple[int, int]] = []  # (token id, end of its text) not yet released
+        self.text = ""  # generated, not yet released
+        self.held: list[tuple[int, int]] = []  # its tokens: (id, end of the token's text in `text`)
 
     def feed(self, ids: tuple[int, ...], pieces: list[str], last: bool) -> tuple[tuple[int, ...], str, bool]:
         """(token ids to release, their text, whether a stop string ended the answer)."""
         for t, p in zip(ids, pieces):
             self.text += p
             self.held.append((t, len(self.text)))
-        # a stop string starting before `sent` would have ended inside the text seen
-        # last time (the hold-back covers it), and been found then
-        hits = [i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0]
-        if hits:
-            end, k = min(hits), len(self.held)
-        else:
-            limit = len(self.text) if last else len(self.text) - self.hold
-            k = 0
-            while k < len(self.held) and self.held[k][1] <= limit:
-                k += 1
-            end = self.held[k - 1][1] if k else self.sent
-        out, self.sent = self.text[self.sent:end], max(self.sent, end)
+        # a stop string can only start in the unreleased text: one starting earlier would
+        # have ended inside text already searched (the hold-back covers its length)
+        hits = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
+        if hits:  # the answer ends here, before the stop string
+            return tuple(t for t, _ in self.held), self.text[:min(hits)], True
+        limit = len(self.text) if last else len(self.text) - self.hold
+        k = 0
+        while k < len(self.held) and self.held[k][1] <= limit:
+            k += 1
+        end = self.held[k - 1][1] if k else 0
+        out, self.text = self.text[:end], self.text[end:]
         rel = tuple(t for t, _ in self.held[:k])
-        del self.held[:k]
-        return rel, out, bool(hits)
+        self.held = [(t, e - end) for t, e in self.held[k:]]
+        return rel, out, False
 
 
 class SimEngine:

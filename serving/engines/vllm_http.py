@@ -4,8 +4,10 @@
               the caller has text (vLLM tokenizes it with the model's own
               tokenizer; the gateway's ids come from its word tokenizer) and as
               token ids otherwise (trace replay, clients sending ids);
-              `cache_salt`, `ignore_eos`, `return_token_ids` and the client's
-              penalties, `top_k` and `min_p` passed through; SSE chunks become Chunks
+              `cache_salt`, `ignore_eos` and `return_token_ids` passed
+              through, and of `temperature`, `top_p`, the penalties, `top_k`
+              and `min_p` those the client set (vLLM applies the model's
+              generation_config to the rest); SSE chunks become Chunks
     abort     close the response: vLLM aborts a request whose client went away
     snapshot  vLLM's own /metrics (running, waiting, KV usage, prefix-cache
               queries and hits, KV capacity from cache_config_info), polled in
