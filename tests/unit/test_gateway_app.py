@@ -268,3 +268,17 @@ def test_a_tokenizer_without_a_chat_template_is_refused_at_start(tmp_path):
     tok.save_pretrained(str(tmp_path / "plain"))
     with pytest.raises(RuntimeError, match="no chat template"):
         make({**CONFIG, "models": [{"name": "m", "tokenizer": str(tmp_path / "plain")}]})
+
+
+async def test_a_conversation_the_template_refuses_is_a_400(tiny_tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer[0])  # a copy: the fixture's is shared
+    tok.chat_template = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first must be user') }}{% endif %}x"
+    tok.save_pretrained(str(tmp_path))
+    c, _, _ = make({**CONFIG, "models": [{"name": "m", "tokenizer": str(tmp_path)}]})
+    r = await c.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "assistant", "content": "a"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    assert "first must be user" in r.json()["error"]["message"]
+    r = await c.post("/v1/chat/completions", json={"model": "m", "max_tokens": 1,
+                                                   "messages": [{"role": "user", "content": "a"}]})
+    assert r.status_code == 200  # and it keeps serving
