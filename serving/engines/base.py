@@ -10,7 +10,7 @@ Engines translate their own failures into serving.errors.EngineError.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import AsyncIterator, Protocol, runtime_checkable
+from typing import Any, AsyncIterator, Protocol, runtime_checkable
 
 import xxhash
 
@@ -37,6 +37,9 @@ class GenerateRequest:
     # engines do not sample and ignore them
     sampling: tuple[tuple[str, float | int], ...] = ()  # (SamplingParams field, value), see SAMPLING
     ignore_eos: bool = False  # vLLM's default: the answer ends at the model's end-of-sequence token
+    # OpenAI's response_format (json_object, json_schema): vLLM's structured outputs constrain the
+    # answer to it; None or type text: free text. Simulated engines answer with words regardless
+    response_format: dict[str, Any] | None = None
     block_hashes: tuple[int, ...] | None = None  # engine-block hashes, if the caller has them
     prompt_len: int | None = None  # token count when only hashes are given (traces)
     # Deterministic continuation (failover after tokens were streamed): the new

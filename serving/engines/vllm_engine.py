@@ -91,7 +91,7 @@ class VLLMEngine:
 
     # --- protocol -----------------------------------------------------------------
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
-        from vllm.sampling_params import RequestOutputKind, SamplingParams
+        from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
         if self.engine is None or self.health is Health.DOWN:
             raise EngineError(f"replica {self.replica_id} is not running")
@@ -109,6 +109,10 @@ class VLLMEngine:
             given = dict(request.sampling)
             given.update((k, v) for k, v in (("temperature", request.temperature), ("top_p", request.top_p))
                          if v is not None)
+            rf = request.response_format
+            if rf:  # as vLLM's server turns a response_format into structured outputs
+                given["structured_outputs"] = (StructuredOutputsParams(json_object=True) if rf["type"] == "json_object"
+                                               else StructuredOutputsParams(json=rf["json_schema"]["schema"]))
             params = SamplingParams(max_tokens=request.max_tokens, seed=vllm_seed(request.seed),
                                     stop=list(request.stop) or None,
                                     ignore_eos=request.ignore_eos, output_kind=RequestOutputKind.DELTA,

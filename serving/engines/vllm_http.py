@@ -7,7 +7,8 @@
               `cache_salt`, `ignore_eos` and `return_token_ids` passed
               through, and of `temperature`, `top_p`, the penalties, `top_k`
               and `min_p` those the client set (vLLM applies the model's
-              generation_config to the rest); SSE chunks become Chunks
+              generation_config to the rest), and a JSON `response_format`;
+              SSE chunks become Chunks
     abort     close the response: vLLM aborts a request whose client went away
     snapshot  vLLM's own /metrics (running, waiting, KV usage, prefix-cache
               queries and hits, KV capacity from cache_config_info), polled in
@@ -228,6 +229,8 @@ class VLLMHttpEngine:
         # only what the client set: vLLM applies the model's generation_config to the rest
         body.update((k, v) for k, v in (("temperature", r.temperature), ("top_p", r.top_p)) if v is not None)
         body.update(r.sampling)
+        if r.response_format:  # vLLM's completions endpoint takes it too: structured outputs
+            body["response_format"] = r.response_format
         if r.cache_salt:
             body["cache_salt"] = r.cache_salt
         return body

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from serving.engines.base import SAMPLING
 from serving.errors import InvalidRequest
@@ -47,6 +47,23 @@ class Message(_Body):
     name: str | None = None
 
 
+class JsonSchema(_Body):
+    name: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("`json_schema` is required when type is json_schema")
+        return self
+
+
 class _Common(_Body):
     model: str = Field(min_length=1)
     stream: bool = False
@@ -63,6 +80,7 @@ class _Common(_Body):
     repetition_penalty: float | None = Field(default=None, gt=0, le=2)  # vLLM's extensions from here
     top_k: int | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0, le=1)
+    response_format: ResponseFormat | None = None  # structured outputs on real engines
 
 
 class ChatRequest(_Common):
@@ -70,7 +88,6 @@ class ChatRequest(_Common):
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     tools: list[dict[str, Any]] | None = None  # read by delegation (tools -> the large tier)
-    response_format: dict[str, Any] | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
@@ -148,6 +165,8 @@ def _common(r: _Common) -> dict[str, Any]:
                 include_usage=bool(r.stream and r.stream_options and r.stream_options.include_usage),
                 temperature=r.temperature, top_p=r.top_p, seed=r.seed, stop=stop,
                 ignore_eos=r.ignore_eos,
+                response_format=None if r.response_format is None else r.response_format.model_dump(
+                    by_alias=True, exclude_none=True),
                 sampling=tuple((k, v) for k in SAMPLING if (v := getattr(r, k)) is not None))
 
 
@@ -172,7 +191,7 @@ def parse_chat(body: bytes) -> Parsed:
     messages = tuple((m.role, "\n".join(p.text for p in m.content) if isinstance(m.content, list)
                       else m.content or "") for m in r.messages)
     return Parsed("chat", prompt=prompt, prompt_token_ids=None, max_tokens=max_tokens, **_common(r),
-                  tools=bool(r.tools), response_format=r.response_format, messages=messages)
+                  tools=bool(r.tools), messages=messages)
 
 
 def parse_completion(body: bytes) -> Parsed:

@@ -36,6 +36,7 @@ from serving.admission.residency import HEADER as REGIONS_HEADER, parse_regions
 from serving.admission.tenancy import cache_salt
 from serving.config import Config
 from serving.engines.base import Chunk, GenerateRequest
+from serving.delegation.cascade import is_json_format
 from serving.engines.tokenizer import encode
 from serving.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound
 from serving.failover import RetryPolicy
@@ -102,6 +103,7 @@ class Job:
         return GenerateRequest(self.request_id, self.prompt_token_ids, text, self.max_tokens,
                                self.model, self.cache_salt, p.temperature, p.top_p, p.seed, p.stop,
                                ignore_eos=p.ignore_eos, sampling=p.sampling, block_hashes=self.block_hashes,
+                               response_format=p.response_format if is_json_format(p.response_format) else None,
                                trace_headers=self.trace_headers())
 
     def trace_headers(self) -> tuple[tuple[str, str], ...]:

@@ -94,6 +94,15 @@ async def test_streamed_chat_completion_through_the_gateway(gateway, tiny_model)
     assert usage["prompt_tokens"] == len(tok(text, add_special_tokens=False).input_ids) > 10
 
 
+async def test_a_json_response_format_reaches_vllm(gateway):
+    client, _ = gateway
+    r = await client.post("/v1/chat/completions", json={
+        "model": "tiny", "max_tokens": 6, "response_format": {"type": "json_object"},
+        "messages": [{"role": "user", "content": "answer in JSON"}]})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"].lstrip().startswith("{")  # vLLM's structured outputs
+
+
 async def test_shared_prefix_burst_reaches_the_holder_per_vllm_counters(gateway, tiny_model):
     client, engines = gateway
     words = json.loads((Path(tiny_model) / "proxima_words.json").read_text())["words"]

@@ -36,6 +36,10 @@ async def test_in_process_engine_streams_caches_salts_and_aborts(tiny_model, mon
         "max_model_len": 2048, "max_num_batched_tokens": 2048, "max_num_seqs": 16})
     await engine.start()
     try:
+        # a JSON response_format becomes vLLM's structured outputs: the answer opens a JSON object
+        js = await _drain(engine, GenerateRequest("j1", ids[:300], max_tokens=4, temperature=0.0,
+                                                  response_format={"type": "json_object"}))
+        assert "".join(c.text for c in js).lstrip().startswith("{")
         snap = engine.snapshot()
         assert (snap.health, snap.kv_capacity_tokens, snap.region) == (Health.UP, 32 * 128, "eu-west")
 

@@ -115,6 +115,15 @@ async def test_engines_get_the_sampling_asked_for_and_stop_at_eos_unless_told(bo
     assert r.status_code == 200 and [(g.ignore_eos, g.sampling) for g in seen] == [want]
 
 
+@pytest.mark.parametrize("fmt,want", [(None, None), ({"type": "text"}, None),
+                                      ({"type": "json_object"}, {"type": "json_object"})])
+async def test_a_json_response_format_reaches_the_engine(fmt, want):
+    c, engines, _ = make()
+    seen = requests_seen(engines)
+    r = await c.post("/v1/chat/completions", json=chat(max_tokens=2, response_format=fmt))
+    assert r.status_code == 200 and seen[0].response_format == want
+
+
 async def test_second_request_reuses_the_prefix_and_reports_cached_tokens():
     c, _, _ = make()
     prompt = " ".join(f"w{i}" for i in range(400))

@@ -43,6 +43,11 @@ BAD_CHAT = [
     ("repetition-penalty-zero", body(repetition_penalty=0), "repetition_penalty", "greater than 0"),
     ("top-k-below-minus-one", body(top_k=-2), "top_k", "greater than or equal to -1"),
     ("min-p-over-one", body(min_p=1.5), "min_p", "less than or equal to 1"),
+    ("response-format-type", body(response_format={"type": "xml"}), "response_format.type", "Input should be"),
+    ("response-format-no-schema", body(response_format={"type": "json_schema"}), "response_format",
+     "json_schema` is required"),
+    ("response-format-schema-missing", body(response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
+     "response_format.json_schema.schema", "Field required"),
 ]
 
 
@@ -93,6 +98,9 @@ def test_chat_parse_renders_messages_in_order_and_reads_options():
     assert parse_chat(body(logprobs=False, top_logprobs=0)).kind == "chat"  # SDK defaults: nothing asked
     # penalties and vLLM's cut-offs go to the engine as given; unset ones are not sent
     assert parse_chat(body()).sampling == ()
+    schema = {"type": "object", "required": ["a"]}
+    assert parse_chat(body(response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}})) \
+        .response_format == {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}
     assert parse_chat(body(frequency_penalty=0.5, top_k=40, min_p=0.1, presence_penalty=None)).sampling == \
         (("frequency_penalty", 0.5), ("top_k", 40), ("min_p", 0.1))
 

@@ -103,7 +103,8 @@ async def test_streams_chunks_and_sends_ids_salt_and_ignore_eos(fake):
         chunks = [c async for c in e.generate(GenerateRequest("q1", (5, 6, 7), max_tokens=3,
                                                               cache_salt="tenant-a", seed=9,
                                                               ignore_eos=True,
-                                                              sampling=(("top_k", 40), ("min_p", 0.1))))]
+                                                              sampling=(("top_k", 40), ("min_p", 0.1)),
+                                                              response_format={"type": "json_object"}))]
     finally:
         await e.close()
     body = fake.bodies[0]
@@ -112,6 +113,7 @@ async def test_streams_chunks_and_sends_ids_salt_and_ignore_eos(fake):
         ([5, 6, 7], 3, True, "tenant-a", 9, True, True, "tiny")
     assert (body["top_k"], body["min_p"]) == (40, 0.1) and "presence_penalty" not in body
     assert "temperature" not in body and "top_p" not in body  # unset: the model's generation_config
+    assert body["response_format"] == {"type": "json_object"}  # vLLM's structured outputs
     assert fake.headers[0]["X-Request-Id"] == "q1"
     assert [c.token_ids for c in chunks] == [(100,), (101,), (102,)]
     assert [c.finish_reason for c in chunks] == [None, None, "length"]
