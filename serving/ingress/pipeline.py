@@ -221,11 +221,13 @@ class Gateway:
         limit = self.limits.get(job.model)
         if limit is None:
             raise ModelNotFound(f"The model `{job.model}` does not exist.", param="model")
-        hf = self.hf.get(job.model)
+        hf, p = self.hf.get(job.model), job.parsed
         if hf is not None:  # the engine gets the ids vLLM's own server would make
-            p = job.parsed
             ids = hf.chat(p.messages) if p.kind == "chat" else p.prompt_token_ids or hf.encode(p.prompt)
             job = replace(job, prompt_token_ids=tuple(ids), model_tokens=True)
+        elif job.model_tokens:  # another model's ids (a cascade from a tier with its own tokenizer)
+            job = replace(job, prompt_token_ids=p.prompt_token_ids or tuple(self.tokenizer(p.prompt)),
+                          model_tokens=False)
         if job.prompt_tokens + job.max_tokens > limit:
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {limit} tokens. However, you requested "

@@ -291,3 +291,18 @@ async def test_a_conversation_the_template_refuses_is_a_400(tiny_tokenizer, tmp_
     r = await c.post("/v1/chat/completions", json={"model": "m", "max_tokens": 1,
                                                    "messages": [{"role": "user", "content": "a"}]})
     assert r.status_code == 200  # and it keeps serving
+
+
+def test_a_job_moved_to_a_model_without_its_own_tokenizer_gets_word_ids_again(tiny_tokenizer):
+    from dataclasses import replace
+    from serving.ingress.auth import Principal
+    from serving.ingress.openai_api import parse_chat
+    cfg = load_config({**CONFIG, "models": [{"name": "m", "tokenizer": tiny_tokenizer[0]}, {"name": "plain"}]})
+    gw = Gateway(cfg, None, None)
+    job = gw.prepare(parse_chat(json.dumps(chat("zo ba")).encode()), Principal("default"), "us", "r1")
+    words = job.prompt_token_ids
+    own = gw.bind(job)  # the model's tokenizer and template
+    assert own.model_tokens and own.prompt_token_ids != words
+    moved = gw.bind(replace(own, model="plain"))  # e.g. a cascade to a tier without one
+    assert not moved.model_tokens and moved.prompt_token_ids == words
+    assert moved.generate_request().prompt == own.parsed.prompt  # text again, for the engine to tokenize
