@@ -217,6 +217,12 @@ ENGINE_OPTIONS = {"model_path", "engine_args", "env", "profile"}
 REPO = Path(__file__).resolve().parents[2]
 
 
+def repo_path(name_or_path: str) -> str:
+    """A model or tokenizer location: a hub name or a directory; relative ones ("./...")
+    start at the repository root, wherever the process runs."""
+    return str((REPO / name_or_path).resolve()) if name_or_path.startswith(".") else name_or_path
+
+
 def model_options(kind: str, options: dict[str, Any], model: str, known: set[str]) -> dict[str, Any]:
     """A region's engine options for one model: `options.models.<model>` merged over
     the rest (engine_args and env merged key by key), unknown keys refused."""
@@ -242,9 +248,6 @@ def make_vllm(spec) -> VLLMEngine:
     opts = model_options("vllm", dict(spec.options), spec.model, ENGINE_OPTIONS)
     if not opts.get("model_path"):
         raise ValueError(f"engine kind 'vllm' needs options.model_path (model {spec.model!r})")
-    path = str(opts["model_path"])
-    if path.startswith("."):
-        path = str((REPO / path).resolve())
-    return VLLMEngine(spec.replica_id, path, region=spec.region, model=spec.model,
+    return VLLMEngine(spec.replica_id, repo_path(str(opts["model_path"])), region=spec.region, model=spec.model,
                       profile=opts.get("profile", spec.profile), engine_args=opts.get("engine_args"),
                       env=opts.get("env"))

@@ -14,12 +14,10 @@ Needs `transformers` (installed with vLLM).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
+from serving.engines.vllm_engine import repo_path  # light: vLLM itself is imported lazily
 from serving.errors import InvalidRequest
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 class HFTokenizer:
@@ -29,8 +27,7 @@ class HFTokenizer:
         except ImportError as e:
             raise RuntimeError(f"models[].tokenizer {name_or_path!r} needs transformers "
                                "(pip install '.[cpu]' or vllm)") from e
-        path = str((REPO / name_or_path).resolve()) if name_or_path.startswith(".") else name_or_path
-        self.tok: Any = AutoTokenizer.from_pretrained(path)
+        self.tok: Any = AutoTokenizer.from_pretrained(repo_path(name_or_path))
         if not getattr(self.tok, "chat_template", None):
             raise RuntimeError(f"tokenizer {name_or_path!r} has no chat template")
 
