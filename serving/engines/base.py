@@ -19,6 +19,7 @@ from serving.types import ReplicaSnapshot
 
 # OpenAI's penalties and vLLM's extensions a request may set, passed to the engine as given
 SAMPLING = ("presence_penalty", "frequency_penalty", "repetition_penalty", "top_k", "min_p")
+SAMPLING_ALL = SAMPLING + ("temperature", "top_p")  # every field of GenerateRequest.sampling_set()
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +52,13 @@ class GenerateRequest:
     # W3C traceparent/tracestate (the gateway's span), x-session-id, x-agent-step: engines
     # pass them on (vllm_http as HTTP headers, vllm as trace_headers) or just carry them (sim)
     trace_headers: tuple[tuple[str, str], ...] = ()
+
+    def sampling_set(self) -> dict[str, float | int]:
+        """The sampling the client set: `sampling`, and `temperature` and `top_p` if given. A vLLM
+        engine takes the rest from the model's generation_config, as vLLM's server does."""
+        out: dict[str, float | int] = dict(self.sampling)
+        out.update((k, v) for k, v in (("temperature", self.temperature), ("top_p", self.top_p)) if v is not None)
+        return out
 
 
 def default_seed(request_id: str) -> int:

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from serving.engines.base import SAMPLING, Chunk, GenerateRequest
+from serving.engines.base import SAMPLING_ALL, Chunk, GenerateRequest
 from serving.engines.pending import PendingPrefill
 from serving.errors import ContextLengthExceeded, EngineError, InvalidRequest
 from serving.types import Health, ReplicaSnapshot
@@ -72,7 +72,7 @@ class VLLMEngine:
         self.kv_capacity_tokens = int(cache.num_gpu_blocks or 0) * self.block_size
         self.pending = PendingPrefill(self.block_size, self.model, int(cache.num_gpu_blocks or 0))
         defaults = self.engine.model_config.get_diff_sampling_param()
-        self.sampling_defaults = {k: v for k, v in defaults.items() if k in SAMPLING + ("temperature", "top_p")}
+        self.sampling_defaults = {k: v for k, v in defaults.items() if k in SAMPLING_ALL}
         self.health = Health.UP
         self._taken_at = self.clock()
 
@@ -106,9 +106,7 @@ class VLLMEngine:
         try:
             # what the client did not set comes from the model's generation_config, as
             # vLLM's own server does it
-            given = dict(request.sampling)
-            given.update((k, v) for k, v in (("temperature", request.temperature), ("top_p", request.top_p))
-                         if v is not None)
+            given: dict[str, Any] = {**request.sampling_set()}
             rf = request.response_format
             if rf:  # as vLLM's server turns a response_format into structured outputs
                 given["structured_outputs"] = (StructuredOutputsParams(json_object=True) if rf["type"] == "json_object"

@@ -227,8 +227,7 @@ class VLLMHttpEngine:
         if r.stop:
             body["stop"] = list(r.stop)
         # only what the client set: vLLM applies the model's generation_config to the rest
-        body.update((k, v) for k, v in (("temperature", r.temperature), ("top_p", r.top_p)) if v is not None)
-        body.update(r.sampling)
+        body.update(r.sampling_set())
         if r.response_format:  # vLLM's completions endpoint takes it too: structured outputs
             body["response_format"] = r.response_format
         if r.cache_salt:
