@@ -101,6 +101,10 @@ class ModelConfig(_Strict):
     # repository root): chat is rendered with its template and engines get its token ids
     # (serving.ingress.hf_tokenizer). None: the word tokenizer and fixed template (sim engines)
     tokenizer: str | None = None
+    # how `tool_choice: auto` answers are read for tool calls (serving.ingress.tools): "hermes"
+    # (<tool_call>{json}</tool_call>: Qwen2.5/3, Hermes), "llama3_json" ({json}; {json}: Llama
+    # 3.1-3.3). None: such answers are content
+    tool_parser: Literal["hermes", "llama3_json"] | None = None
 
 
 class RouterConfig(_Strict):

@@ -36,7 +36,9 @@ class GenerateRequest:
     stop: tuple[str, ...] = ()
     # more of vLLM's sampling, passed on where set (None: the engine's default); simulated
     # engines do not sample and ignore them
-    sampling: tuple[tuple[str, float | int], ...] = ()  # (SamplingParams field, value), see SAMPLING
+    # (SamplingParams field, value): SAMPLING as the client set them, and skip_special_tokens
+    # False when the gateway reads tool-call tags from the answer (serving.ingress.tools)
+    sampling: tuple[tuple[str, float | int], ...] = ()
     ignore_eos: bool = False  # vLLM's default: the answer ends at the model's end-of-sequence token
     # OpenAI's response_format (json_object, json_schema): vLLM's structured outputs constrain the
     # answer to it; None or type text: free text. Simulated engines answer with words regardless

@@ -31,9 +31,9 @@ class HFTokenizer:
         if not getattr(self.tok, "chat_template", None):
             raise RuntimeError(f"tokenizer {name_or_path!r} has no chat template")
 
-    def chat(self, messages: tuple[tuple[str, str], ...]) -> list[int]:
+    def chat(self, messages: tuple[dict[str, Any], ...], tools: tuple[dict[str, Any], ...] = ()) -> list[int]:
         try:
-            text = self.tok.apply_chat_template([{"role": r, "content": c} for r, c in messages],
+            text = self.tok.apply_chat_template(list(messages), tools=list(tools) or None,
                                                 add_generation_prompt=True, tokenize=False)
         except Exception as e:  # the template refuses the conversation (roles out of order, ...)
             raise InvalidRequest(f"The chat template rejected the messages: {e}", param="messages") from None

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from serving.engines.base import SAMPLING
 from serving.errors import InvalidRequest
+from serving.ingress.tools import guided_format
 
 
 class _Body(BaseModel):
@@ -41,10 +42,47 @@ class TextPart(_Body):
     text: str
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: str  # JSON, as the model wrote it
+
+
+class ToolCall(_Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool's answer: to which call
+
+    def text(self, sep: str) -> str:
+        return sep.join(p.text for p in self.content) if isinstance(self.content, list) else self.content or ""
+
+
+class Function(_Body):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: Function
+
+
+class FunctionName(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class JsonSchema(_Body):
@@ -87,7 +125,9 @@ class ChatRequest(_Common):
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    tools: list[dict[str, Any]] | None = None  # read by delegation (tools -> the large tier)
+    tools: list[Tool] | None = Field(default=None, min_length=1)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
@@ -119,8 +159,12 @@ class Parsed:
     stop: tuple[str, ...]
     ignore_eos: bool = False
     sampling: tuple[tuple[str, float | int], ...] = ()  # penalties, top_k, min_p as given
-    tools: bool = False  # the request carries tools (delegation rules)
-    messages: tuple[tuple[str, str], ...] = ()  # chat: (role, text), for a model's own template
+    tools: tuple[dict[str, Any], ...] = ()  # OpenAI tool objects, for the template (and delegation)
+    tool_choice: str = "none"  # "none" | "auto" | "required" | "function" (the one named `tool_name`)
+    tool_name: str | None = None
+    parallel_tool_calls: bool | None = None
+    tool_format: dict[str, Any] | None = None  # the constraint tool_choice puts on the answer
+    messages: tuple[dict[str, Any], ...] = ()  # chat: template messages, for a model's own template
     response_format: dict[str, Any] | None = None
 
 
@@ -170,28 +214,68 @@ def _common(r: _Common) -> dict[str, Any]:
                 sampling=tuple((k, v) for k in SAMPLING if (v := getattr(r, k)) is not None))
 
 
-def render_messages(messages: list[Message]) -> str:
-    parts = []
+def render_messages(messages: list[Message], tools: tuple[dict[str, Any], ...] = ()) -> str:
+    """The word template: `<|role|> text` per message; tools and earlier calls as JSON text."""
+    parts = [f"<|tools|> {json.dumps([t['function'] for t in tools])}"] if tools else []
     for m in messages:
-        if isinstance(m.content, list):
-            text = " ".join(p.text for p in m.content)
-        else:
-            text = m.content or ""
+        text = m.text(" ")
+        for c in m.tool_calls or ():
+            text += f' <tool_call> {{"name": {json.dumps(c.function.name)}, "arguments": {c.function.arguments}}} </tool_call>'
         parts.append(f"<|{m.role}|> {text}")
     return " ".join(parts) + " <|assistant|>"
+
+
+def _template_message(i: int, m: Message) -> dict[str, Any]:
+    """A message as vLLM's server hands it to a chat template: text parts joined by newlines,
+    and an assistant's tool-call arguments as objects, as tool-use templates expect them."""
+    out: dict[str, Any] = {"role": m.role, "content": m.text("\n")}
+    if m.name is not None:
+        out["name"] = m.name
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    if m.tool_calls:
+        calls = []
+        for j, c in enumerate(m.tool_calls):
+            try:
+                args = json.loads(c.function.arguments)
+            except ValueError:
+                raise InvalidRequest("Tool call arguments must be JSON.",
+                                     param=f"messages.{i}.tool_calls.{j}.function.arguments") from None
+            calls.append({"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": args}})
+        out["tool_calls"] = calls
+    return out
+
+
+def _tool_choice(r: ChatRequest) -> tuple[str, str | None]:
+    """(choice, function name): "auto" when tools are given and no choice, as OpenAI's default."""
+    c = r.tool_choice
+    if c is None:
+        return ("auto" if r.tools else "none"), None
+    if c != "none" and not r.tools:
+        raise InvalidRequest("When using `tool_choice`, `tools` must be set.", param="tool_choice")
+    if isinstance(c, NamedToolChoice):
+        if c.function.name not in {t.function.name for t in r.tools or ()}:
+            raise InvalidRequest(f"Tool choice {c.function.name!r} is not one of the `tools`.",
+                                 param="tool_choice.function.name")
+        return "function", c.function.name
+    return c, None
 
 
 def parse_chat(body: bytes) -> Parsed:
     r: ChatRequest = _validate(ChatRequest, body)
     if r.logprobs or r.top_logprobs:
         raise InvalidRequest("`logprobs` is not supported.", param="logprobs")
-    prompt = render_messages(r.messages)
+    choice, name = _tool_choice(r)
+    if choice in ("required", "function") and r.response_format is not None and r.response_format.type != "text":
+        raise InvalidRequest("A JSON `response_format` and a `tool_choice` that forces a call cannot be "
+                             "used together.", param="response_format")
+    tools = tuple(t.model_dump(exclude_none=True) for t in r.tools or ())
+    prompt = render_messages(r.messages, tools)
     max_tokens = r.max_completion_tokens or r.max_tokens
-    # for a model's own template: text parts joined by newlines, as vLLM's server joins them
-    messages = tuple((m.role, "\n".join(p.text for p in m.content) if isinstance(m.content, list)
-                      else m.content or "") for m in r.messages)
+    messages = tuple(_template_message(i, m) for i, m in enumerate(r.messages))
     return Parsed("chat", prompt=prompt, prompt_token_ids=None, max_tokens=max_tokens, **_common(r),
-                  tools=bool(r.tools), messages=messages)
+                  tools=tools, tool_choice=choice, tool_name=name, parallel_tool_calls=r.parallel_tool_calls,
+                  tool_format=guided_format(tools, choice, name, r.parallel_tool_calls), messages=messages)
 
 
 def parse_completion(body: bytes) -> Parsed:
@@ -239,9 +323,14 @@ class Responder:
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def chunk(self, text: str, finish_reason: str | None, first: bool = False) -> dict[str, Any]:
+    def chunk(self, text: str, finish_reason: str | None, first: bool = False,
+              tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         if self.kind == "chat":
             delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
+            if tool_calls:
+                delta["tool_calls"] = tool_calls
+                if not text:
+                    delta["content"] = None
             d = self._head("chat.completion.chunk")
             d["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
         else:
@@ -257,11 +346,15 @@ class Responder:
         d["usage"] = u
         return d
 
-    def full(self, text: str, finish_reason: str | None, u: dict[str, Any]) -> dict[str, Any]:
+    def full(self, text: str, finish_reason: str | None, u: dict[str, Any],
+             tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         if self.kind == "chat":
             d = self._head("chat.completion")
-            d["choices"] = [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "logprobs": None, "finish_reason": finish_reason}]
+            msg: dict[str, Any] = {"role": "assistant", "content": text}
+            if tool_calls:  # whole calls, without the streaming `index`
+                msg["content"] = text or None
+                msg["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in tool_calls]
+            d["choices"] = [{"index": 0, "message": msg, "logprobs": None, "finish_reason": finish_reason}]
         else:
             d = self._head("text_completion")
             d["choices"] = [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]

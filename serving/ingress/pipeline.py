@@ -44,6 +44,7 @@ from serving.ingress.auth import Authenticator, Principal
 from serving.ingress.hf_tokenizer import HFTokenizer
 from serving.ingress.metrics import GatewayMetrics
 from serving.ingress.openai_api import Parsed
+from serving.ingress.tools import ToolOutput
 from serving.observability.observer import LocalTelemetry, Observer, Telemetry
 from serving.observability.otel import make_tracer
 from serving.observability.steps import SESSION_HEADER, STEP_HEADER, check_headers
@@ -87,6 +88,7 @@ class Job:
     trace: TraceContext | None = None  # W3C trace context: the gateway's span of this request
     created: float = 0.0  # wall-clock time the request arrived (step records)
     model_tokens: bool = False  # prompt_token_ids are the model's own (the engine gets them, not text)
+    tool_parser: str | None = None  # the final model's (bind): how its answer is read for tool calls
 
     @property
     def prompt_tokens(self) -> int:
@@ -100,11 +102,19 @@ class Job:
     def generate_request(self) -> GenerateRequest:
         p = self.parsed
         text = None if self.model_tokens else p.prompt or None
+        sampling = p.sampling
+        if p.tool_choice == "auto" and self.tool_parser is not None:  # the call tags must reach the parser
+            sampling += (("skip_special_tokens", False),)
+        rf = p.tool_format or (p.response_format if is_json_format(p.response_format) else None)
         return GenerateRequest(self.request_id, self.prompt_token_ids, text, self.max_tokens,
                                self.model, self.cache_salt, p.temperature, p.top_p, p.seed, p.stop,
-                               ignore_eos=p.ignore_eos, sampling=p.sampling, block_hashes=self.block_hashes,
-                               response_format=p.response_format if is_json_format(p.response_format) else None,
-                               trace_headers=self.trace_headers())
+                               ignore_eos=p.ignore_eos, sampling=sampling, block_hashes=self.block_hashes,
+                               response_format=rf, trace_headers=self.trace_headers())
+
+    def tool_output(self) -> ToolOutput | None:
+        """The reader of this answer's tool calls (None: the answer is content)."""
+        p = self.parsed
+        return ToolOutput.make(p.tool_choice, p.tool_name, self.tool_parser, p.parallel_tool_calls)
 
     def trace_headers(self) -> tuple[tuple[str, str], ...]:
         """What the engines get: our traceparent (and tracestate), the session and step."""
@@ -163,6 +173,7 @@ class Gateway:
         self.limits = {m.name: config.max_model_len(m.name) for m in config.models}
         self.default_max = {m.name: m.default_max_tokens for m in config.models}
         self.hf = {m.name: HFTokenizer(m.tokenizer) for m in config.models if m.tokenizer}
+        self.tool_parsers = {m.name: m.tool_parser for m in config.models}
 
     async def aclose(self, timeout_s: float = 10.0) -> None:
         """The replica is stopping: finish the charges of requests already answered and
@@ -223,7 +234,7 @@ class Gateway:
             raise ModelNotFound(f"The model `{job.model}` does not exist.", param="model")
         hf, p = self.hf.get(job.model), job.parsed
         if hf is not None:  # the engine gets the ids vLLM's own server would make
-            ids = hf.chat(p.messages) if p.kind == "chat" else p.prompt_token_ids or hf.encode(p.prompt)
+            ids = hf.chat(p.messages, p.tools) if p.kind == "chat" else p.prompt_token_ids or hf.encode(p.prompt)
             job = replace(job, prompt_token_ids=tuple(ids), model_tokens=True)
         elif job.model_tokens:  # another model's ids (a cascade from a tier with its own tokenizer)
             job = replace(job, prompt_token_ids=p.prompt_token_ids or tuple(self.tokenizer(p.prompt)),
@@ -235,7 +246,7 @@ class Gateway:
                 f"{job.max_tokens} in the completion). Please reduce the length of the messages "
                 "or completion.", param="messages" if job.parsed.kind == "chat" else "prompt")
         hashes = block_hashes(job.prompt_token_ids, self.block_size, job.model, job.cache_salt)
-        return replace(job, block_hashes=hashes)
+        return replace(job, block_hashes=hashes, tool_parser=self.tool_parsers.get(job.model))
 
     async def start(self, job: Job) -> "Stream":
         """Admission, delegation, bind, then routing and dispatch up to the first chunk."""

@@ -27,11 +27,16 @@ from pathlib import Path
 
 BOS, EOS, PAD = "<|begin|>", "<|end|>", "<|pad|>"
 ROLES = ("system", "user", "assistant", "tool")
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>"
+CHAT_TEMPLATE = (  # tools and earlier calls as Hermes/Qwen templates write them (tool_parser: hermes)
+    "{{ bos_token }}{% if tools %}<|system|> You may call these functions, each as "
+    "<tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>: {{ tools | tojson }}{{ '\\n' }}{% endif %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>"
     "{% if m['content'] is string %} {{ m['content'] }}"
-    "{% else %}{% for part in m['content'] %}{% if part['type'] == 'text' %} {{ part['text'] }}"
-    "{% endif %}{% endfor %}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% elif m['content'] %}{% for part in m['content'] %}{% if part['type'] == 'text' %} {{ part['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}"
+    "{% for c in m['tool_calls'] or [] %} <tool_call>"
+    "{{ {'name': c['function']['name'], 'arguments': c['function']['arguments']} | tojson }}</tool_call>"
+    "{% endfor %}{{ '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "ch", "sh", "tr")

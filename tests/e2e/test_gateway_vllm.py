@@ -32,7 +32,8 @@ def _config(urls: list[str], tokenizer: str) -> dict:
         "home_region": "local",
         "router": {"policy": "latency"},
         # the model's own tokenizer and chat template, as a real deployment configures it
-        "models": [{"name": "tiny", "max_model_len": 4096, "default_max_tokens": 16, "tokenizer": tokenizer}],
+        "models": [{"name": "tiny", "max_model_len": 4096, "default_max_tokens": 16, "tokenizer": tokenizer,
+                    "tool_parser": "hermes"}],
         "regions": {"local": {"replicas": len(urls), "profile": "tiny-cpu", "kv_capacity_tokens": 8192,
                               "engine": {"kind": "vllm_http", "options": {"url": urls[0]}}}},
         "serve": {"inject_rtt": False},
@@ -101,6 +102,50 @@ async def test_a_json_response_format_reaches_vllm(gateway):
         "messages": [{"role": "user", "content": "answer in JSON"}]})
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"].lstrip().startswith("{")  # vLLM's structured outputs
+
+
+CITY = {"type": "function", "function": {"name": "pick_city", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["lima", "oslo"]}}, "required": ["city"],
+    "additionalProperties": False}}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_named_tool_choice_makes_vllm_write_the_calls_arguments(gateway, stream):
+    client, _ = gateway
+    r = await client.post("/v1/chat/completions", json={
+        "model": "tiny", "max_tokens": 40, "stream": stream, "tools": [CITY],
+        "tool_choice": {"type": "function", "function": {"name": "pick_city"}},
+        "messages": [{"role": "user", "content": "pick a city"}]})
+    assert r.status_code == 200, r.text
+    if stream:
+        deltas = [e["choices"][0] for e in _events(r.text)[:-1]]
+        calls = [t for d in deltas for t in d["delta"].get("tool_calls") or ()]
+        name, args, reason = calls[0]["function"]["name"], "".join(t["function"]["arguments"] for t in calls), \
+            deltas[-1]["finish_reason"]
+    else:
+        choice = r.json()["choices"][0]
+        (call,) = choice["message"]["tool_calls"]
+        name, args, reason = call["function"]["name"], call["function"]["arguments"], choice["finish_reason"]
+    # a random-weight model, held to the parameters' schema by vLLM's structured outputs
+    assert name == "pick_city" and args.lstrip().startswith("{")
+    if reason == "stop":  # not cut by max_tokens (it may pad with whitespace): the schema held
+        assert json.loads(args)["city"] in ("lima", "oslo")
+
+
+async def test_tools_with_auto_reach_vllm_in_the_template(gateway, tiny_model):
+    client, _ = gateway
+    messages = [{"role": "user", "content": "pick a city"}]
+    r = await client.post("/v1/chat/completions", json={
+        "model": "tiny", "max_tokens": 4, "ignore_eos": True, "tools": [CITY], "messages": messages})
+    assert r.status_code == 200, r.text  # vLLM took skip_special_tokens (the tags must reach the parser)
+    choice = r.json()["choices"][0]
+    # a random-weight model writes no <tool_call>: its words are the content
+    assert isinstance(choice["message"]["content"], str) and choice["finish_reason"] == "length"
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    text = tok.apply_chat_template(messages, tools=[CITY], add_generation_prompt=True, tokenize=False)
+    assert '"pick_city"' in text
+    assert r.json()["usage"]["prompt_tokens"] == len(tok(text, add_special_tokens=False).input_ids)
 
 
 async def test_shared_prefix_burst_reaches_the_holder_per_vllm_counters(gateway, tiny_model):

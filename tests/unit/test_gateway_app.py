@@ -306,3 +306,91 @@ def test_a_job_moved_to_a_model_without_its_own_tokenizer_gets_word_ids_again(ti
     moved = gw.bind(replace(own, model="plain"))  # e.g. a cascade to a tier without one
     assert not moved.model_tokens and moved.prompt_token_ids == words
     assert moved.generate_request().prompt == own.parsed.prompt  # text again, for the engine to tokenize
+
+
+# --- tool calling --------------------------------------------------------------------------
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+HERMES = ["Checking. <tool", '_call>{"name": "get_weather", ', '"arguments": {"city": "Lima"}}</tool_call>']
+
+
+def scripted(engines, pieces: list[str]) -> list:
+    """Every engine answers with these text pieces (the last one ends it); returns their requests."""
+    from serving.engines.base import Chunk
+    seen: list = []
+    for e in engines.values():
+        async def generate(req, n=len(pieces)):
+            seen.append(req)
+            for i, text in enumerate(pieces):
+                yield Chunk(req.request_id, (i,), text, "stop" if i == n - 1 else None,
+                            len(req.prompt_token_ids), 0, i + 1)
+        e.generate = generate
+    return seen
+
+
+def sdk(c: httpx.AsyncClient):
+    openai = pytest.importorskip("openai")
+    return openai.AsyncOpenAI(base_url="http://gw/v1", api_key="none", http_client=c)
+
+
+async def test_a_models_tool_calls_reach_the_openai_client_whole_and_streamed():
+    config = {**CONFIG, "models": [{"name": "m", "max_model_len": 4096, "tool_parser": "hermes"}]}
+    c, engines, router = make(config)
+    seen = scripted(engines, HERMES)
+    client = sdk(c)
+    kw = dict(model="m", messages=[{"role": "user", "content": "weather in Lima?"}], tools=[WEATHER])
+    r = await client.chat.completions.create(**kw)
+    msg = r.choices[0].message
+    assert (msg.content, r.choices[0].finish_reason) == ("Checking. ", "tool_calls")
+    assert [(t.type, t.function.name, t.function.arguments) for t in msg.tool_calls] == [
+        ("function", "get_weather", '{"city": "Lima"}')]
+    assert msg.tool_calls[0].id.startswith("call_")
+    # the call tags must survive detokenization, and the tools reached the prompt
+    assert ("skip_special_tokens", False) in seen[0].sampling and "get_weather" in seen[0].prompt
+    content, calls, reasons = "", {}, []
+    async for ch in await client.chat.completions.create(**kw, stream=True):
+        d = ch.choices[0].delta
+        content += d.content or ""
+        for t in d.tool_calls or ():
+            calls.setdefault(t.index, [t.function.name, ""])[1] += t.function.arguments or ""
+        reasons.append(ch.choices[0].finish_reason)
+    assert (content, calls) == ("Checking. ", {0: ["get_weather", '{"city": "Lima"}']})
+    assert reasons[-1] == "tool_calls" and reasons[:-1] == [None] * (len(reasons) - 1)
+    assert router.router.inflight == 0
+
+
+async def test_a_named_tool_choice_constrains_the_answer_to_its_parameters():
+    c, engines, _ = make()  # simulated engines: their words come back as the arguments
+    seen = requests_seen(engines)
+    r = await c.post("/v1/chat/completions", json=chat(max_tokens=3, tools=[WEATHER], tool_choice={
+        "type": "function", "function": {"name": "get_weather"}}))
+    assert r.status_code == 200
+    choice = r.json()["choices"][0]
+    assert seen[0].response_format == {"type": "json_schema", "json_schema": {
+        "name": "get_weather", "schema": WEATHER["function"]["parameters"]}}
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather" and len(call["function"]["arguments"].split()) == 3
+    assert choice["message"]["content"] is None and choice["finish_reason"] == "length"
+
+
+async def test_without_a_tool_parser_the_answer_is_content():
+    c, engines, _ = make()
+    seen = scripted(engines, HERMES)
+    r = await c.post("/v1/chat/completions", json=chat(tools=[WEATHER]))
+    msg = r.json()["choices"][0]["message"]
+    assert msg == {"role": "assistant", "content": "".join(HERMES)} and seen[0].sampling == ()
+
+
+async def test_earlier_tool_calls_reach_a_models_own_template(tiny_tokenizer):
+    path, tok = tiny_tokenizer
+    c, engines, _ = make({**CONFIG, "models": [{"name": "m", "max_model_len": 4096, "tokenizer": path}]})
+    seen = requests_seen(engines)
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Lima"}'}}
+    messages = [{"role": "user", "content": "weather?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    r = await c.post("/v1/chat/completions", json={"model": "m", "max_tokens": 2, "messages": messages,
+                                                   "tools": [WEATHER]})
+    assert r.status_code == 200
+    text = tok.decode(seen[0].prompt_token_ids)
+    assert '"name": "get_weather"' in text and '<tool_call>{"name": "get_weather", "arguments": {"city": "Lima"}}' \
+        in text and text.endswith("<|tool|> sunny\n<|assistant|>")

@@ -13,6 +13,8 @@ def body(**kw) -> bytes:
     return json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], **kw}).encode()
 
 
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
 BAD_CHAT = [
     ("malformed-json", b'{"model": "m",', None, "could not parse the JSON body"),
     ("not-utf8", b'\xff\xfe{', None, "could not parse the JSON body"),
@@ -48,6 +50,19 @@ BAD_CHAT = [
      "json_schema` is required"),
     ("response-format-schema-missing", body(response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
      "response_format.json_schema.schema", "Field required"),
+    ("tools-empty", body(tools=[]), "tools", "at least 1 item"),
+    ("tool-type", body(tools=[{"type": "web", "function": {"name": "f"}}]), "tools.0.type", "Input should be"),
+    ("tool-name", body(tools=[{"type": "function", "function": {"name": "no spaces"}}]),
+     "tools.0.function.name", "should match pattern"),
+    ("tool-choice-no-tools", body(tool_choice="required"), "tool_choice", "`tools` must be set"),
+    ("tool-choice-word", body(tools=[TOOL], tool_choice="always"), "tool_choice", "Input should be"),
+    ("tool-choice-unknown-name", body(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "g"}}),
+     "tool_choice.function.name", "not one of the `tools`"),
+    ("tool-choice-and-json", body(tools=[TOOL], tool_choice="required", response_format={"type": "json_object"}),
+     "response_format", "cannot be used together"),
+    ("tool-call-arguments", body(messages=[{"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]),
+     "messages.0.tool_calls.0.function.arguments", "must be JSON"),
 ]
 
 
@@ -103,6 +118,31 @@ def test_chat_parse_renders_messages_in_order_and_reads_options():
         .response_format == {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}
     assert parse_chat(body(frequency_penalty=0.5, top_k=40, min_p=0.1, presence_penalty=None)).sampling == \
         (("frequency_penalty", 0.5), ("top_k", 40), ("min_p", 0.1))
+
+
+def test_chat_parse_reads_tools_and_earlier_calls():
+    p = parse_chat(body(tools=[TOOL]))
+    assert (p.tools, p.tool_choice, p.tool_format) == ((TOOL,), "auto", None)  # OpenAI's default with tools
+    assert parse_chat(body()).tool_choice == "none"
+    named = parse_chat(body(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "f"}}))
+    assert (named.tool_choice, named.tool_name) == ("function", "f")
+    assert named.tool_format == {"type": "json_schema", "json_schema": {"name": "f", "schema": {"type": "object"}}}
+    assert parse_chat(body(tools=[TOOL], tool_choice="none")).tool_format is None
+    p = parse_chat(body(tools=[TOOL], messages=[
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "done"}]))
+    # a template gets the arguments as an object (as vLLM hands them over) and the call's id
+    assert p.messages == (
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "content": "",
+         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}}]},
+        {"role": "tool", "content": "done", "tool_call_id": "c1"})
+    # the word template carries the tools and the call, so the prompt (and its cache blocks) differ
+    assert p.prompt == ('<|tools|> [{"name": "f", "parameters": {"type": "object"}}] <|user|> go '
+                        '<|assistant|>  <tool_call> {"name": "f", "arguments": {"x": 1}} </tool_call> '
+                        '<|tool|> done <|assistant|>')
 
 
 def test_completion_prompt_forms():

@@ -1,0 +1,219 @@
+"""Tool calling: OpenAI's `tools` and `tool_choice` on any engine, as vLLM's server does it.
+
+    guided_format(tools, choice, name, parallel) -> response_format | None
+    ToolOutput.make(choice, name, parser, parallel) -> ToolOutput | None
+    out.feed(text) -> (content, tool_call_deltas)       # as the answer streams
+    out.end() -> (content, tool_call_deltas)            # at its end
+    out.finish_reason(engine_reason) -> str
+
+The tools reach the model in its prompt (its own chat template, or the gateway's
+word template). What comes back depends on `tool_choice`:
+
+- a named function: the answer is constrained (structured outputs) to the
+  function's `parameters` schema and is that call's `arguments`, streamed as
+  they come; finish_reason `stop`, as OpenAI's;
+- `required`: the answer is constrained to a JSON array of
+  `{"name", "parameters"}` objects, one per call, and turned into tool calls
+  when it is complete; finish_reason `tool_calls`;
+- `auto` with the model's `tool_parser` configured, finish_reason `tool_calls`
+  if the model called any:
+  - `hermes`: the model writes `<tool_call>{"name": ..., "arguments": {...}}
+    </tool_call>`, as Qwen2.5/3 and Hermes models do. Text outside the tags
+    streams as content, each call is sent whole when its closing tag arrives;
+  - `llama3_json`: an answer that opens with `{` (or `<|python_tag|>`) is one
+    or more `{"name": ..., "parameters": {...}}` objects, separated by `;`, as
+    Llama 3.1-3.3 write them, and is read when complete; any other answer
+    streams as content;
+- `auto` with no parser, or `none`: the answer is content.
+
+An answer that does not parse (a model that ignored the format, or one cut by
+`max_tokens`) is returned as content, never dropped. Simulated engines do not
+apply structured outputs: their words come back as a named call's arguments,
+or as content. The parsing state lives in the ingress, so a stream that fails
+over to another replica mid-call goes on parsing where it was.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from serving.errors import InvalidRequest
+
+PARSERS = ("hermes", "llama3_json")
+_OPEN, _CLOSE = "<tool_call>", "</tool_call>"
+_PYTHON_TAG = "<|python_tag|>"
+_DECODER = json.JSONDecoder()
+
+
+def _params(fn: dict[str, Any]) -> dict[str, Any]:
+    # no parameters still means a JSON object of arguments (vLLM's rule)
+    return dict(fn.get("parameters") or {"type": "object", "properties": {}})
+
+
+def guided_format(tools: tuple[dict[str, Any], ...], choice: str, name: str | None,
+                  parallel: bool | None) -> dict[str, Any] | None:
+    """The structured-output constraint a tool choice puts on the answer (None: free text)."""
+    fns = {t["function"]["name"]: t["function"] for t in tools}
+    if choice == "function":
+        return {"type": "json_schema", "json_schema": {"name": name, "schema": _params(fns[name])}}
+    if choice != "required":
+        return None
+    defs: dict[str, Any] = {}
+    one_of = []
+    for fname, fn in fns.items():
+        params = _params(fn)
+        for k, v in (params.pop("$defs", None) or {}).items():  # $ref targets live at the root
+            if defs.setdefault(k, v) != v:
+                raise InvalidRequest(f"Tool definition {k!r} has two different schemas in `$defs`.",
+                                     param="tools")
+        one_of.append({"properties": {"name": {"type": "string", "enum": [fname]}, "parameters": params},
+                       "required": ["name", "parameters"]})
+    schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": one_of}}
+    if parallel is False:
+        schema["maxItems"] = 1
+    if defs:
+        schema["$defs"] = defs
+    return {"type": "json_schema", "json_schema": {"name": "tool_calls", "schema": schema}}
+
+
+def _call(index: int, name: str, arguments: str) -> dict[str, Any]:
+    return {"index": index, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": name, "arguments": arguments}}
+
+
+def _held(text: str) -> int:
+    """How many trailing characters of `text` could begin `<tool_call>`."""
+    for k in range(min(len(_OPEN) - 1, len(text)), 0, -1):
+        if _OPEN.startswith(text[-k:]):
+            return k
+    return 0
+
+
+class ToolOutput:
+    """One answer's text turned into content and tool calls, chunk by chunk."""
+
+    __slots__ = ("mode", "name", "parallel", "calls", "_buf", "_inside", "_json")
+
+    def __init__(self, mode: str, name: str | None = None, parallel: bool | None = None):
+        self.mode = mode  # "function" | "required" | "hermes"
+        self.name = name
+        self.parallel = parallel
+        self.calls = 0  # tool calls sent so far
+        self._buf = ""
+        self._inside = False  # hermes: between <tool_call> and </tool_call>
+        self._json: bool | None = None  # llama3_json: the answer is calls (None: not known yet)
+
+    @classmethod
+    def make(cls, choice: str, name: str | None, parser: str | None,
+             parallel: bool | None) -> "ToolOutput | None":
+        if choice in ("function", "required"):
+            return cls(choice, name, parallel)
+        if choice == "auto" and parser is not None:
+            return cls(parser, None, parallel)
+        return None
+
+    def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
+        if self.mode == "function":
+            if self.calls == 0:
+                self.calls = 1
+                return "", [_call(0, self.name or "", text)]
+            return "", [{"index": 0, "function": {"arguments": text}}] if text else []
+        self._buf += text
+        if self.mode == "required":
+            return "", []
+        if self.mode == "llama3_json":
+            return self._llama(final=False)
+        return self._hermes(final=False)
+
+    def end(self) -> tuple[str, list[dict[str, Any]]]:
+        if self.mode == "function":
+            return self.feed("") if self.calls == 0 else ("", [])
+        if self.mode == "required":
+            text, self._buf = self._buf, ""
+            try:
+                items = json.loads(text)
+                calls = [(i["name"], json.dumps(i["parameters"], ensure_ascii=False)) for i in items]
+            except (ValueError, TypeError, KeyError):
+                return text, []  # not the array it was constrained to (cut short, or a simulated engine)
+            return "", self._numbered(calls)
+        if self.mode == "llama3_json":
+            return self._llama(final=True)
+        return self._hermes(final=True)
+
+    def finish_reason(self, engine_reason: str | None) -> str | None:
+        if self.calls and self.mode != "function" and engine_reason == "stop":
+            return "tool_calls"
+        return engine_reason
+
+    def _numbered(self, calls: list[tuple[str, str]]) -> list[dict[str, Any]]:
+        out = []
+        for name, args in calls:
+            if self.parallel is False and self.calls:
+                break  # parallel_tool_calls false: the first call only
+            out.append(_call(self.calls, name, args))
+            self.calls += 1
+        return out
+
+    def _hermes(self, final: bool) -> tuple[str, list[dict[str, Any]]]:
+        content: list[str] = []
+        calls: list[tuple[str, str]] = []
+
+        def text(t: str) -> None:
+            if t.strip() or not (self.calls or calls):  # whitespace between calls is not content
+                content.append(t)
+
+        buf = self._buf
+        while buf:
+            if not self._inside:
+                i = buf.find(_OPEN)
+                if i < 0:
+                    keep = 0 if final else _held(buf)
+                    text(buf[:len(buf) - keep])
+                    buf = buf[len(buf) - keep:]
+                    break
+                text(buf[:i])
+                buf, self._inside = buf[i + len(_OPEN):], True
+                continue
+            j = buf.find(_CLOSE)
+            if j < 0 and not final:
+                break  # the call is still coming
+            body = buf if j < 0 else buf[:j]
+            rest = "" if j < 0 else buf[j + len(_CLOSE):]
+            try:
+                obj = json.loads(body)
+                args = obj.get("arguments", obj.get("parameters", {}))
+                calls.append((obj["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)))
+            except (ValueError, TypeError, KeyError, AttributeError):
+                content.append(_OPEN + body + ("" if j < 0 else _CLOSE))  # not a call: the text as it was
+            buf, self._inside = rest, False
+        self._buf = buf
+        return "".join(content), self._numbered(calls)
+
+    def _llama(self, final: bool) -> tuple[str, list[dict[str, Any]]]:
+        if self._json is None:
+            head = self._buf.lstrip()
+            if head.startswith(("{", _PYTHON_TAG)):
+                self._json = True
+            elif (not head or _PYTHON_TAG.startswith(head)) and not final:
+                return "", []  # not known yet
+            else:
+                self._json = False
+        if not self._json:
+            text, self._buf = self._buf, ""
+            return text, []
+        if not final:
+            return "", []
+        text, self._buf = self._buf, ""
+        rest = text.strip().removeprefix(_PYTHON_TAG).lstrip()
+        calls = []
+        try:
+            while rest:
+                obj, end = _DECODER.raw_decode(rest)
+                args = obj["arguments"] if "arguments" in obj else obj["parameters"]
+                calls.append((obj["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)))
+                rest = rest[end:].lstrip().removeprefix(";").lstrip()
+        except (ValueError, TypeError, KeyError):
+            return text, []  # not calls after all: the text as it was
+        return "", self._numbered(calls)

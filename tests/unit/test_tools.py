@@ -1,0 +1,148 @@
+"""Tool calls read out of an answer (serving.ingress.tools), whole and as it streams."""
+
+import json
+
+import pytest
+
+from serving.errors import InvalidRequest
+from serving.ingress.tools import ToolOutput, guided_format
+
+CALL1 = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lima", "unit": "c"}}\n</tool_call>'
+CALL2 = '<tool_call>{"name": "search", "arguments": {"q": "a<b"}}</tool_call>'
+TOOLS = ({"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+    {"type": "function", "function": {"name": "search"}})
+
+
+def run(out: ToolOutput, pieces: list[str], reason: str = "stop"):
+    """Feed the pieces, end; return (content, whole calls by index, finish_reason, deltas)."""
+    content, deltas = [], []
+    for p in pieces:
+        c, d = out.feed(p)
+        content.append(c)
+        deltas += d
+    c, d = out.end()
+    content.append(c)
+    deltas += d
+    calls: dict[int, dict] = {}
+    for d in deltas:  # as a client accumulates streamed deltas
+        call = calls.setdefault(d["index"], {"id": None, "name": None, "arguments": ""})
+        call["id"] = d.get("id", call["id"])
+        call["name"] = d.get("function", {}).get("name", call["name"])
+        call["arguments"] += d["function"].get("arguments", "")
+    return "".join(content), [calls[i] for i in sorted(calls)], out.finish_reason(reason), deltas
+
+
+def splits(text: str):
+    """The text whole, then cut in two at every position, then one character at a time."""
+    yield [text]
+    for i in range(1, len(text)):
+        yield [text[:i], text[i:]]
+    yield list(text)
+
+
+def test_hermes_calls_come_out_whole_however_the_text_is_cut():
+    text = "Let me check. " + CALL1 + "\n" + CALL2
+    for pieces in splits(text):
+        content, calls, reason, deltas = run(ToolOutput.make("auto", None, "hermes", None), pieces)
+        assert content == "Let me check. "
+        assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [
+            ("get_weather", {"city": "Lima", "unit": "c"}), ("search", {"q": "a<b"})]
+        assert all(c["id"].startswith("call_") for c in calls) and calls[0]["id"] != calls[1]["id"]
+        assert len(deltas) == 2  # each call is sent once, whole
+        assert reason == "tool_calls"
+
+
+def test_hermes_text_without_calls_is_content_untouched():
+    text = "if a < b then <tool or <tool_c, done"
+    for pieces in splits(text):
+        content, calls, reason, _ = run(ToolOutput.make("auto", None, "hermes", None), pieces, "length")
+        assert (content, calls, reason) == (text, [], "length")
+
+
+def test_hermes_call_that_does_not_parse_is_returned_as_text():
+    bad = "<tool_call>{not json}</tool_call> after"
+    content, calls, reason, _ = run(ToolOutput("hermes"), [bad])
+    assert (content, calls, reason) == (bad, [], "stop")
+
+
+def test_hermes_call_cut_by_max_tokens():
+    # unclosed but complete JSON (the closing tag cut off) is still a call, as vLLM's parser reads it
+    _, calls, _, _ = run(ToolOutput("hermes"), ['<tool_call>{"name": "search", "arguments": {}}'], "length")
+    assert [(c["name"], c["arguments"]) for c in calls] == [("search", "{}")]
+    content, calls, reason, _ = run(ToolOutput("hermes"), ['ok <tool_call>{"name": "sea'], "length")
+    assert (content, calls, reason) == ('ok <tool_call>{"name": "sea', [], "length")
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call():
+    _, calls, _, _ = run(ToolOutput("hermes", parallel=False), [CALL1 + CALL2])
+    assert [c["name"] for c in calls] == ["get_weather"]
+
+
+def test_a_named_function_streams_its_arguments():
+    out = ToolOutput.make("function", "get_weather", None, None)
+    content, calls, reason, deltas = run(out, ['{"ci', 'ty": ', '"Lima"}'])
+    assert content == "" and reason == "stop"  # OpenAI's finish_reason for a named call
+    assert [(c["name"], c["arguments"]) for c in calls] == [("get_weather", '{"city": "Lima"}')]
+    assert deltas[0]["type"] == "function" and "id" not in deltas[1]  # the header once, then arguments
+    _, calls, _, _ = run(ToolOutput("function", "search"), [])  # even an empty answer is the call
+    assert [(c["name"], c["arguments"]) for c in calls] == [("search", "")]
+
+
+def test_required_reads_the_constrained_array():
+    text = json.dumps([{"name": "get_weather", "parameters": {"city": "Lima"}},
+                       {"name": "search", "parameters": {}}])
+    for pieces in ([text], list(text)):
+        content, calls, reason, _ = run(ToolOutput.make("required", None, None, None), pieces)
+        assert content == "" and reason == "tool_calls"
+        assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [
+            ("get_weather", {"city": "Lima"}), ("search", {})]
+    content, calls, reason, _ = run(ToolOutput("required"), ['[{"name": "sea'], "length")  # cut short
+    assert (content, calls, reason) == ('[{"name": "sea', [], "length")
+
+
+def test_no_reader_without_tools_or_parser():
+    assert ToolOutput.make("none", None, "hermes", None) is None
+    assert ToolOutput.make("auto", None, None, None) is None  # no parser configured: content
+
+
+def test_guided_formats():
+    named = guided_format(TOOLS, "function", "get_weather", None)
+    assert named["json_schema"]["schema"] == TOOLS[0]["function"]["parameters"]
+    assert guided_format(TOOLS, "function", "search", None)["json_schema"]["schema"] == {
+        "type": "object", "properties": {}}
+    assert guided_format(TOOLS, "auto", None, None) is None and guided_format(TOOLS, "none", None, None) is None
+    req = guided_format(TOOLS, "required", None, False)["json_schema"]["schema"]
+    assert req["type"] == "array" and req["minItems"] == 1 and req["maxItems"] == 1
+    assert [s["properties"]["name"]["enum"] for s in req["items"]["anyOf"]] == [["get_weather"], ["search"]]
+
+
+def test_required_hoists_defs_and_refuses_conflicting_ones():
+    def tool(name, defs):
+        return {"type": "function", "function": {"name": name, "parameters": {
+            "type": "object", "properties": {"x": {"$ref": "#/$defs/X"}}, "$defs": defs}}}
+    schema = guided_format((tool("a", {"X": {"type": "string"}}), tool("b", {"X": {"type": "string"}})),
+                           "required", None, None)["json_schema"]["schema"]
+    assert schema["$defs"] == {"X": {"type": "string"}}
+    assert all("$defs" not in s["properties"]["parameters"] for s in schema["items"]["anyOf"])
+    with pytest.raises(InvalidRequest) as e:
+        guided_format((tool("a", {"X": {"type": "string"}}), tool("b", {"X": {"type": "integer"}})),
+                      "required", None, None)
+    assert e.value.param == "tools"
+
+
+def test_llama3_json_calls_and_plain_answers():
+    text = ' {"name": "get_weather", "parameters": {"city": "Lima"}}; {"name": "search", "parameters": {}}'
+    for lead in ("", "<|python_tag|>"):
+        for pieces in splits(lead + text):
+            content, calls, reason, _ = run(ToolOutput.make("auto", None, "llama3_json", None), pieces)
+            assert (content, reason) == ("", "tool_calls")
+            assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [
+                ("get_weather", {"city": "Lima"}), ("search", {})]
+    plain = "  It is sunny in {city}."  # does not open with a call: content, streamed as it comes
+    for pieces in splits(plain):
+        assert run(ToolOutput("llama3_json"), pieces)[:3] == (plain, [], "stop")
+    out = ToolOutput("llama3_json")
+    assert out.feed("  ") == ("", []) and out.feed("Sun") == ("  Sun", [])  # decided at the first word
+    cut = '{"name": "search", "parameters": {"q'  # cut by max_tokens: the text, as it was
+    assert run(ToolOutput("llama3_json"), [cut], "length")[:3] == (cut, [], "length")
