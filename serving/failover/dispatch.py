@@ -6,7 +6,10 @@
         all allowed regions (another region); at most `max_attempts` in all
     fails after tokens were sent: route a *continuation*: prompt + tokens sent,
         max_tokens - sent, the original seed and token_offset = sent
-        (see GenerateRequest), so the client's stream goes on where it stopped.
+        (see GenerateRequest), so the client's stream goes on where it stopped;
+        except an answer constrained to a JSON format (response_format, a
+        forced tool call): structured outputs would start the JSON over, so that
+        stream ends with the replica's error instead
 
 Every attempt routes with the request's own `allowed_regions`, only ever
 narrowed, so no retry or continuation can leave the tenant's residency; when no
@@ -120,6 +123,12 @@ async def stream_with_failover(req: RouteRequest, gen: GenerateRequest, route: R
             if len(sent_ids) >= gen.max_tokens:  # it died after the last token, before "finished"
                 yield Chunk(gen.request_id, (), "", "length", prompt_tokens, cached, len(sent_ids))
                 return
+            if sent_ids and gen.response_format:
+                # Structured outputs constrain what an engine generates, from its first token:
+                # a continuation would start the JSON over after the part already sent.
+                raise EngineError(f"replica {decision.replica_id} failed after {len(sent_ids)} tokens of an "
+                                  "answer constrained to a JSON format, which another replica cannot "
+                                  f"continue; retry the request ({e.message})")
             continue
         except BaseException as e:  # client went away, or a non-retriable error
             trace.attempts.append((decision.replica_id, decision.region, len(sent_ids), "aborted"))

@@ -48,6 +48,21 @@ async def test_continuation_yields_exactly_the_uninterrupted_text(schedule):
     assert len(set(trace.replicas)) == len(trace.replicas)  # never the failed replica again
 
 
+async def test_a_json_constrained_answer_is_retried_before_its_first_token_but_not_continued():
+    from dataclasses import replace
+    fmt = {"type": "json_object"}
+    c = Cluster.build(TWO_REGIONS, schedule=[0, 5])
+    req, gen = request(regions=frozenset({"eu", "us"}))
+    with pytest.raises(EngineError, match="cannot continue") as e:
+        await run(c, req, replace(gen, response_format=fmt))
+    await c.close()
+    assert "after 5 tokens" in e.value.message
+    c = Cluster.build(TWO_REGIONS, schedule=[0])  # nothing sent yet: a fresh start elsewhere is fine
+    chunks, trace = await run(c, req, replace(gen, response_format=fmt))
+    await c.close()
+    assert len(chunks) == 24 and [a[3] for a in trace.attempts] == ["failed", "ok"]
+
+
 async def test_before_first_token_retries_next_best_in_region_then_another_region():
     c = Cluster.build(TWO_REGIONS, down=("eu-1", "eu-2"))
     for rid in ("eu-1", "eu-2"):  # the router has not heard yet: its snapshot says UP
