@@ -5,7 +5,8 @@
     admission    `Admission.admit(job) -> ticket` (default: admit all)
     delegation   `Delegation.resolve(job) -> job` (default: the model as named)
     bind         the final model's own tokenizer and chat template if configured
-                 (hf_tokenizer; engines then get ids), context-length check, block hashes
+                 (hf_tokenizer, on the gateway's tokenizer thread; engines then get ids),
+                 context-length check, block hashes
     routing      RouterPort.route(RouteRequest) -> Decision (the central router)
     dispatch     EnginePort.open(decision, GenerateRequest) -> chunks, through
                  serving.failover.stream_with_failover: another replica before the
@@ -24,10 +25,12 @@ not delayed again (a constant delay would only shift them).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator, Callable, Protocol
 
@@ -173,6 +176,8 @@ class Gateway:
         self.limits = {m.name: config.max_model_len(m.name) for m in config.models}
         self.default_max = {m.name: m.default_max_tokens for m in config.models}
         self.hf = {m.name: HFTokenizer(m.tokenizer) for m in config.models if m.tokenizer}
+        # one thread: a tokenizer is not safe to share across threads, and its caches are not locked
+        self._tokenizing = ThreadPoolExecutor(1, "proxima-tokenize") if self.hf else None
         self.tool_parsers = {m.name: m.tool_parser for m in config.models}
 
     async def aclose(self, timeout_s: float = 10.0) -> None:
@@ -184,6 +189,8 @@ class Gateway:
             log.error("stopping with %d budget charge(s) not recorded by the ledger; their holds "
                       "expire at the ledger's TTL", left)
         await self.telemetry.aclose(max(0.5, deadline - time.monotonic()))
+        if self._tokenizing is not None:
+            self._tokenizing.shutdown(wait=False)
 
     def model_names(self) -> list[str]:
         return [m.name for m in self.config.models] + sorted(self.delegation.aliases)
@@ -258,7 +265,11 @@ class Gateway:
             self.observer.rejected(job, e)
             raise
         try:
-            job = self.bind(await self.delegation.resolve(job))
+            job = await self.delegation.resolve(job)
+            if job.model in self.hf:  # the model's tokenizer: CPU work off the event loop
+                job = await asyncio.get_running_loop().run_in_executor(self._tokenizing, self.bind, job)
+            else:
+                job = self.bind(job)
         except BaseException as e:
             await self.admission.settle(job, ticket, 0)
             self.observer.rejected(job, e)
