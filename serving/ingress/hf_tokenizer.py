@@ -80,10 +80,11 @@ class HFTokenizer:
         self.cache_tokens = cache_tokens
         self.cached_tokens = 0
 
-    def chat(self, messages: tuple[dict[str, Any], ...], tools: tuple[dict[str, Any], ...] = ()) -> list[int]:
+    def chat(self, messages: tuple[dict[str, Any], ...], tools: tuple[dict[str, Any], ...] = (),
+             template_kwargs: dict[str, Any] | None = None) -> list[int]:
+        kw = template_kwargs or {"add_generation_prompt": True}
         try:
-            text = self.tok.apply_chat_template(list(messages), tools=list(tools) or None,
-                                                add_generation_prompt=True, tokenize=False)
+            text = self.tok.apply_chat_template(list(messages), tools=list(tools) or None, tokenize=False, **kw)
         except Exception as e:  # the template refuses the conversation (roles out of order, ...)
             raise InvalidRequest(f"The chat template rejected the messages: {e}", param="messages") from None
         return self.ids(text)

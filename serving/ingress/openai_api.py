@@ -126,6 +126,11 @@ class ChatRequest(_Common):
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     tools: list[Tool] | None = Field(default=None, min_length=1)
+    # vLLM's extensions for a model's own chat template
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False  # the answer goes on from the last (assistant) message
+    chat_template_kwargs: dict[str, Any] | None = None  # e.g. {"enable_thinking": false}
+    reasoning_effort: str | None = None  # to the template; "none" turns thinking off where it is a switch
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     logprobs: bool | None = None
@@ -165,6 +170,7 @@ class Parsed:
     parallel_tool_calls: bool | None = None
     tool_format: dict[str, Any] | None = None  # the constraint tool_choice puts on the answer
     messages: tuple[dict[str, Any], ...] = ()  # chat: template messages, for a model's own template
+    template_kwargs: dict[str, Any] | None = None  # chat: for apply_chat_template (generation prompt, ...)
     response_format: dict[str, Any] | None = None
 
 
@@ -214,7 +220,8 @@ def _common(r: _Common) -> dict[str, Any]:
                 sampling=tuple((k, v) for k in SAMPLING if (v := getattr(r, k)) is not None))
 
 
-def render_messages(messages: list[Message], tools: tuple[dict[str, Any], ...] = ()) -> str:
+def render_messages(messages: list[Message], tools: tuple[dict[str, Any], ...] = (),
+                    generation_prompt: bool = True) -> str:
     """The word template: `<|role|> text` per message; tools and earlier calls as JSON text."""
     parts = [f"<|tools|> {json.dumps([t['function'] for t in tools])}"] if tools else []
     for m in messages:
@@ -222,7 +229,7 @@ def render_messages(messages: list[Message], tools: tuple[dict[str, Any], ...] =
         for c in m.tool_calls or ():
             text += f' <tool_call> {{"name": {json.dumps(c.function.name)}, "arguments": {c.function.arguments}}} </tool_call>'
         parts.append(f"<|{m.role}|> {text}")
-    return " ".join(parts) + " <|assistant|>"
+    return " ".join(parts) + (" <|assistant|>" if generation_prompt else "")
 
 
 def _template_message(i: int, m: Message) -> dict[str, Any]:
@@ -244,6 +251,30 @@ def _template_message(i: int, m: Message) -> dict[str, Any]:
             calls.append({"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": args}})
         out["tool_calls"] = calls
     return out
+
+
+# apply_chat_template's own arguments: the gateway sets them, a request's kwargs may not
+_RESERVED = frozenset({"conversation", "messages", "tools", "documents", "chat_template", "tokenize", "padding",
+                       "truncation", "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask",
+                       "tokenizer_kwargs", "add_generation_prompt", "continue_final_message"})
+
+
+def _template_kwargs(r: ChatRequest) -> dict[str, Any]:
+    if r.add_generation_prompt and r.continue_final_message:
+        raise InvalidRequest("Cannot set both `continue_final_message` and `add_generation_prompt` to true.",
+                             param="continue_final_message")
+    if r.continue_final_message and r.messages[-1].role != "assistant":
+        raise InvalidRequest("`continue_final_message` needs an assistant message last.",
+                             param="continue_final_message")
+    given = r.chat_template_kwargs or {}
+    if bad := sorted(_RESERVED & given.keys()):
+        raise InvalidRequest(f"`chat_template_kwargs` may not set {bad}.", param="chat_template_kwargs")
+    kw = {**given, "add_generation_prompt": r.add_generation_prompt,
+          "continue_final_message": r.continue_final_message}
+    if r.reasoning_effort is not None:  # as vLLM's server passes it on
+        kw.setdefault("reasoning_effort", r.reasoning_effort)
+        kw.setdefault("enable_thinking", r.reasoning_effort != "none")
+    return kw
 
 
 def _tool_choice(r: ChatRequest) -> tuple[str, str | None]:
@@ -270,12 +301,13 @@ def parse_chat(body: bytes) -> Parsed:
         raise InvalidRequest("A JSON `response_format` and a `tool_choice` that forces a call cannot be "
                              "used together.", param="response_format")
     tools = tuple(t.model_dump(exclude_none=True) for t in r.tools or ())
-    prompt = render_messages(r.messages, tools)
+    prompt = render_messages(r.messages, tools, r.add_generation_prompt)
     max_tokens = r.max_completion_tokens or r.max_tokens
     messages = tuple(_template_message(i, m) for i, m in enumerate(r.messages))
     return Parsed("chat", prompt=prompt, prompt_token_ids=None, max_tokens=max_tokens, **_common(r),
                   tools=tools, tool_choice=choice, tool_name=name, parallel_tool_calls=r.parallel_tool_calls,
-                  tool_format=guided_format(tools, choice, name, r.parallel_tool_calls), messages=messages)
+                  tool_format=guided_format(tools, choice, name, r.parallel_tool_calls), messages=messages,
+                  template_kwargs=_template_kwargs(r))
 
 
 def parse_completion(body: bytes) -> Parsed:

@@ -241,7 +241,8 @@ class Gateway:
             raise ModelNotFound(f"The model `{job.model}` does not exist.", param="model")
         hf, p = self.hf.get(job.model), job.parsed
         if hf is not None:  # the engine gets the ids vLLM's own server would make
-            ids = hf.chat(p.messages, p.tools) if p.kind == "chat" else p.prompt_token_ids or hf.encode(p.prompt)
+            ids = (hf.chat(p.messages, p.tools, p.template_kwargs) if p.kind == "chat"
+                   else p.prompt_token_ids or hf.encode(p.prompt))
             job = replace(job, prompt_token_ids=tuple(ids), model_tokens=True)
         elif job.model_tokens:  # another model's ids (a cascade from a tier with its own tokenizer)
             job = replace(job, prompt_token_ids=p.prompt_token_ids or tuple(self.tokenizer(p.prompt)),

@@ -394,3 +394,22 @@ async def test_earlier_tool_calls_reach_a_models_own_template(tiny_tokenizer):
     text = tok.decode(seen[0].prompt_token_ids)
     assert '"name": "get_weather"' in text and '<tool_call>{"name": "get_weather", "arguments": {"city": "Lima"}}' \
         in text and text.endswith("<|tool|> sunny\n<|assistant|>")
+
+
+async def test_template_options_reach_a_models_own_template(tiny_tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer[0])  # a copy whose template reads a switch
+    tok.chat_template = "{% if enable_thinking is defined and not enable_thinking %}<|end|>{% endif %}" + \
+        tok.chat_template
+    tok.save_pretrained(str(tmp_path))
+    c, engines, _ = make({**CONFIG, "models": [{"name": "m", "max_model_len": 4096, "tokenizer": str(tmp_path)}]})
+    seen = requests_seen(engines)
+    msgs = [{"role": "user", "content": "zo"}, {"role": "assistant", "content": "ba"}]
+    for extra in ({"chat_template_kwargs": {"enable_thinking": False}}, {"reasoning_effort": "none"},
+                  {"continue_final_message": True, "add_generation_prompt": False}):
+        r = await c.post("/v1/chat/completions", json={"model": "m", "max_tokens": 1, "messages": msgs, **extra})
+        assert r.status_code == 200, r.text
+    texts = [tok.decode(g.prompt_token_ids) for g in seen]
+    assert texts[0] == texts[1] == "<|end|><|begin|><|user|> zo\n<|assistant|> ba\n<|assistant|>"
+    # the answer goes on from the assistant's own words: no new turn after them
+    assert texts[2] == "<|begin|><|user|> zo\n<|assistant|> ba"

@@ -60,6 +60,13 @@ BAD_CHAT = [
      "tool_choice.function.name", "not one of the `tools`"),
     ("tool-choice-and-json", body(tools=[TOOL], tool_choice="required", response_format={"type": "json_object"}),
      "response_format", "cannot be used together"),
+    ("continue-and-generation-prompt", body(continue_final_message=True), "continue_final_message",
+     "Cannot set both"),
+    ("continue-after-user", body(continue_final_message=True, add_generation_prompt=False),
+     "continue_final_message", "assistant message last"),
+    ("template-kwargs-reserved", body(chat_template_kwargs={"tokenize": True, "chat_template": "x"}),
+     "chat_template_kwargs", "may not set ['chat_template', 'tokenize']"),
+    ("template-kwargs-list", body(chat_template_kwargs=[1]), "chat_template_kwargs", "valid dictionary"),
     ("tool-call-arguments", body(messages=[{"role": "assistant", "tool_calls": [
         {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]),
      "messages.0.tool_calls.0.function.arguments", "must be JSON"),
@@ -109,6 +116,10 @@ def test_chat_parse_renders_messages_in_order_and_reads_options():
     assert parse_chat(body()).max_tokens is None  # the model's default applies later
     assert (parse_chat(body()).temperature, parse_chat(body()).top_p) == (None, None)  # so does its sampling
     assert parse_chat(body(max_tokens=9, max_completion_tokens=4)).max_tokens == 4
+    cont = parse_chat(body(messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+                           continue_final_message=True, add_generation_prompt=False))
+    assert cont.prompt == "<|user|> a <|assistant|> b"  # the answer goes on from "b"
+    assert cont.template_kwargs == {"add_generation_prompt": False, "continue_final_message": True}
     assert parse_chat(body(stream_options={"include_usage": True})).include_usage is False  # only streamed
     assert parse_chat(body(logprobs=False, top_logprobs=0)).kind == "chat"  # SDK defaults: nothing asked
     # penalties and vLLM's cut-offs go to the engine as given; unset ones are not sent
