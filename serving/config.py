@@ -105,6 +105,10 @@ class ModelConfig(_Strict):
     # (<tool_call>{json}</tool_call>: Qwen2.5/3, Hermes), "llama3_json" ({json}; {json}: Llama
     # 3.1-3.3). None: such answers are content
     tool_parser: Literal["hermes", "llama3_json"] | None = None
+    # a reasoning model's <think>...</think> leaves as the message's `reasoning`, apart from the
+    # content (serving.ingress.answer): "deepseek_r1" (reasoning until </think>) or "qwen3"
+    # (reasoning if the answer opens with <think>). None: it is content
+    reasoning_parser: Literal["deepseek_r1", "qwen3"] | None = None
 
 
 class RouterConfig(_Strict):

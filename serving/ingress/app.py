@@ -112,12 +112,13 @@ def build_app(gw: Gateway) -> Starlette:
             text = [c.text async for c in stream.chunks()]
             request.state.labels = _labels(stream)
         u = usage(stream.prompt_tokens, stream.completion_tokens, stream.cached_tokens)
-        answer, calls, reason = "".join(text), None, stream.finish_reason
-        out = stream.job.tool_output()
-        if out is not None:
-            (a, c), (a2, c2) = out.feed(answer), out.end()
-            answer, calls, reason = a + a2, c + c2, out.finish_reason(reason)
-        return _json(resp.full(answer, reason, u, calls), headers={**stream.headers(), **echo})
+        answer, reason = "".join(text), stream.finish_reason
+        reader = stream.job.reader()
+        if reader is None:
+            return _json(resp.full(answer, reason, u), headers={**stream.headers(), **echo})
+        part = reader.feed(answer) + reader.end()
+        return _json(resp.full(part.content, reader.finish_reason(reason), u, part.tool_calls, part.reasoning),
+                     headers={**stream.headers(), **echo})
 
     async def chat(request: Request) -> Response:
         return await completions(request, parse_chat)
@@ -212,23 +213,21 @@ def _labels(stream: Stream) -> tuple[str, str, str]:
 
 async def _events(stream: Stream, resp: Responder,
                   in_band: Callable[[ProximaError], None]) -> AsyncIterator[bytes]:
-    """SSE body: one event per engine chunk (fewer while tool-call text is held back), the
-    usage event if asked, then [DONE]."""
+    """SSE body: one event per engine chunk (fewer while tags or tool calls are held back),
+    the usage event if asked, then [DONE]."""
     first = True
-    out = stream.job.tool_output()
+    reader = stream.job.reader()
     try:
         async for c in stream.chunks():
-            if out is None:
+            if reader is None:
                 yield sse.event(resp.chunk(c.text, c.finish_reason, first))
-            else:  # tool calls are read out of the text as it comes
-                text, calls = out.feed(c.text)
-                reason = c.finish_reason
+            else:  # reasoning and tool calls are read out of the text as it comes
+                part, reason = reader.feed(c.text), c.finish_reason
                 if reason is not None:
-                    more, last = out.end()
-                    text, calls, reason = text + more, calls + last, out.finish_reason(reason)
-                if not (first or text or calls or reason):
-                    continue  # held back: it may be the start of a call
-                yield sse.event(resp.chunk(text, reason, first, calls))
+                    part, reason = part + reader.end(), reader.finish_reason(reason)
+                if not (first or part or reason):
+                    continue  # held back: it may be the start of a tag or a call
+                yield sse.event(resp.chunk(part.content, reason, first, part.tool_calls, part.reasoning))
             first = False
         if resp.include_usage:
             yield sse.event(resp.usage_chunk(usage(stream.prompt_tokens, stream.completion_tokens,

@@ -59,6 +59,8 @@ class Message(_Body):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
     tool_call_id: str | None = None  # a tool's answer: to which call
+    reasoning: str | None = None  # an assistant's earlier thinking (vLLM's field; reasoning_content before)
+    reasoning_content: str | None = None
 
     def text(self, sep: str) -> str:
         return sep.join(p.text for p in self.content) if isinstance(self.content, list) else self.content or ""
@@ -131,6 +133,7 @@ class ChatRequest(_Common):
     continue_final_message: bool = False  # the answer goes on from the last (assistant) message
     chat_template_kwargs: dict[str, Any] | None = None  # e.g. {"enable_thinking": false}
     reasoning_effort: str | None = None  # to the template; "none" turns thinking off where it is a switch
+    include_reasoning: bool = True  # vLLM's extension: false leaves a reasoning model's thinking out
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     logprobs: bool | None = None
@@ -171,6 +174,7 @@ class Parsed:
     tool_format: dict[str, Any] | None = None  # the constraint tool_choice puts on the answer
     messages: tuple[dict[str, Any], ...] = ()  # chat: template messages, for a model's own template
     template_kwargs: dict[str, Any] | None = None  # chat: for apply_chat_template (generation prompt, ...)
+    include_reasoning: bool = True
     response_format: dict[str, Any] | None = None
 
 
@@ -240,6 +244,8 @@ def _template_message(i: int, m: Message) -> dict[str, Any]:
         out["name"] = m.name
     if m.tool_call_id is not None:
         out["tool_call_id"] = m.tool_call_id
+    if (thought := m.reasoning if m.reasoning is not None else m.reasoning_content) is not None:
+        out["reasoning_content"] = thought  # the key reasoning models' templates read
     if m.tool_calls:
         calls = []
         for j, c in enumerate(m.tool_calls):
@@ -307,7 +313,7 @@ def parse_chat(body: bytes) -> Parsed:
     return Parsed("chat", prompt=prompt, prompt_token_ids=None, max_tokens=max_tokens, **_common(r),
                   tools=tools, tool_choice=choice, tool_name=name, parallel_tool_calls=r.parallel_tool_calls,
                   tool_format=guided_format(tools, choice, name, r.parallel_tool_calls), messages=messages,
-                  template_kwargs=_template_kwargs(r))
+                  template_kwargs=_template_kwargs(r), include_reasoning=r.include_reasoning)
 
 
 def parse_completion(body: bytes) -> Parsed:
@@ -356,13 +362,15 @@ class Responder:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
     def chunk(self, text: str, finish_reason: str | None, first: bool = False,
-              tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+              tool_calls: list[dict[str, Any]] | None = None, reasoning: str = "") -> dict[str, Any]:
         if self.kind == "chat":
             delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
+            if reasoning:
+                delta["reasoning"] = reasoning
             if tool_calls:
                 delta["tool_calls"] = tool_calls
-                if not text:
-                    delta["content"] = None
+            if not text and (reasoning or tool_calls):
+                delta["content"] = None
             d = self._head("chat.completion.chunk")
             d["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
         else:
@@ -379,10 +387,12 @@ class Responder:
         return d
 
     def full(self, text: str, finish_reason: str | None, u: dict[str, Any],
-             tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+             tool_calls: list[dict[str, Any]] | None = None, reasoning: str = "") -> dict[str, Any]:
         if self.kind == "chat":
             d = self._head("chat.completion")
             msg: dict[str, Any] = {"role": "assistant", "content": text}
+            if reasoning:
+                msg["reasoning"] = reasoning
             if tool_calls:  # whole calls, without the streaming `index`
                 msg["content"] = text or None
                 msg["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in tool_calls]

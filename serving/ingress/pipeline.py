@@ -47,7 +47,7 @@ from serving.ingress.auth import Authenticator, Principal
 from serving.ingress.hf_tokenizer import HFTokenizer
 from serving.ingress.metrics import GatewayMetrics
 from serving.ingress.openai_api import Parsed
-from serving.ingress.tools import ToolOutput
+from serving.ingress.answer import AnswerReader
 from serving.observability.observer import LocalTelemetry, Observer, Telemetry
 from serving.observability.otel import make_tracer
 from serving.observability.steps import SESSION_HEADER, STEP_HEADER, check_headers
@@ -92,6 +92,7 @@ class Job:
     created: float = 0.0  # wall-clock time the request arrived (step records)
     model_tokens: bool = False  # prompt_token_ids are the model's own (the engine gets them, not text)
     tool_parser: str | None = None  # the final model's (bind): how its answer is read for tool calls
+    reasoning_parser: str | None = None  # and for its reasoning
 
     @property
     def prompt_tokens(self) -> int:
@@ -114,10 +115,9 @@ class Job:
                                ignore_eos=p.ignore_eos, sampling=sampling, block_hashes=self.block_hashes,
                                response_format=rf, trace_headers=self.trace_headers())
 
-    def tool_output(self) -> ToolOutput | None:
-        """The reader of this answer's tool calls (None: the answer is content)."""
-        p = self.parsed
-        return ToolOutput.make(p.tool_choice, p.tool_name, self.tool_parser, p.parallel_tool_calls)
+    def reader(self) -> AnswerReader | None:
+        """The reader of this answer's reasoning and tool calls (None: the answer is content)."""
+        return AnswerReader.make(self.parsed, self.tool_parser, self.reasoning_parser)
 
     def trace_headers(self) -> tuple[tuple[str, str], ...]:
         """What the engines get: our traceparent (and tracestate), the session and step."""
@@ -178,7 +178,7 @@ class Gateway:
         self.hf = {m.name: HFTokenizer(m.tokenizer) for m in config.models if m.tokenizer}
         # one thread: a tokenizer is not safe to share across threads, and its caches are not locked
         self._tokenizing = ThreadPoolExecutor(1, "proxima-tokenize") if self.hf else None
-        self.tool_parsers = {m.name: m.tool_parser for m in config.models}
+        self.parsers = {m.name: (m.tool_parser, m.reasoning_parser) for m in config.models}
 
     async def aclose(self, timeout_s: float = 10.0) -> None:
         """The replica is stopping: finish the charges of requests already answered and
@@ -254,7 +254,8 @@ class Gateway:
                 f"{job.max_tokens} in the completion). Please reduce the length of the messages "
                 "or completion.", param="messages" if job.parsed.kind == "chat" else "prompt")
         hashes = block_hashes(job.prompt_token_ids, self.block_size, job.model, job.cache_salt)
-        return replace(job, block_hashes=hashes, tool_parser=self.tool_parsers.get(job.model))
+        tool_parser, reasoning_parser = self.parsers[job.model]
+        return replace(job, block_hashes=hashes, tool_parser=tool_parser, reasoning_parser=reasoning_parser)
 
     async def start(self, job: Job) -> "Stream":
         """Admission, delegation, bind, then routing and dispatch up to the first chunk."""

@@ -413,3 +413,23 @@ async def test_template_options_reach_a_models_own_template(tiny_tokenizer, tmp_
     assert texts[0] == texts[1] == "<|end|><|begin|><|user|> zo\n<|assistant|> ba\n<|assistant|>"
     # the answer goes on from the assistant's own words: no new turn after them
     assert texts[2] == "<|begin|><|user|> zo\n<|assistant|> ba"
+
+
+async def test_a_reasoning_models_thinking_leaves_as_reasoning_whole_and_streamed():
+    config = {**CONFIG, "models": [{"name": "m", "max_model_len": 4096, "reasoning_parser": "qwen3",
+                                    "tool_parser": "hermes"}]}
+    c, engines, _ = make(config)
+    scripted(engines, ["<think>Lima, so get_", "weather.</th", "ink>\n\n<tool"] + HERMES[1:])
+    client = sdk(c)
+    kw = dict(model="m", messages=[{"role": "user", "content": "weather in Lima?"}], tools=[WEATHER])
+    r = await client.chat.completions.create(**kw)
+    msg = r.choices[0].message
+    assert msg.model_extra["reasoning"] == "Lima, so get_weather."  # vLLM's field
+    assert msg.content is None and msg.tool_calls[0].function.arguments == '{"city": "Lima"}'
+    thought, content = "", ""
+    async for ch in await client.chat.completions.create(**kw, stream=True):
+        thought += (ch.choices[0].delta.model_extra or {}).get("reasoning") or ""
+        content += ch.choices[0].delta.content or ""
+    assert (thought, content) == ("Lima, so get_weather.", "")
+    r = await client.chat.completions.create(**kw, extra_body={"include_reasoning": False})
+    assert "reasoning" not in r.choices[0].message.model_extra

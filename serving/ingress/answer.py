@@ -1,0 +1,133 @@
+"""How a chat answer's text leaves the gateway: reasoning, content and tool calls.
+
+    reader = AnswerReader.make(parsed, tool_parser, reasoning_parser)  # None: all content
+    reader.feed(text) -> Part(content, reasoning, tool_calls)          # as the answer streams
+    reader.end() -> Part                                               # at its end
+    reader.finish_reason(engine_reason) -> str
+
+A reasoning model writes its thinking first, between `<think>` and `</think>`;
+with the model's `reasoning_parser` set, that text leaves as the message's
+`reasoning` (vLLM's field), the rest as content, and tool calls are read from
+the content only (serving.ingress.tools), as vLLM's server does it:
+
+- `deepseek_r1`: the answer is reasoning until `</think>` (its template opens
+  the `<think>` in the prompt; a `<think>` the model writes is dropped); an
+  answer that never closes it is all reasoning;
+- `qwen3`: the answer is reasoning only if it opens with `<think>`, until
+  `</think>`; otherwise (thinking switched off) it is all content.
+
+The whitespace between `</think>` and the answer belongs to neither.
+
+Tags split across chunks are held back until they are whole. `include_reasoning:
+false` (vLLM's extension) drops the reasoning from the response.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from serving.ingress.tools import ToolOutput
+
+if TYPE_CHECKING:
+    from serving.ingress.openai_api import Parsed
+
+REASONING_PARSERS = ("deepseek_r1", "qwen3")
+_START, _END = "<think>", "</think>"
+
+
+def _held(text: str, tag: str) -> int:
+    """How many trailing characters of `text` could begin `tag`."""
+    for k in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-k:]):
+            return k
+    return 0
+
+
+class Reasoning:
+    """Splits `<think>...</think>` off the front of an answer, chunk by chunk."""
+
+    __slots__ = ("state", "buf", "_always")
+
+    def __init__(self, parser: str):
+        # "open": is there a <think>? not known yet; "in": reasoning; "gap": after </think>; "out": content
+        self.state = "open"
+        self.buf = ""
+        self._always = parser == "deepseek_r1"  # reasoning even without a <think> of its own
+
+    def feed(self, text: str, final: bool = False) -> tuple[str, str]:
+        """(reasoning, content) that can be sent now."""
+        if self.state == "out":
+            return "", text
+        if self.state == "gap":  # the blank lines between the thinking and the answer are neither
+            text = text.lstrip()
+            if text:
+                self.state = "out"
+            return "", text
+        buf = self.buf + text
+        if self.state == "open":
+            head = buf.lstrip()
+            if head.startswith(_START):
+                buf, self.state = head[len(_START):], "in"
+            elif not final and _START.startswith(head):  # nothing yet, or the tag's first characters
+                self.buf = buf
+                return "", ""
+            elif self._always:
+                self.state = "in"
+            else:
+                self.state, self.buf = "out", ""
+                return "", buf
+        i = buf.find(_END)
+        if i >= 0:
+            self.state, self.buf = "gap", ""
+            return buf[:i], self.feed(buf[i + len(_END):])[1]
+        keep = 0 if final else _held(buf, _END)
+        self.buf = buf[len(buf) - keep:]
+        return buf[:len(buf) - keep], ""
+
+
+@dataclass(slots=True)
+class Part:
+    content: str = ""
+    reasoning: str = ""
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+
+    def __add__(self, other: "Part") -> "Part":
+        return Part(self.content + other.content, self.reasoning + other.reasoning,
+                    self.tool_calls + other.tool_calls)
+
+    def __bool__(self) -> bool:
+        return bool(self.content or self.reasoning or self.tool_calls)
+
+
+class AnswerReader:
+    __slots__ = ("reasoning", "tools", "include_reasoning")
+
+    def __init__(self, reasoning: Reasoning | None, tools: ToolOutput | None, include_reasoning: bool = True):
+        self.reasoning, self.tools, self.include_reasoning = reasoning, tools, include_reasoning
+
+    @classmethod
+    def make(cls, p: "Parsed", tool_parser: str | None, reasoning_parser: str | None) -> "AnswerReader | None":
+        tools = ToolOutput.make(p.tool_choice, p.tool_name, tool_parser, p.parallel_tool_calls)
+        reasoning = Reasoning(reasoning_parser) if reasoning_parser and p.kind == "chat" else None
+        if tools is None and reasoning is None:
+            return None
+        return cls(reasoning, tools, p.include_reasoning)
+
+    def feed(self, text: str) -> Part:
+        return self._part(*(self.reasoning.feed(text) if self.reasoning else ("", text)), final=False)
+
+    def end(self) -> Part:
+        return self._part(*(self.reasoning.feed("", final=True) if self.reasoning else ("", "")), final=True)
+
+    def finish_reason(self, engine_reason: str | None) -> str | None:
+        return self.tools.finish_reason(engine_reason) if self.tools else engine_reason
+
+    def _part(self, reasoning: str, content: str, final: bool) -> Part:
+        calls: list[dict[str, Any]] = []
+        if self.tools is not None:
+            content, calls = self.tools.feed(content)
+            if final:
+                more, last = self.tools.end()
+                content, calls = content + more, calls + last
+        return Part(content, reasoning if self.include_reasoning else "", calls)
