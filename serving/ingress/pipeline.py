@@ -90,13 +90,18 @@ class Job:
     reply_headers: tuple[tuple[str, str], ...] = ()  # stages' notes for the response (x-proxima-tier, ...)
     trace: TraceContext | None = None  # W3C trace context: the gateway's span of this request
     created: float = 0.0  # wall-clock time the request arrived (step records)
-    model_tokens: bool = False  # prompt_token_ids are the model's own (the engine gets them, not text)
+    tokens_of: str | None = None  # whose tokenizer made prompt_token_ids (None: the word tokenizer)
     tool_parser: str | None = None  # the final model's (bind): how its answer is read for tool calls
     reasoning_parser: str | None = None  # and for its reasoning
 
     @property
     def prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def model_tokens(self) -> bool:
+        """prompt_token_ids are a model's own: the engine gets them, not text."""
+        return self.tokens_of is not None
 
     def route_request(self) -> RouteRequest:
         return RouteRequest(self.request_id, self.model, self.prompt_tokens, self.block_hashes,
@@ -211,10 +216,12 @@ class Gateway:
     # --- stages ------------------------------------------------------------
     def prepare(self, parsed: Parsed, principal: Principal, client_region: str, request_id: str,
                 headers: tuple[tuple[str, str], ...] = ()) -> Job:
-        """Tokenize once; the model must be configured (or an alias delegation resolves)."""
+        """The model must be configured (or an alias delegation resolves). Word ids for a model
+        without its own tokenizer (and for an alias: admission and delegation count them);
+        a model with one is tokenized by `start`, on the tokenizer thread."""
         if parsed.model not in self.limits and parsed.model not in self.delegation.aliases:
             raise ModelNotFound(f"The model `{parsed.model}` does not exist.", param="model")
-        ids = parsed.prompt_token_ids or tuple(self.tokenizer(parsed.prompt))
+        ids = parsed.prompt_token_ids or (() if parsed.model in self.hf else tuple(self.tokenizer(parsed.prompt)))
         max_tokens = parsed.max_tokens
         if max_tokens is None:
             max_tokens = self.default_max.get(parsed.model, 256)
@@ -233,20 +240,25 @@ class Gateway:
                    cache_salt=salt, session_id=h.get(SESSION_HEADER), headers=headers, trace=trace,
                    created=time.time())
 
+    def tokenize(self, job: Job) -> Job:
+        """The ids of `job.model`'s own tokenizer and template if it has them (the ids vLLM's own
+        server would make), else word ids; nothing to do if the ids are already right."""
+        hf, p = self.hf.get(job.model), job.parsed
+        if hf is not None and job.tokens_of != job.model:
+            ids = (hf.chat(p.messages, p.tools, p.template_kwargs) if p.kind == "chat"
+                   else p.prompt_token_ids or hf.encode(p.prompt))
+            return replace(job, prompt_token_ids=tuple(ids), tokens_of=job.model)
+        if hf is None and job.tokens_of is not None:  # another model's ids (a cascade to a tier without)
+            return replace(job, prompt_token_ids=p.prompt_token_ids or tuple(self.tokenizer(p.prompt)),
+                           tokens_of=None)
+        return job
+
     def bind(self, job: Job) -> Job:
-        """The model is final: tokenize with its own tokenizer if it has one (`prepare`'s word
-        count served admission and delegation), check the context limit, hash the blocks."""
+        """The model is final: its own ids (`tokenize`), the context limit, the block hashes."""
         limit = self.limits.get(job.model)
         if limit is None:
             raise ModelNotFound(f"The model `{job.model}` does not exist.", param="model")
-        hf, p = self.hf.get(job.model), job.parsed
-        if hf is not None:  # the engine gets the ids vLLM's own server would make
-            ids = (hf.chat(p.messages, p.tools, p.template_kwargs) if p.kind == "chat"
-                   else p.prompt_token_ids or hf.encode(p.prompt))
-            job = replace(job, prompt_token_ids=tuple(ids), model_tokens=True)
-        elif job.model_tokens:  # another model's ids (a cascade from a tier with its own tokenizer)
-            job = replace(job, prompt_token_ids=p.prompt_token_ids or tuple(self.tokenizer(p.prompt)),
-                          model_tokens=False)
+        job = self.tokenize(job)
         if job.prompt_tokens + job.max_tokens > limit:
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {limit} tokens. However, you requested "
@@ -262,16 +274,16 @@ class Gateway:
         from serving.ingress.stream import Stream
 
         try:
+            if job.model in self.hf:  # admission counts the model's own tokens
+                job = await self._off_loop(self.tokenize, job)
             ticket = await self.admission.admit(job)
         except BaseException as e:
             self.observer.rejected(job, e)
             raise
         try:
             job = await self.delegation.resolve(job)
-            if job.model in self.hf:  # the model's tokenizer: CPU work off the event loop
-                job = await asyncio.get_running_loop().run_in_executor(self._tokenizing, self.bind, job)
-            else:
-                job = self.bind(job)
+            retokenize = job.model in self.hf and job.tokens_of != job.model  # delegation chose another
+            job = await self._off_loop(self.bind, job) if retokenize else self.bind(job)
         except BaseException as e:
             await self.admission.settle(job, ticket, 0)
             self.observer.rejected(job, e)
@@ -279,6 +291,10 @@ class Gateway:
         stream = Stream(self, job, ticket)
         await stream.open()
         return stream
+
+    async def _off_loop(self, fn: Callable[[Job], Job], job: Job) -> Job:
+        """A tokenizer's CPU work, on the tokenizer thread: the event loop goes on serving streams."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, fn, job)
 
     def rtt_s(self, client_region: str, region: str) -> float:
         if not self.inject_rtt:

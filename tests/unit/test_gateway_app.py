@@ -30,7 +30,7 @@ class FrozenRouter(LocalRouter):
         pass
 
 
-def make(config=CONFIG, router_cls=LocalRouter):
+def make(config=CONFIG, router_cls=LocalRouter, **gateway_kw):
     cfg = load_config(config)
     engines = {}
     for reg, r in cfg.regions.items():
@@ -41,8 +41,9 @@ def make(config=CONFIG, router_cls=LocalRouter):
     local = LocalEngines(engines)
     router = router_cls(Router("latency", rtt_ms=cfg.rtt(), seed=1), local)
     LocalRouter.refresh(router)
-    gw = Gateway(cfg, router, local)
+    gw = Gateway(cfg, router, local, **gateway_kw)
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(gw)), base_url="http://gw")
+    client.gateway = gw
     return client, engines, router
 
 
@@ -299,10 +300,12 @@ def test_a_job_moved_to_a_model_without_its_own_tokenizer_gets_word_ids_again(ti
     from serving.ingress.openai_api import parse_chat
     cfg = load_config({**CONFIG, "models": [{"name": "m", "tokenizer": tiny_tokenizer[0]}, {"name": "plain"}]})
     gw = Gateway(cfg, None, None)
+    from serving.engines.tokenizer import encode
     job = gw.prepare(parse_chat(json.dumps(chat("zo ba")).encode()), Principal("default"), "us", "r1")
-    words = job.prompt_token_ids
+    assert job.prompt_token_ids == ()  # no word ids for a model with its own tokenizer: start makes its ids
     own = gw.bind(job)  # the model's tokenizer and template
-    assert own.model_tokens and own.prompt_token_ids != words
+    words = tuple(encode(own.parsed.prompt))
+    assert own.tokens_of == "m" and own.prompt_token_ids != words
     moved = gw.bind(replace(own, model="plain"))  # e.g. a cascade to a tier without one
     assert not moved.model_tokens and moved.prompt_token_ids == words
     assert moved.generate_request().prompt == own.parsed.prompt  # text again, for the engine to tokenize
@@ -433,3 +436,27 @@ async def test_a_reasoning_models_thinking_leaves_as_reasoning_whole_and_streame
     assert (thought, content) == ("Lima, so get_weather.", "")
     r = await client.chat.completions.create(**kw, extra_body={"include_reasoning": False})
     assert "reasoning" not in r.choices[0].message.model_extra
+
+
+async def test_a_model_with_its_own_tokenizer_is_tokenized_once_and_admission_counts_its_tokens(tiny_tokenizer):
+    import threading
+    from serving.ingress.pipeline import Admission
+    path, tok = tiny_tokenizer
+
+    class Seen(Admission):
+        counts: list = []
+
+        async def admit(self, job):
+            self.counts.append(job.prompt_tokens)
+
+    c, _, _ = make({**CONFIG, "models": [{"name": "m", "max_model_len": 4096, "tokenizer": path}]},
+                   admission=Seen())
+    gw = c.gateway
+    calls, chat_ = [], gw.hf["m"].chat
+    gw.hf["m"].chat = lambda *a: calls.append(threading.current_thread().name) or chat_(*a)
+    r = await c.post("/v1/chat/completions", json=chat("zo ba " * 50, max_tokens=2))
+    assert r.status_code == 200
+    # the model's own count (not the word count), made once, off the event loop
+    assert Seen.counts == [r.json()["usage"]["prompt_tokens"]] and len(calls) == 1
+    assert calls[0].startswith("proxima-tokenize")
+    await gw.aclose()
