@@ -18,7 +18,10 @@ exactly (byte-level pre-tokenizers, as Llama 3, Qwen and GPT-style tokenizers
 have; checked from the tokenizer's own description at start), the pieces'
 token ids are kept in a cache bounded in tokens, and a request tokenizes only
 the pieces it has not seen: its new messages. The result is identical to
-tokenizing the whole text (tested on random conversations). Other tokenizers
+tokenizing the whole text (tested on random conversations). Entries are keyed
+by the request's cache salt too, as the engines' prefix caches are, so one
+tenant cannot learn from a faster answer that another sent the same text
+(serving.admission.tenancy). Other tokenizers
 (SentencePiece-style `Metaspace`, added tokens that strip spaces) tokenize the
 whole text every time.
 
@@ -76,24 +79,26 @@ class HFTokenizer:
         self.backend: Any = getattr(self.tok, "backend_tokenizer", None)
         self.split = _piecewise(self.backend) if self.backend is not None else None
         self.added: dict[str, int] = dict(self.tok.added_tokens_encoder)
-        self.cache: OrderedDict[str, tuple[int, ...]] = OrderedDict()  # piece -> ids, least recent first
+        # (cache salt, piece) -> ids, least recently used first
+        self.cache: OrderedDict[tuple[str | None, str], tuple[int, ...]] = OrderedDict()
         self.cache_tokens = cache_tokens
         self.cached_tokens = 0
 
     def chat(self, messages: tuple[dict[str, Any], ...], tools: tuple[dict[str, Any], ...] = (),
-             template_kwargs: dict[str, Any] | None = None) -> list[int]:
+             template_kwargs: dict[str, Any] | None = None, salt: str | None = None) -> list[int]:
         kw = template_kwargs or {"add_generation_prompt": True}
         try:
             text = self.tok.apply_chat_template(list(messages), tools=list(tools) or None, tokenize=False, **kw)
         except Exception as e:  # the template refuses the conversation (roles out of order, ...)
             raise InvalidRequest(f"The chat template rejected the messages: {e}", param="messages") from None
-        return self.ids(text)
+        return self.ids(text, salt)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tok(text).input_ids)
 
-    def ids(self, text: str) -> list[int]:
-        """`text` tokenized as the model's tokenizer does, special tokens not added."""
+    def ids(self, text: str, salt: str | None = None) -> list[int]:
+        """`text` tokenized as the model's tokenizer does, special tokens not added; pieces
+        cached under `salt` (a tenant's cache salt)."""
         if self.split is None:
             return list(self.tok(text, add_special_tokens=False).input_ids)
         parts: list[Any] = []  # an added token's id, or a piece of text
@@ -106,7 +111,8 @@ class HFTokenizer:
         if at < len(text):
             parts.append(text[at:])
         cache = self.cache
-        todo = list(dict.fromkeys(p for p in parts if isinstance(p, str) and (len(p) < _MIN_CACHED or p not in cache)))
+        todo = list(dict.fromkeys(p for p in parts if isinstance(p, str)
+                                  and (len(p) < _MIN_CACHED or (salt, p) not in cache)))
         done = dict(zip(todo, (e.ids for e in self.backend.encode_batch(todo, add_special_tokens=False))))
         out: list[int] = []
         for p in parts:
@@ -115,11 +121,11 @@ class HFTokenizer:
             elif p in done:
                 out.extend(done[p])
             else:
-                cache.move_to_end(p)
-                out.extend(cache[p])
+                cache.move_to_end((salt, p))
+                out.extend(cache[salt, p])
         for p, ids in done.items():
-            if len(p) >= _MIN_CACHED and p not in cache:
-                cache[p] = tuple(ids)
+            if len(p) >= _MIN_CACHED and (salt, p) not in cache:
+                cache[salt, p] = tuple(ids)
                 self.cached_tokens += len(ids)
         while self.cached_tokens > self.cache_tokens and cache:
             self.cached_tokens -= len(cache.popitem(last=False)[1])

@@ -245,7 +245,7 @@ class Gateway:
         server would make), else word ids; nothing to do if the ids are already right."""
         hf, p = self.hf.get(job.model), job.parsed
         if hf is not None and job.tokens_of != job.model:
-            ids = (hf.chat(p.messages, p.tools, p.template_kwargs) if p.kind == "chat"
+            ids = (hf.chat(p.messages, p.tools, p.template_kwargs, job.cache_salt) if p.kind == "chat"
                    else p.prompt_token_ids or hf.encode(p.prompt))
             return replace(job, prompt_token_ids=tuple(ids), tokens_of=job.model)
         if hf is None and job.tokens_of is not None:  # another model's ids (a cascade to a tier without)

@@ -86,3 +86,12 @@ def test_the_tokenize_benchmark_runs_and_checks_its_ids(capsys):
     assert out["agent_loop"]["calls"] == 6 and out["agent_loop"]["piecewise_ms_p50"] > 0
     assert set(out["event_loop"]) == {"worst_gap_ms_on_loop_p50", "worst_gap_ms_on_thread_p50", "prompt_tokens"}
     assert capsys.readouterr().out.startswith("{")
+
+
+def test_tenants_do_not_share_cached_pieces(tiny):
+    hf = HFTokenizer(tiny)
+    t = text(random.Random(1), 200)
+    hf.ids(t, salt="tenant-a")
+    before = hf.cached_tokens
+    assert hf.ids(t, salt="tenant-b") == hf.ids(t, salt="tenant-a")  # the same ids,
+    assert hf.cached_tokens == 2 * before  # but tenant b's came from its own tokenizing
