@@ -101,10 +101,11 @@ class Part:
 
 
 class AnswerReader:
-    __slots__ = ("reasoning", "tools", "include_reasoning")
+    __slots__ = ("reasoning", "tools", "include_reasoning", "ended")
 
     def __init__(self, reasoning: Reasoning | None, tools: ToolOutput | None, include_reasoning: bool = True):
         self.reasoning, self.tools, self.include_reasoning = reasoning, tools, include_reasoning
+        self.ended = False
 
     @classmethod
     def make(cls, p: "Parsed", tool_parser: str | None, reasoning_parser: str | None) -> "AnswerReader | None":
@@ -118,10 +119,19 @@ class AnswerReader:
         return self._part(*(self.reasoning.feed(text) if self.reasoning else ("", text)), final=False)
 
     def end(self) -> Part:
+        """What was held back; once (a second call gives nothing)."""
+        if self.ended:
+            return Part()
+        self.ended = True
         return self._part(*(self.reasoning.feed("", final=True) if self.reasoning else ("", "")), final=True)
 
     def finish_reason(self, engine_reason: str | None) -> str | None:
         return self.tools.finish_reason(engine_reason) if self.tools else engine_reason
+
+    @property
+    def tool_names(self) -> list[str]:
+        """The functions called so far, in order."""
+        return self.tools.names if self.tools else []
 
     def _part(self, reasoning: str, content: str, final: bool) -> Part:
         calls: list[dict[str, Any]] = []

@@ -31,6 +31,8 @@ from serving.errors import InvalidRequest, NotFound, ProximaError
 from serving.ingress import sse
 from serving.ingress.metrics import CONTENT_TYPE
 from serving.ingress.openapi import openapi_schema
+from serving.ingress.answer import Part
+from serving.ingress.tools import whole_calls
 from serving.ingress.openai_api import Parsed, Responder, parse_chat, parse_completion, usage
 from serving.ingress.pipeline import Gateway
 from serving.ingress.stream import Stream
@@ -100,25 +102,20 @@ def build_app(gw: Gateway) -> Starlette:
                 m.errors.labels(request.url.path, str(e.status), e.code or e.type, "stream", *labels).inc()
             return StreamingResponse(_events(stream, resp, in_band), media_type=sse.MEDIA_TYPE,
                                      headers={**stream.headers(), **echo, "cache-control": "no-cache"})
-        text = []
-        async for c in stream.chunks():
-            text.append(c.text)
-        redo = getattr(gw.delegation, "cascade", lambda job, text: None)(stream.job, "".join(text))
+        text, part = await _whole(stream)
+        redo = getattr(gw.delegation, "cascade", lambda job, text: None)(stream.job, text)
         if redo is not None:  # the small tier's answer failed its check: the large tier redoes it
             try:
                 stream = await gw.start(redo)
             except ProximaError as e:
                 return _error(e, echo)
-            text = [c.text async for c in stream.chunks()]
+            text, part = await _whole(stream)
             request.state.labels = _labels(stream)
         u = usage(stream.prompt_tokens, stream.completion_tokens, stream.cached_tokens)
-        answer, reason = "".join(text), stream.finish_reason
-        reader = stream.job.reader()
-        if reader is None:
-            return _json(resp.full(answer, reason, u), headers={**stream.headers(), **echo})
-        part = reader.feed(answer) + reader.end()
-        return _json(resp.full(part.content, reader.finish_reason(reason), u, part.tool_calls, part.reasoning),
-                     headers={**stream.headers(), **echo})
+        if stream.reader is None:
+            return _json(resp.full(text, stream.finish_reason, u), headers={**stream.headers(), **echo})
+        return _json(resp.full(part.content, stream.reader.finish_reason(stream.finish_reason), u,
+                               part.tool_calls, part.reasoning), headers={**stream.headers(), **echo})
 
     async def chat(request: Request) -> Response:
         return await completions(request, parse_chat)
@@ -211,12 +208,28 @@ def _labels(stream: Stream) -> tuple[str, str, str]:
     return stream.job.principal.tenant, stream.job.model, d.region if d is not None else ""
 
 
+async def _whole(stream: Stream) -> tuple[str, Part]:
+    """The whole answer: its text, and what the stream's reader made of it. The reader sees
+    every chunk before the stream is accounted, so the agent-step record has its tool calls."""
+    text, part, reader = [], Part(), stream.reader
+    async for c in stream.chunks():
+        text.append(c.text)
+        if reader is not None:
+            part += reader.feed(c.text)
+            if c.finish_reason is not None:
+                part += reader.end()
+    if reader is not None:
+        part += reader.end()  # nothing, unless the engine ended without a finish_reason
+        part.tool_calls = whole_calls(part.tool_calls)
+    return "".join(text), part
+
+
 async def _events(stream: Stream, resp: Responder,
                   in_band: Callable[[ProximaError], None]) -> AsyncIterator[bytes]:
     """SSE body: one event per engine chunk (fewer while tags or tool calls are held back),
     the usage event if asked, then [DONE]."""
     first = True
-    reader = stream.job.reader()
+    reader = stream.reader
     try:
         async for c in stream.chunks():
             if reader is None:

@@ -42,6 +42,7 @@ class Stream:
         self.engine_ttft_s: float | None = None  # from opening the engine stream
         self.error: BaseException | None = None
         self.trace = Trace()  # the failover loop's attempts
+        self.reader = job.reader()  # the answer's reasoning and tool calls (None: all content)
         self.t0 = time.perf_counter()
         self._routed_at = self.t0
         self._closed = False

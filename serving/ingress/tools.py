@@ -83,6 +83,18 @@ def _call(index: int, name: str, arguments: str) -> dict[str, Any]:
             "function": {"name": name, "arguments": arguments}}
 
 
+def whole_calls(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Streamed tool-call deltas joined into whole calls, as a client joins them."""
+    calls: dict[int, dict[str, Any]] = {}
+    for d in deltas:
+        c = calls.get(d["index"])
+        if c is None:
+            calls[d["index"]] = {**d, "function": dict(d["function"])}
+        else:
+            c["function"]["arguments"] += d["function"].get("arguments", "")
+    return [calls[i] for i in sorted(calls)]
+
+
 def _held(text: str) -> int:
     """How many trailing characters of `text` could begin `<tool_call>`."""
     for k in range(min(len(_OPEN) - 1, len(text)), 0, -1):
@@ -94,13 +106,14 @@ def _held(text: str) -> int:
 class ToolOutput:
     """One answer's text turned into content and tool calls, chunk by chunk."""
 
-    __slots__ = ("mode", "name", "parallel", "calls", "_buf", "_inside", "_json")
+    __slots__ = ("mode", "name", "parallel", "calls", "names", "_buf", "_inside", "_json")
 
     def __init__(self, mode: str, name: str | None = None, parallel: bool | None = None):
         self.mode = mode  # "function" | "required" | "hermes"
         self.name = name
         self.parallel = parallel
         self.calls = 0  # tool calls sent so far
+        self.names: list[str] = []  # their functions, in order (agent-step records)
         self._buf = ""
         self._inside = False  # hermes: between <tool_call> and </tool_call>
         self._json: bool | None = None  # llama3_json: the answer is calls (None: not known yet)
@@ -118,6 +131,7 @@ class ToolOutput:
         if self.mode == "function":
             if self.calls == 0:
                 self.calls = 1
+                self.names.append(self.name or "")
                 return "", [_call(0, self.name or "", text)]
             return "", [{"index": 0, "function": {"arguments": text}}] if text else []
         self._buf += text
@@ -153,6 +167,7 @@ class ToolOutput:
             if self.parallel is False and self.calls:
                 break  # parallel_tool_calls false: the first call only
             out.append(_call(self.calls, name, args))
+            self.names.append(name)
             self.calls += 1
         return out
 

@@ -172,11 +172,14 @@ def step_record(job: "Job", s: "Stream | None", e2e_s: float | None, charged: in
         "status": "ok" if error is None else "error", "error": error,
         "routing": None, "cached_tokens": 0, "queue_wait_ms": None,
         "prompt_tokens": job.prompt_tokens, "completion_tokens": 0, "budget_charged_tokens": charged,
-        "ttft_ms": None, "e2e_ms": None, "finish_reason": None, "attempts": [],
+        "ttft_ms": None, "e2e_ms": None, "finish_reason": None, "tool_calls": [], "attempts": [],
     }
     if s is not None:
+        r = s.reader  # what the client got: "tool_calls" rather than the engine's "stop"
         rec.update(prompt_tokens=s.prompt_tokens, completion_tokens=s.completion_tokens,
-                   cached_tokens=s.cached_tokens, finish_reason=s.finish_reason,
+                   cached_tokens=s.cached_tokens,
+                   finish_reason=s.finish_reason if r is None else r.finish_reason(s.finish_reason),
+                   tool_calls=[] if r is None else list(r.tool_names),
                    ttft_ms=_ms(s.ttft_s), e2e_ms=_ms(e2e_s), engine_ttft_ms=_ms(s.engine_ttft_s),
                    attempts=[{"replica": r, "region": g, "tokens_sent": n, "outcome": o}
                              for r, g, n, o in s.trace.attempts])
@@ -209,4 +212,6 @@ def _span_attributes(r: dict[str, Any]) -> dict[str, Any]:
         "proxima.predicted_ttft_ms": routing.get("predicted_ttft_ms"),
         "proxima.cached_tokens": r["cached_tokens"], "proxima.queue_wait_ms": r["queue_wait_ms"],
         "proxima.ttft_ms": r.get("ttft_ms"), "proxima.budget_charged_tokens": r["budget_charged_tokens"],
+        "gen_ai.response.finish_reasons": [r["finish_reason"]] if r["finish_reason"] else [],
+        "proxima.tool_calls": r["tool_calls"],
     }

@@ -460,3 +460,16 @@ async def test_a_model_with_its_own_tokenizer_is_tokenized_once_and_admission_co
     assert Seen.counts == [r.json()["usage"]["prompt_tokens"]] and len(calls) == 1
     assert calls[0].startswith("proxima-tokenize")
     await gw.aclose()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_agent_steps_record_says_which_tools_it_called(stream):
+    config = {**CONFIG, "models": [{"name": "m", "max_model_len": 4096, "tool_parser": "hermes"}]}
+    c, engines, _ = make(config)
+    scripted(engines, HERMES)
+    r = await c.post("/v1/chat/completions", json=chat(tools=[WEATHER], stream=stream),
+                     headers={"x-session-id": "s-1", "x-agent-step": "plan"})
+    assert r.status_code == 200
+    r = await c.get("/v1/sessions/s-1/steps")
+    (step,) = r.json()["data"]
+    assert (step["step"], step["finish_reason"], step["tool_calls"]) == ("plan", "tool_calls", ["get_weather"])
