@@ -106,7 +106,7 @@ def _held(text: str) -> int:
 class ToolOutput:
     """One answer's text turned into content and tool calls, chunk by chunk."""
 
-    __slots__ = ("mode", "name", "parallel", "calls", "names", "_buf", "_inside", "_json")
+    __slots__ = ("mode", "name", "parallel", "calls", "names", "_buf", "_parts", "_inside", "_seen", "_json")
 
     def __init__(self, mode: str, name: str | None = None, parallel: bool | None = None):
         self.mode = mode  # "function" | "required" | "hermes"
@@ -115,7 +115,9 @@ class ToolOutput:
         self.calls = 0  # tool calls sent so far
         self.names: list[str] = []  # their functions, in order (agent-step records)
         self._buf = ""
+        self._parts: list[str] = []  # required, llama3_json calls: the answer so far, joined at the end
         self._inside = False  # hermes: between <tool_call> and </tool_call>
+        self._seen = 0  # hermes, inside a call: how much of it was searched for </tool_call>
         self._json: bool | None = None  # llama3_json: the answer is calls (None: not known yet)
 
     @classmethod
@@ -134,9 +136,10 @@ class ToolOutput:
                 self.names.append(self.name or "")
                 return "", [_call(0, self.name or "", text)]
             return "", [{"index": 0, "function": {"arguments": text}}] if text else []
-        self._buf += text
-        if self.mode == "required":
+        if self.mode == "required" or self._json:  # read whole, at the end
+            self._parts.append(text)
             return "", []
+        self._buf += text
         if self.mode == "llama3_json":
             return self._llama(final=False)
         return self._hermes(final=False)
@@ -145,7 +148,7 @@ class ToolOutput:
         if self.mode == "function":
             return self.feed("") if self.calls == 0 else ("", [])
         if self.mode == "required":
-            text, self._buf = self._buf, ""
+            text, self._parts = "".join(self._parts), []
             try:
                 items = json.loads(text)
                 calls = [(i["name"], json.dumps(i["parameters"], ensure_ascii=False)) for i in items]
@@ -191,9 +194,11 @@ class ToolOutput:
                 text(buf[:i])
                 buf, self._inside = buf[i + len(_OPEN):], True
                 continue
-            j = buf.find(_CLOSE)
+            j = buf.find(_CLOSE, max(0, self._seen - len(_CLOSE) + 1))
             if j < 0 and not final:
+                self._seen = len(buf)
                 break  # the call is still coming
+            self._seen = 0
             body = buf if j < 0 else buf[:j]
             rest = "" if j < 0 else buf[j + len(_CLOSE):]
             try:
@@ -211,6 +216,8 @@ class ToolOutput:
             head = self._buf.lstrip()
             if head.startswith(("{", _PYTHON_TAG)):
                 self._json = True
+                self._parts.append(self._buf)
+                self._buf = ""
             elif (not head or _PYTHON_TAG.startswith(head)) and not final:
                 return "", []  # not known yet
             else:
@@ -220,7 +227,7 @@ class ToolOutput:
             return text, []
         if not final:
             return "", []
-        text, self._buf = self._buf, ""
+        text, self._parts = "".join(self._parts), []
         rest = text.strip().removeprefix(_PYTHON_TAG).lstrip()
         calls = []
         try:
