@@ -1,7 +1,8 @@
 """The OpenAI-compatible ASGI app (Starlette) over a Gateway.
 
     POST /v1/chat/completions   POST /v1/completions   (SSE when "stream": true)
-    GET  /v1/models             GET  /health           GET /metrics (Prometheus text)
+    GET  /v1/models             GET  /v1/models/{model}  (max_model_len, as vLLM's cards)
+    GET  /health                GET  /metrics (Prometheus text)
     GET  /v1/budgets            the caller's own token budgets (serving.admission)
     GET  /admin/router          the router's view (replicas, load, in-flight); admin key
     GET  /v1/sessions/{id}/steps  the caller's own agent session, step by step (404 otherwise)
@@ -27,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from serving.errors import InvalidRequest, NotFound, ProximaError
+from serving.errors import InvalidRequest, ModelNotFound, NotFound, ProximaError
 from serving.ingress import sse
 from serving.ingress.metrics import CONTENT_TYPE
 from serving.ingress.openapi import openapi_schema
@@ -123,11 +124,24 @@ def build_app(gw: Gateway) -> Starlette:
     async def completion(request: Request) -> Response:
         return await completions(request, parse_completion)
 
+    def card(name: str, now: int) -> dict[str, Any]:
+        """A model as vLLM's server lists it (an alias has no context length of its own)."""
+        out: dict[str, Any] = {"id": name, "object": "model", "created": now, "owned_by": "proxima", "root": name}
+        if name in gw.limits:
+            out["max_model_len"] = gw.limits[name]
+        return out
+
     async def models(request: Request) -> Response:
         gw.auth.authenticate(request.headers.get("authorization"))
         now = int(time.time())
-        data = [{"id": n, "object": "model", "created": now, "owned_by": "proxima"} for n in gw.model_names()]
-        return _json({"object": "list", "data": data})
+        return _json({"object": "list", "data": [card(n, now) for n in gw.model_names()]})
+
+    async def model(request: Request) -> Response:
+        gw.auth.authenticate(request.headers.get("authorization"))
+        name = request.path_params["model"]
+        if name not in gw.model_names():
+            raise ModelNotFound(f"The model `{name[:256]}` does not exist.", param="model")
+        return _json(card(name, int(time.time())))
 
     async def router_view():
         # Due half-open trials start before the view is read, not only before the next
@@ -192,6 +206,7 @@ def build_app(gw: Gateway) -> Starlette:
         Route("/v1/chat/completions", counted("/v1/chat/completions", chat), methods=["POST"]),
         Route("/v1/completions", counted("/v1/completions", completion), methods=["POST"]),
         Route("/v1/models", counted("/v1/models", models), methods=["GET"]),
+        Route("/v1/models/{model:path}", counted("/v1/models/{model}", model), methods=["GET"]),
         Route("/v1/budgets", counted("/v1/budgets", budgets), methods=["GET"]),
         Route("/health", counted("/health", health), methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),

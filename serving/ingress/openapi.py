@@ -80,6 +80,10 @@ def openapi_schema(model_names: list[str], regions: list[str]) -> dict[str, Any]
             "/v1/chat/completions": generate("Chat completion", "ChatCompletionRequest"),
             "/v1/completions": generate("Text completion", "CompletionRequest"),
             "/v1/models": get("Models served (and aliases)", _json("Model list"), 401),
+            "/v1/models/{model}": {"get": {
+                "summary": "One model (or alias)",
+                "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {"200": _json("Model"), **_errors(401, 404)}}},
             "/v1/budgets": get("The caller's token budgets", _json("Budgets"), 401, 404),
             "/health": get("Replicas up", _json("Healthy"), 503),
             "/metrics": get("Prometheus metrics", {"description": "Prometheus text",

@@ -473,3 +473,14 @@ async def test_an_agent_steps_record_says_which_tools_it_called(stream):
     r = await c.get("/v1/sessions/s-1/steps")
     (step,) = r.json()["data"]
     assert (step["step"], step["finish_reason"], step["tool_calls"]) == ("plan", "tool_calls", ["get_weather"])
+
+
+async def test_models_are_listed_and_retrieved_as_vllm_cards():
+    c, _, _ = make()
+    client = sdk(c)
+    (m,) = [x async for x in client.models.list()]
+    assert (m.id, m.model_extra["max_model_len"]) == ("m", 4096)
+    one = await client.models.retrieve("m")
+    assert (one.id, one.owned_by, one.model_extra["root"]) == ("m", "proxima", "m")
+    r = await c.get("/v1/models/nope")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
