@@ -40,6 +40,14 @@ async def test_in_process_engine_streams_caches_salts_and_aborts(tiny_model, mon
         js = await _drain(engine, GenerateRequest("j1", ids[:300], max_tokens=4, temperature=0.0,
                                                   response_format={"type": "json_object"}))
         assert "".join(c.text for c in js).lstrip().startswith("{")
+        # a named tool choice's constraint: the function's parameters as a JSON schema
+        schema = {"type": "object", "properties": {"city": {"enum": ["lima", "oslo"]}}, "required": ["city"]}
+        js = await _drain(engine, GenerateRequest("j2", ids[:300], max_tokens=40, temperature=0.0, response_format={
+            "type": "json_schema", "json_schema": {"name": "pick_city", "schema": schema}}))
+        text = "".join(c.text for c in js)
+        assert text.lstrip().startswith("{")
+        if js[-1].finish_reason == "stop":
+            assert json.loads(text)["city"] in ("lima", "oslo")
         snap = engine.snapshot()
         assert (snap.health, snap.kv_capacity_tokens, snap.region) == (Health.UP, 32 * 128, "eu-west")
 
@@ -68,7 +76,8 @@ async def test_in_process_engine_streams_caches_salts_and_aborts(tiny_model, mon
                                                      cache_salt="tenant-a",  # and every sampling field passed on
                                                      sampling=(("presence_penalty", 0.2), ("frequency_penalty", 0.1),
                                                                ("repetition_penalty", 1.1), ("top_k", 5),
-                                                               ("min_p", 0.05))))
+                                                               ("min_p", 0.05),
+                                                               ("skip_special_tokens", False))))  # tool parsing
         assert after[-1].completion_tokens == 2  # the engine still serves after the abort
         snap = engine.snapshot()
         assert snap.waiting_prefill_tokens == 0
