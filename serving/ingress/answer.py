@@ -27,21 +27,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from serving.ingress.tools import ToolOutput
+from serving.ingress.tools import ToolOutput, held
 
 if TYPE_CHECKING:
     from serving.ingress.openai_api import Parsed
 
-REASONING_PARSERS = ("deepseek_r1", "qwen3")
 _START, _END = "<think>", "</think>"
-
-
-def _held(text: str, tag: str) -> int:
-    """How many trailing characters of `text` could begin `tag`."""
-    for k in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-k:]):
-            return k
-    return 0
 
 
 class Reasoning:
@@ -81,7 +72,7 @@ class Reasoning:
         if i >= 0:
             self.state, self.buf = "gap", ""
             return buf[:i], self.feed(buf[i + len(_END):])[1]
-        keep = 0 if final else _held(buf, _END)
+        keep = 0 if final else held(buf, _END)
         self.buf = buf[len(buf) - keep:]
         return buf[:len(buf) - keep], ""
 

@@ -41,7 +41,6 @@ from typing import Any
 
 from serving.errors import InvalidRequest
 
-PARSERS = ("hermes", "llama3_json")
 _OPEN, _CLOSE = "<tool_call>", "</tool_call>"
 _PYTHON_TAG = "<|python_tag|>"
 _DECODER = json.JSONDecoder()
@@ -95,10 +94,10 @@ def whole_calls(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [calls[i] for i in sorted(calls)]
 
 
-def _held(text: str) -> int:
-    """How many trailing characters of `text` could begin `<tool_call>`."""
-    for k in range(min(len(_OPEN) - 1, len(text)), 0, -1):
-        if _OPEN.startswith(text[-k:]):
+def held(text: str, tag: str) -> int:
+    """How many trailing characters of `text` could begin `tag` (to be held back until known)."""
+    for k in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-k:]):
             return k
     return 0
 
@@ -109,7 +108,7 @@ class ToolOutput:
     __slots__ = ("mode", "name", "parallel", "calls", "names", "_buf", "_parts", "_inside", "_seen", "_json")
 
     def __init__(self, mode: str, name: str | None = None, parallel: bool | None = None):
-        self.mode = mode  # "function" | "required" | "hermes"
+        self.mode = mode  # "function" (named) | "required" | a parser: "hermes" | "llama3_json"
         self.name = name
         self.parallel = parallel
         self.calls = 0  # tool calls sent so far
@@ -187,7 +186,7 @@ class ToolOutput:
             if not self._inside:
                 i = buf.find(_OPEN)
                 if i < 0:
-                    keep = 0 if final else _held(buf)
+                    keep = 0 if final else held(buf, _OPEN)
                     text(buf[:len(buf) - keep])
                     buf = buf[len(buf) - keep:]
                     break
