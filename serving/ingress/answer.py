@@ -16,7 +16,9 @@ the content only (serving.ingress.tools), as vLLM's server does it:
 - `qwen3`: the answer is reasoning only if it opens with `<think>`, until
   `</think>`; otherwise (thinking switched off) it is all content.
 
-The whitespace between `</think>` and the answer belongs to neither.
+The whitespace between `</think>` and the answer belongs to neither. An answer
+constrained to JSON (a forced tool call, a JSON `response_format`) is not
+split: structured outputs hold it to JSON from its first token.
 
 Tags split across chunks are held back until they are whole. `include_reasoning:
 false` (vLLM's extension) drops the reasoning from the response.
@@ -27,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from serving.delegation.cascade import is_json_format
 from serving.ingress.tools import ToolOutput, held
 
 if TYPE_CHECKING:
@@ -101,7 +104,10 @@ class AnswerReader:
     @classmethod
     def make(cls, p: "Parsed", tool_parser: str | None, reasoning_parser: str | None) -> "AnswerReader | None":
         tools = ToolOutput.make(p.tool_choice, p.tool_name, tool_parser, p.parallel_tool_calls)
-        reasoning = Reasoning(reasoning_parser) if reasoning_parser and p.kind == "chat" else None
+        # A constrained answer (a forced tool call, a JSON response_format) is JSON from its first
+        # token: the engines apply structured outputs from the start, so it has no thinking.
+        constrained = p.tool_format is not None or is_json_format(p.response_format)
+        reasoning = Reasoning(reasoning_parser) if reasoning_parser and p.kind == "chat" and not constrained else None
         if tools is None and reasoning is None:
             return None
         return cls(reasoning, tools, p.include_reasoning)

@@ -61,3 +61,15 @@ def test_earlier_thinking_reaches_the_template_as_reasoning_content():
         {"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning": "r"},
         {"role": "assistant", "content": "b", "reasoning_content": "s"}, {"role": "user", "content": "q2"}]}).encode())
     assert [m.get("reasoning_content") for m in p.messages] == [None, "r", "s", None]
+
+
+def test_a_constrained_answer_has_no_thinking_to_split():
+    def parsed(**kw):
+        return parse_chat(json.dumps({"model": "m", "messages": [{"role": "user", "content": "q"}],
+                                      "tools": [{"type": "function", "function": {"name": "f"}}], **kw}).encode())
+    named = AnswerReader.make(parsed(tool_choice={"type": "function", "function": {"name": "f"}}), None,
+                              "deepseek_r1")
+    part, reason = read(named, ['{"x": 1}'])  # deepseek_r1 would have taken it all for thinking
+    assert part.reasoning == "" and part.tool_calls[0]["function"]["arguments"] == '{"x": 1}'
+    js = AnswerReader.make(parsed(tool_choice="none", response_format={"type": "json_object"}), None, "deepseek_r1")
+    assert js is None  # nothing to read: the answer is content
