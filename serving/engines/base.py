@@ -36,9 +36,10 @@ class GenerateRequest:
     stop: tuple[str, ...] = ()
     # more of vLLM's sampling, passed on where set (None: the engine's default); simulated
     # engines do not sample and ignore them
-    # (SamplingParams field, value): SAMPLING as the client set them, and skip_special_tokens
-    # False when the gateway reads tool-call tags from the answer (serving.ingress.tools)
-    sampling: tuple[tuple[str, float | int], ...] = ()
+    # (SamplingParams field, value): SAMPLING as the client set them, logit_bias ({token id:
+    # bias}), and skip_special_tokens False when the gateway reads tool-call tags from the
+    # answer (serving.ingress.tools)
+    sampling: tuple[tuple[str, Any], ...] = ()
     ignore_eos: bool = False  # vLLM's default: the answer ends at the model's end-of-sequence token
     # OpenAI's response_format (json_object, json_schema): vLLM's structured outputs constrain the
     # answer to it; None or type text: free text. Simulated engines answer with words regardless
@@ -55,10 +56,10 @@ class GenerateRequest:
     # pass them on (vllm_http as HTTP headers, vllm as trace_headers) or just carry them (sim)
     trace_headers: tuple[tuple[str, str], ...] = ()
 
-    def sampling_set(self) -> dict[str, float | int]:
+    def sampling_set(self) -> dict[str, Any]:
         """The sampling the client set: `sampling`, and `temperature` and `top_p` if given. A vLLM
         engine takes the rest from the model's generation_config, as vLLM's server does."""
-        out: dict[str, float | int] = dict(self.sampling)
+        out: dict[str, Any] = dict(self.sampling)
         out.update((k, v) for k, v in (("temperature", self.temperature), ("top_p", self.top_p)) if v is not None)
         return out
 

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from serving.engines.base import SAMPLING
 from serving.errors import InvalidRequest
@@ -121,6 +121,15 @@ class _Common(_Body):
     top_k: int | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0, le=1)
     response_format: ResponseFormat | None = None  # structured outputs on real engines
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None  # token id -> bias
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for k in v or ():
+            if not k.isdigit() or int(k) >= 2**31:
+                raise ValueError(f"keys must be token ids, got {k[:32]!r}")
+        return v
 
 
 class ChatRequest(_Common):
@@ -147,6 +156,7 @@ class CompletionRequest(_Common):
     prompt: str | list[str] | list[TokenId] = Field()
     max_tokens: int | None = Field(default=16, ge=1)
     echo: bool = False
+    suffix: str | None = None  # fill-in-the-middle: refused
     logprobs: int | None = Field(default=None, ge=0, le=5)
 
 
@@ -166,7 +176,7 @@ class Parsed:
     seed: int | None
     stop: tuple[str, ...]
     ignore_eos: bool = False
-    sampling: tuple[tuple[str, float | int], ...] = ()  # penalties, top_k, min_p as given
+    sampling: tuple[tuple[str, Any], ...] = ()  # penalties, top_k, min_p, logit_bias as given
     tools: tuple[dict[str, Any], ...] = ()  # OpenAI tool objects, for the template (and delegation)
     tool_choice: str = "none"  # "none" | "auto" | "required" | "function" (the one named `tool_name`)
     tool_name: str | None = None
@@ -221,7 +231,8 @@ def _common(r: _Common) -> dict[str, Any]:
                 ignore_eos=r.ignore_eos,
                 response_format=None if r.response_format is None else r.response_format.model_dump(
                     by_alias=True, exclude_none=True),
-                sampling=tuple((k, v) for k in SAMPLING if (v := getattr(r, k)) is not None))
+                sampling=tuple((k, v) for k in SAMPLING if (v := getattr(r, k)) is not None)
+                + ((("logit_bias", {int(k): v for k, v in r.logit_bias.items()}),) if r.logit_bias else ()))
 
 
 def render_messages(messages: list[Message], tools: tuple[dict[str, Any], ...] = (),
@@ -320,6 +331,8 @@ def parse_completion(body: bytes) -> Parsed:
     r: CompletionRequest = _validate(CompletionRequest, body)
     if r.echo:
         raise InvalidRequest("`echo` is not supported.", param="echo")
+    if r.suffix:
+        raise InvalidRequest("`suffix` is not supported.", param="suffix")
     if r.logprobs is not None:
         raise InvalidRequest("`logprobs` is not supported.", param="logprobs")
     ids: tuple[int, ...] | None = None

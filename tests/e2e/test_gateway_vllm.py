@@ -104,6 +104,16 @@ async def test_a_json_response_format_reaches_vllm(gateway):
     assert r.json()["choices"][0]["message"]["content"].lstrip().startswith("{")  # vLLM's structured outputs
 
 
+async def test_logit_bias_reaches_vllm(gateway, tiny_model):
+    client, _ = gateway
+    meta = json.loads((Path(tiny_model) / "proxima_words.json").read_text())
+    word, wid = meta["words"][5], meta["ids"][5]
+    r = await client.post("/v1/completions", json={
+        "model": "tiny", "prompt": "zo", "max_tokens": 3, "ignore_eos": True, "logit_bias": {str(wid): 100}})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == f" {word}" * 3  # every token the one pushed up
+
+
 CITY = {"type": "function", "function": {"name": "pick_city", "parameters": {
     "type": "object", "properties": {"city": {"enum": ["lima", "oslo"]}}, "required": ["city"],
     "additionalProperties": False}}}

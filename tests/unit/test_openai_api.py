@@ -50,6 +50,8 @@ BAD_CHAT = [
      "json_schema` is required"),
     ("response-format-schema-missing", body(response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
      "response_format.json_schema.schema", "Field required"),
+    ("logit-bias-word", body(logit_bias={"hello": 1}), "logit_bias", "keys must be token ids"),
+    ("logit-bias-range", body(logit_bias={"5": 101}), "logit_bias.5", "less than or equal to 100"),
     ("tools-empty", body(tools=[]), "tools", "at least 1 item"),
     ("tool-type", body(tools=[{"type": "web", "function": {"name": "f"}}]), "tools.0.type", "Input should be"),
     ("tool-name", body(tools=[{"type": "function", "function": {"name": "no spaces"}}]),
@@ -88,6 +90,7 @@ BAD_COMPLETION = [
     ("prompt-object", {"prompt": {"a": 1}}, "prompt"),
     ("two-prompts", {"prompt": ["a", "b"]}, "prompt"),
     ("echo", {"prompt": "a", "echo": True}, "echo"),
+    ("suffix", {"prompt": "def f(", "suffix": "return x"}, "suffix"),
     ("logprobs", {"prompt": "a", "logprobs": 1}, "logprobs"),
     ("logprobs-zero", {"prompt": "a", "logprobs": 0}, "logprobs"),  # 0: the chosen token's own
     ("max-tokens-zero", {"prompt": "a", "max_tokens": 0}, "max_tokens"),
@@ -129,6 +132,7 @@ def test_chat_parse_renders_messages_in_order_and_reads_options():
         .response_format == {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}
     assert parse_chat(body(frequency_penalty=0.5, top_k=40, min_p=0.1, presence_penalty=None)).sampling == \
         (("frequency_penalty", 0.5), ("top_k", 40), ("min_p", 0.1))
+    assert parse_chat(body(logit_bias={"42": -100, "7": 2.5})).sampling == (("logit_bias", {42: -100, 7: 2.5}),)
 
 
 def test_chat_parse_reads_tools_and_earlier_calls():
