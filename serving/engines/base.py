@@ -52,6 +52,9 @@ class GenerateRequest:
     # so an engine that samples from (seed, position) emits exactly the tokens the
     # uninterrupted stream would have. Real vLLM matches this only when greedy.
     token_offset: int = 0
+    # log-probabilities: None, none; k, each generated token's own and its k most likely
+    # alternatives' (Chunk.logprobs), as vLLM's SamplingParams.logprobs
+    logprobs: int | None = None
     # W3C traceparent/tracestate (the gateway's span), x-session-id, x-agent-step: engines
     # pass them on (vllm_http as HTTP headers, vllm as trace_headers) or just carry them (sim)
     trace_headers: tuple[tuple[str, str], ...] = ()
@@ -69,6 +72,11 @@ def default_seed(request_id: str) -> int:
     return xxhash.xxh64_intdigest(request_id.encode())
 
 
+# One generated token's log-probability: (its text, logprob, its k most likely alternatives
+# as ((text, logprob), ...), most likely first)
+TokenLogprob = tuple[str, float, tuple[tuple[str, float], ...]]
+
+
 @dataclass(frozen=True, slots=True)
 class Chunk:
     request_id: str
@@ -78,6 +86,7 @@ class Chunk:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0  # cumulative
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per token_ids entry, if the request asked
 
 
 @runtime_checkable

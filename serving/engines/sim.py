@@ -13,18 +13,31 @@ included, finish_reason "stop", the rest never generated).
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from typing import AsyncIterator, Callable
 
-from serving.engines.base import Chunk, GenerateRequest, default_seed
+from serving.engines.base import Chunk, GenerateRequest, TokenLogprob, default_seed
 from serving.engines.profiles import EngineProfile, get_profile
 from serving.engines.sim_core import Seq, SimCore
-from serving.engines.tokenizer import WORDS, encode
+from serving.engines.tokenizer import VOCAB_SIZE, WORDS, encode
 from serving.errors import ContextLengthExceeded, EngineError
 from serving.prefix.hashing import block_hashes
 from serving.types import Health, ReplicaSnapshot
 
 _NO_STEP = (0.0, 0.0, 0)
+
+
+_UNIFORM = -math.log(VOCAB_SIZE)
+
+
+def sim_logprobs(ids: tuple[int, ...], k: int | None) -> tuple[TokenLogprob, ...] | None:
+    """A simulated engine's log-probabilities: it draws every token uniformly from the vocabulary,
+    so each has log(1/vocab), and so have its alternatives (the ids after it)."""
+    if k is None:
+        return None
+    word = lambda t: " " + WORDS[t % len(WORDS)]  # noqa: E731
+    return tuple((word(t), _UNIFORM, tuple((word(t + j), _UNIFORM) for j in range(k))) for t in ids)
 
 
 class StopStrings:
@@ -104,17 +117,19 @@ class SimEngine:
                     done = True
                     raise item
                 n, finished, out = item  # `out` as of emission: the queue may lag the core
-                ids = tuple((seed + out - n + k) % 32000 for k in range(n))
+                ids = tuple((seed + out - n + k) % VOCAB_SIZE for k in range(n))
                 pieces = [" " + WORDS[t % len(WORDS)] for t in ids]
                 text = "".join(pieces)
                 reason = "length" if finished else None
                 if stops is not None:
                     ids, text, stopped = stops.feed(ids, pieces, finished)
                     if stopped:  # the rest is not generated: `finally` aborts it, freeing its KV
-                        yield Chunk(request.request_id, ids, text, "stop", seq.prompt_len, seq.cached, out)
+                        yield Chunk(request.request_id, ids, text, "stop", seq.prompt_len, seq.cached, out,
+                                    sim_logprobs(ids, request.logprobs))
                         return
                 done = finished
-                yield Chunk(request.request_id, ids, text, reason, seq.prompt_len, seq.cached, out)
+                yield Chunk(request.request_id, ids, text, reason, seq.prompt_len, seq.cached, out,
+                            sim_logprobs(ids, request.logprobs))
                 if finished:
                     return
         finally:

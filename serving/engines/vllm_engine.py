@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from serving.engines.base import SAMPLING_ALL, Chunk, GenerateRequest
+from serving.engines.base import SAMPLING_ALL, Chunk, GenerateRequest, TokenLogprob
 from serving.engines.pending import PendingPrefill
 from serving.errors import ContextLengthExceeded, EngineError, InvalidRequest
 from serving.types import Health, ReplicaSnapshot
@@ -111,6 +111,8 @@ class VLLMEngine:
             if rf:  # as vLLM's server turns a response_format into structured outputs
                 given["structured_outputs"] = (StructuredOutputsParams(json_object=True) if rf["type"] == "json_object"
                                                else StructuredOutputsParams(json=rf["json_schema"]["schema"]))
+            if request.logprobs is not None:
+                given["logprobs"] = request.logprobs
             params = SamplingParams(max_tokens=request.max_tokens, seed=vllm_seed(request.seed),
                                     stop=list(request.stop) or None,
                                     ignore_eos=request.ignore_eos, output_kind=RequestOutputKind.DELTA,
@@ -131,7 +133,8 @@ class VLLMEngine:
                 finished = bool(out.finished)
                 yield Chunk(rid, tuple(c.token_ids), c.text,
                             (c.finish_reason or "length") if finished else None,
-                            len(out.prompt_token_ids or ()), int(out.num_cached_tokens or 0), total)
+                            len(out.prompt_token_ids or ()), int(out.num_cached_tokens or 0), total,
+                            None if request.logprobs is None else _logprobs(c.token_ids, c.logprobs, request.logprobs))
                 if finished:
                     return
         except (EngineError, InvalidRequest):
@@ -203,6 +206,17 @@ class VLLMEngine:
 def vllm_seed(seed: int | None) -> int | None:
     """vLLM takes signed 64-bit seeds; the gateway's default seeds are unsigned 64-bit."""
     return None if seed is None else seed % (1 << 63)
+
+
+def _logprobs(token_ids: Any, positions: Any, k: int) -> tuple[TokenLogprob, ...]:
+    """vLLM's per-position {token id: Logprob} (the chosen token's and the top k) as Chunk.logprobs."""
+    out = []
+    for tid, lps in zip(token_ids, positions or ()):
+        chosen = lps[tid]
+        top = sorted(lps.values(), key=lambda lp: lp.rank if lp.rank is not None else 1 << 30)[:k]
+        out.append((chosen.decoded_token or "", chosen.logprob,
+                    tuple((lp.decoded_token or "", lp.logprob) for lp in top)))
+    return tuple(out)
 
 
 def _client_error(e: BaseException) -> bool:

@@ -31,7 +31,7 @@ from typing import Any, AsyncIterator
 import aiohttp
 
 from serving.engines import prom
-from serving.engines.base import Chunk, GenerateRequest
+from serving.engines.base import Chunk, GenerateRequest, TokenLogprob
 from serving.engines.pending import PendingPrefill
 from serving.errors import ContextLengthExceeded, EngineError, InvalidRequest, ProximaError
 from serving.types import Health, ReplicaSnapshot
@@ -135,7 +135,8 @@ class VLLMHttpEngine:
                     self.pending.done(rid)
                 out = usage.get("completion_tokens", out + len(toks))
                 chunk = Chunk(rid, toks, ch.get("text") or "", ch.get("finish_reason"),
-                              usage.get("prompt_tokens", prompt_tokens), 0, out)
+                              usage.get("prompt_tokens", prompt_tokens), 0, out,
+                              None if request.logprobs is None else _logprobs(ch.get("logprobs"), request.logprobs))
                 if chunk.finish_reason:
                     last = chunk
                 else:
@@ -228,6 +229,8 @@ class VLLMHttpEngine:
             body["stop"] = list(r.stop)
         # only what the client set: vLLM applies the model's generation_config to the rest
         body.update(r.sampling_set())
+        if r.logprobs is not None:
+            body["logprobs"] = r.logprobs
         if r.response_format:  # vLLM's completions endpoint takes it too: structured outputs
             body["response_format"] = r.response_format
         if r.cache_salt:
@@ -295,3 +298,15 @@ def make_vllm_http(spec) -> VLLMHttpEngine:
     return VLLMHttpEngine(spec.replica_id, opts.pop("url"), region=spec.region, model=spec.model,
                           profile=opts.pop("profile", spec.profile), kv_capacity_tokens=spec.kv_capacity_tokens,
                           **opts)
+
+
+def _logprobs(lp: dict[str, Any] | None, k: int) -> tuple[TokenLogprob, ...]:
+    """The completions endpoint's logprobs (tokens, token_logprobs, top_logprobs) as Chunk.logprobs."""
+    if not lp:
+        return ()
+    tops = lp.get("top_logprobs") or []
+    out = []
+    for i, (tok, val) in enumerate(zip(lp.get("tokens") or (), lp.get("token_logprobs") or ())):
+        top = sorted((tops[i] or {}).items() if i < len(tops) else (), key=lambda kv: -kv[1])[:k]
+        out.append((tok, val, tuple(top)))
+    return tuple(out)

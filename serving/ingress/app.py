@@ -28,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from serving.engines.base import TokenLogprob
 from serving.errors import InvalidRequest, ModelNotFound, NotFound, ProximaError
 from serving.ingress import sse
 from serving.ingress.metrics import CONTENT_TYPE
@@ -103,20 +104,22 @@ def build_app(gw: Gateway) -> Starlette:
                 m.errors.labels(request.url.path, str(e.status), e.code or e.type, "stream", *labels).inc()
             return StreamingResponse(_events(stream, resp, in_band), media_type=sse.MEDIA_TYPE,
                                      headers={**stream.headers(), **echo, "cache-control": "no-cache"})
-        text, part = await _whole(stream)
+        text, part, lps = await _whole(stream)
         redo = getattr(gw.delegation, "cascade", lambda job, text: None)(stream.job, text)
         if redo is not None:  # the small tier's answer failed its check: the large tier redoes it
             try:
                 stream = await gw.start(redo)
             except ProximaError as e:
                 return _error(e, echo)
-            text, part = await _whole(stream)
+            text, part, lps = await _whole(stream)
             request.state.labels = _labels(stream)
         u = usage(stream.prompt_tokens, stream.completion_tokens, stream.cached_tokens)
         if stream.reader is None:
-            return _json(resp.full(text, stream.finish_reason, u), headers={**stream.headers(), **echo})
-        return _json(resp.full(part.content, stream.reader.finish_reason(stream.finish_reason), u,
-                               part.tool_calls, part.reasoning), headers={**stream.headers(), **echo})
+            body = resp.full(text, stream.finish_reason, u, logprobs=lps)
+        else:
+            body = resp.full(part.content, stream.reader.finish_reason(stream.finish_reason), u,
+                             part.tool_calls, part.reasoning, lps)
+        return _json(body, headers={**stream.headers(), **echo})
 
     async def chat(request: Request) -> Response:
         return await completions(request, parse_chat)
@@ -223,12 +226,16 @@ def _labels(stream: Stream) -> tuple[str, str, str]:
     return stream.job.principal.tenant, stream.job.model, d.region if d is not None else ""
 
 
-async def _whole(stream: Stream) -> tuple[str, Part]:
-    """The whole answer: its text, and what the stream's reader made of it. The reader sees
-    every chunk before the stream is accounted, so the agent-step record has its tool calls."""
+async def _whole(stream: Stream) -> tuple[str, Part, list[TokenLogprob] | None]:
+    """The whole answer: its text, what the stream's reader made of it, and its tokens'
+    logprobs if asked. The reader sees every chunk before the stream is accounted, so the
+    agent-step record has its tool calls."""
     text, part, reader = [], Part(), stream.reader
+    lps: list[TokenLogprob] | None = None if stream.job.parsed.logprobs is None else []
     async for c in stream.chunks():
         text.append(c.text)
+        if lps is not None and c.logprobs:
+            lps.extend(c.logprobs)
         if reader is not None:
             part += reader.feed(c.text)
             if c.finish_reason is not None:
@@ -236,7 +243,7 @@ async def _whole(stream: Stream) -> tuple[str, Part]:
     if reader is not None:
         part += reader.end()  # nothing, unless the engine ended without a finish_reason
         part.tool_calls = whole_calls(part.tool_calls)
-    return "".join(text), part
+    return "".join(text), part, lps
 
 
 async def _events(stream: Stream, resp: Responder,
@@ -245,17 +252,21 @@ async def _events(stream: Stream, resp: Responder,
     the usage event if asked, then [DONE]."""
     first = True
     reader = stream.reader
+    held: tuple[TokenLogprob, ...] = ()  # logprobs of tokens whose text is held back
     try:
         async for c in stream.chunks():
             if reader is None:
-                yield sse.event(resp.chunk(c.text, c.finish_reason, first))
+                yield sse.event(resp.chunk(c.text, c.finish_reason, first, logprobs=c.logprobs))
             else:  # reasoning and tool calls are read out of the text as it comes
                 part, reason = reader.feed(c.text), c.finish_reason
                 if reason is not None:
                     part, reason = part + reader.end(), reader.finish_reason(reason)
+                lps = c.logprobs if not held else held + (c.logprobs or ())
                 if not (first or part or reason):
+                    held = lps or ()
                     continue  # held back: it may be the start of a tag or a call
-                yield sse.event(resp.chunk(part.content, reason, first, part.tool_calls, part.reasoning))
+                held = ()
+                yield sse.event(resp.chunk(part.content, reason, first, part.tool_calls, part.reasoning, lps))
             first = False
         if resp.include_usage:
             yield sse.event(resp.usage_chunk(usage(stream.prompt_tokens, stream.completion_tokens,

@@ -5,7 +5,7 @@
 
 Every bad input becomes serving.errors.InvalidRequest (400) naming the field
 in `param`: malformed JSON, wrong types, empty `messages`, `max_tokens` < 1,
-unsupported options (`n` > 1, `echo`, `logprobs`: refused, not silently
+unsupported options (`n` > 1, `echo`, `suffix`: refused, not silently
 dropped). Model existence and context length are checked
 later by the pipeline, which knows the deployment. Unknown fields are ignored,
 as vLLM's server does, so newer clients keep working.
@@ -20,11 +20,11 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from serving.engines.base import SAMPLING
+from serving.engines.base import SAMPLING, TokenLogprob
 from serving.errors import InvalidRequest
 from serving.ingress.tools import guided_format
 
@@ -186,6 +186,7 @@ class Parsed:
     template_kwargs: dict[str, Any] | None = None  # chat: for apply_chat_template (generation prompt, ...)
     include_reasoning: bool = True
     response_format: dict[str, Any] | None = None
+    logprobs: int | None = None  # None: none; k: each token's and its k most likely alternatives'
 
 
 def _load(body: bytes) -> Any:
@@ -311,8 +312,8 @@ def _tool_choice(r: ChatRequest) -> tuple[str, str | None]:
 
 def parse_chat(body: bytes) -> Parsed:
     r: ChatRequest = _validate(ChatRequest, body)
-    if r.logprobs or r.top_logprobs:
-        raise InvalidRequest("`logprobs` is not supported.", param="logprobs")
+    if r.top_logprobs and not r.logprobs:
+        raise InvalidRequest("`top_logprobs` needs `logprobs` set to true.", param="top_logprobs")
     choice, name = _tool_choice(r)
     if choice in ("required", "function") and r.response_format is not None and r.response_format.type != "text":
         raise InvalidRequest("A JSON `response_format` and a `tool_choice` that forces a call cannot be "
@@ -324,7 +325,8 @@ def parse_chat(body: bytes) -> Parsed:
     return Parsed("chat", prompt=prompt, prompt_token_ids=None, max_tokens=max_tokens, **_common(r),
                   tools=tools, tool_choice=choice, tool_name=name, parallel_tool_calls=r.parallel_tool_calls,
                   tool_format=guided_format(tools, choice, name, r.parallel_tool_calls), messages=messages,
-                  template_kwargs=_template_kwargs(r), include_reasoning=r.include_reasoning)
+                  template_kwargs=_template_kwargs(r), include_reasoning=r.include_reasoning,
+                  logprobs=(r.top_logprobs or 0) if r.logprobs else None)
 
 
 def parse_completion(body: bytes) -> Parsed:
@@ -333,8 +335,6 @@ def parse_completion(body: bytes) -> Parsed:
         raise InvalidRequest("`echo` is not supported.", param="echo")
     if r.suffix:
         raise InvalidRequest("`suffix` is not supported.", param="suffix")
-    if r.logprobs is not None:
-        raise InvalidRequest("`logprobs` is not supported.", param="logprobs")
     ids: tuple[int, ...] | None = None
     p = r.prompt
     if isinstance(p, list) and p and all(isinstance(x, int) for x in p):
@@ -347,7 +347,8 @@ def parse_completion(body: bytes) -> Parsed:
         prompt = p
     if not prompt and not ids:
         raise InvalidRequest("The prompt must not be empty.", param="prompt")
-    return Parsed("completion", prompt=prompt, prompt_token_ids=ids, max_tokens=r.max_tokens, **_common(r))
+    return Parsed("completion", prompt=prompt, prompt_token_ids=ids, max_tokens=r.max_tokens, **_common(r),
+                  logprobs=r.logprobs)
 
 
 # --- response objects ---------------------------------------------------------
@@ -361,7 +362,7 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
 class Responder:
     """Builds one request's response objects (ids and `created` fixed per request)."""
 
-    __slots__ = ("kind", "id", "model", "created", "include_usage")
+    __slots__ = ("kind", "id", "model", "created", "include_usage", "_offset")
 
     def __init__(self, kind: str, request_id: str, model: str, include_usage: bool = False,
                  created: int | None = None):
@@ -370,12 +371,30 @@ class Responder:
         self.model = model
         self.created = int(time.time()) if created is None else created
         self.include_usage = include_usage
+        self._offset = 0  # completions' text_offset: characters of answer already described
+
+    def logprobs(self, lps: Sequence[TokenLogprob] | None) -> dict[str, Any] | None:
+        """Token log-probabilities in the endpoint's own shape (chat: `content`, completions:
+        `tokens`/`token_logprobs`/`top_logprobs`/`text_offset`); None when not asked for."""
+        if lps is None:
+            return None
+        if self.kind == "chat":
+            return {"content": [{"token": t, "logprob": v, "bytes": list(t.encode()),
+                                 "top_logprobs": [{"token": a, "logprob": b, "bytes": list(a.encode())}
+                                                  for a, b in top]} for t, v, top in lps]}
+        offsets = []
+        for t, _, _ in lps:
+            offsets.append(self._offset)
+            self._offset += len(t)
+        return {"tokens": [t for t, _, _ in lps], "token_logprobs": [v for _, v, _ in lps],
+                "top_logprobs": [dict(top) for _, _, top in lps], "text_offset": offsets}
 
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
     def chunk(self, text: str, finish_reason: str | None, first: bool = False,
-              tool_calls: list[dict[str, Any]] | None = None, reasoning: str = "") -> dict[str, Any]:
+              tool_calls: list[dict[str, Any]] | None = None, reasoning: str = "",
+              logprobs: Sequence[TokenLogprob] | None = None) -> dict[str, Any]:
         if self.kind == "chat":
             delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
             if reasoning:
@@ -385,10 +404,12 @@ class Responder:
             if not text and (reasoning or tool_calls):
                 delta["content"] = None
             d = self._head("chat.completion.chunk")
-            d["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+            d["choices"] = [{"index": 0, "delta": delta, "logprobs": self.logprobs(logprobs),
+                             "finish_reason": finish_reason}]
         else:
             d = self._head("text_completion")
-            d["choices"] = [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]
+            d["choices"] = [{"index": 0, "text": text, "logprobs": self.logprobs(logprobs),
+                             "finish_reason": finish_reason}]
         if self.include_usage:
             d["usage"] = None
         return d
@@ -400,7 +421,8 @@ class Responder:
         return d
 
     def full(self, text: str, finish_reason: str | None, u: dict[str, Any],
-             tool_calls: list[dict[str, Any]] | None = None, reasoning: str = "") -> dict[str, Any]:
+             tool_calls: list[dict[str, Any]] | None = None, reasoning: str = "",
+             logprobs: Sequence[TokenLogprob] | None = None) -> dict[str, Any]:
         if self.kind == "chat":
             d = self._head("chat.completion")
             msg: dict[str, Any] = {"role": "assistant", "content": text}
@@ -409,9 +431,11 @@ class Responder:
             if tool_calls:  # whole calls, without the streaming `index`
                 msg["content"] = text or None
                 msg["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in tool_calls]
-            d["choices"] = [{"index": 0, "message": msg, "logprobs": None, "finish_reason": finish_reason}]
+            d["choices"] = [{"index": 0, "message": msg, "logprobs": self.logprobs(logprobs),
+                             "finish_reason": finish_reason}]
         else:
             d = self._head("text_completion")
-            d["choices"] = [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]
+            d["choices"] = [{"index": 0, "text": text, "logprobs": self.logprobs(logprobs),
+                             "finish_reason": finish_reason}]
         d["usage"] = u
         return d

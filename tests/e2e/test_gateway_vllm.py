@@ -114,6 +114,26 @@ async def test_logit_bias_reaches_vllm(gateway, tiny_model):
     assert r.json()["choices"][0]["text"] == f" {word}" * 3  # every token the one pushed up
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_logprobs_from_vllm(gateway, stream):
+    client, _ = gateway
+    r = await client.post("/v1/chat/completions", json={
+        "model": "tiny", "max_tokens": 4, "ignore_eos": True, "logprobs": True, "top_logprobs": 2, "stream": stream,
+        "messages": [{"role": "user", "content": "say something"}]})
+    assert r.status_code == 200, r.text
+    if stream:
+        choices = [e["choices"][0] for e in _events(r.text)[:-1] if e["choices"]]
+        text = "".join(c["delta"].get("content") or "" for c in choices)
+        entries = [e for c in choices if c["logprobs"] for e in c["logprobs"]["content"]]
+    else:
+        choice = r.json()["choices"][0]
+        text, entries = choice["message"]["content"], choice["logprobs"]["content"]
+    assert len(entries) == 4 and "".join(e["token"] for e in entries) == text
+    for e in entries:  # vLLM's own figures: the two most likely, best first, none above the chosen's rank
+        tops = [t["logprob"] for t in e["top_logprobs"]]
+        assert e["logprob"] <= 0 and len(tops) == 2 and tops == sorted(tops, reverse=True)
+
+
 CITY = {"type": "function", "function": {"name": "pick_city", "parameters": {
     "type": "object", "properties": {"city": {"enum": ["lima", "oslo"]}}, "required": ["city"],
     "additionalProperties": False}}}

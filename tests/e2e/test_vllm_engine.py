@@ -79,6 +79,10 @@ async def test_in_process_engine_streams_caches_salts_and_aborts(tiny_model, mon
                                                                ("min_p", 0.05),
                                                                ("skip_special_tokens", False))))  # tool parsing
         assert after[-1].completion_tokens == 2  # the engine still serves after the abort
+        lp = await _drain(engine, GenerateRequest("lp", ids[:300], max_tokens=3, ignore_eos=True, logprobs=2))
+        entries = [e for c in lp for e in c.logprobs]
+        assert len(entries) == 3 and "".join(t for t, _, _ in entries) == "".join(c.text for c in lp)
+        assert all(v <= 0 and len(top) == 2 for _, v, top in entries)
         snap = engine.snapshot()
         assert snap.waiting_prefill_tokens == 0
         # vLLM's own counters: 4 queries of 520 tokens (+ the aborted one), 512 hit.

@@ -326,7 +326,8 @@ def scripted(engines, pieces: list[str]) -> list:
             seen.append(req)
             for i, text in enumerate(pieces):
                 yield Chunk(req.request_id, (i,), text, "stop" if i == n - 1 else None,
-                            len(req.prompt_token_ids), 0, i + 1)
+                            len(req.prompt_token_ids), 0, i + 1,
+                            None if req.logprobs is None else ((text, -float(i), ()),))
         e.generate = generate
     return seen
 
@@ -484,3 +485,48 @@ async def test_models_are_listed_and_retrieved_as_vllm_cards():
     assert (one.id, one.owned_by, one.model_extra["root"]) == ("m", "proxima", "m")
     r = await c.get("/v1/models/nope")
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_logprobs_cover_every_token_of_the_answer(stream):
+    import math
+    c, _, _ = make()
+    client = sdk(c)
+    kw = dict(model="m", max_tokens=6, seed=1, messages=[{"role": "user", "content": "hi"}],
+              logprobs=True, top_logprobs=2, stop=["zzz"])  # a stop string holds tokens back: none is lost
+    if stream:
+        text, entries = "", []
+        async for ch in await client.chat.completions.create(**kw, stream=True):
+            text += ch.choices[0].delta.content or ""
+            entries += ch.choices[0].logprobs.content if ch.choices[0].logprobs else []
+    else:
+        r = await client.chat.completions.create(**kw)
+        text, entries = r.choices[0].message.content, r.choices[0].logprobs.content
+    assert "".join(e.token for e in entries) == text and len(entries) == 6
+    # a simulated engine draws tokens uniformly: every one has log(1/vocab), and so do its alternatives
+    assert all(e.logprob == pytest.approx(-math.log(32000)) and len(e.top_logprobs) == 2 for e in entries)
+    assert bytes(entries[0].bytes).decode() == entries[0].token
+    kw = dict(model="m", prompt="hi", max_tokens=5, logprobs=1)
+    if stream:
+        parts = [ch.choices[0] async for ch in await client.completions.create(**kw, stream=True)]
+        text = "".join(p.text for p in parts)
+        tokens = [t for p in parts if p.logprobs for t in p.logprobs.tokens]
+        offsets = [o for p in parts if p.logprobs for o in p.logprobs.text_offset]
+    else:
+        r = await client.completions.create(**kw)
+        text, tokens, offsets = r.choices[0].text, r.choices[0].logprobs.tokens, r.choices[0].logprobs.text_offset
+    assert "".join(tokens) == text and offsets == [text.index(t, o) for t, o in zip(tokens, offsets)]
+    assert offsets[0] == 0 and offsets == sorted(offsets)
+    r = await c.post("/v1/chat/completions", json=chat(max_tokens=2))
+    assert r.json()["choices"][0]["logprobs"] is None  # not asked: none
+
+
+async def test_logprobs_of_held_back_text_are_sent_with_it():
+    config = {**CONFIG, "models": [{"name": "m", "max_model_len": 4096, "tool_parser": "hermes"}]}
+    c, engines, _ = make(config)
+    scripted(engines, ["Sure", " <tool", "_ca", "ll> not really"])
+    r = await c.post("/v1/chat/completions", json=chat(tools=[WEATHER], stream=True, logprobs=True))
+    tokens = [e["token"] for ev in events(r.text) if ev["choices"][0]["logprobs"]
+              for e in ev["choices"][0]["logprobs"]["content"]]
+    assert tokens == ["Sure", " <tool", "_ca", "ll> not really"]

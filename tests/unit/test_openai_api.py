@@ -37,8 +37,7 @@ BAD_CHAT = [
     ("stream-not-bool", body(stream="yes please"), "stream", "valid boolean"),
     ("stream-options-type", body(stream=True, stream_options={"include_usage": "x"}),
      "stream_options.include_usage", "valid boolean"),
-    ("logprobs", body(logprobs=True), "logprobs", "not supported"),  # refused, not silently dropped
-    ("top-logprobs", body(top_logprobs=2), "logprobs", "not supported"),
+    ("top-logprobs-alone", body(top_logprobs=2), "top_logprobs", "needs `logprobs`"),
     ("top-logprobs-high", body(top_logprobs=21), "top_logprobs", "less than or equal to 20"),
     ("presence-penalty-high", body(presence_penalty=2.5), "presence_penalty", "less than or equal to 2"),
     ("frequency-penalty-text", body(frequency_penalty="lots"), "frequency_penalty", "valid number"),
@@ -91,8 +90,7 @@ BAD_COMPLETION = [
     ("two-prompts", {"prompt": ["a", "b"]}, "prompt"),
     ("echo", {"prompt": "a", "echo": True}, "echo"),
     ("suffix", {"prompt": "def f(", "suffix": "return x"}, "suffix"),
-    ("logprobs", {"prompt": "a", "logprobs": 1}, "logprobs"),
-    ("logprobs-zero", {"prompt": "a", "logprobs": 0}, "logprobs"),  # 0: the chosen token's own
+    ("logprobs-six", {"prompt": "a", "logprobs": 6}, "logprobs"),  # OpenAI's limit: 5
     ("max-tokens-zero", {"prompt": "a", "max_tokens": 0}, "max_tokens"),
     ("token-id-negative", {"prompt": [5, -1]}, "prompt"),  # found by the fuzz drill: was a 500
     ("token-id-over-32-bit", {"prompt": [2**32]}, "prompt"),
@@ -133,6 +131,9 @@ def test_chat_parse_renders_messages_in_order_and_reads_options():
     assert parse_chat(body(frequency_penalty=0.5, top_k=40, min_p=0.1, presence_penalty=None)).sampling == \
         (("frequency_penalty", 0.5), ("top_k", 40), ("min_p", 0.1))
     assert parse_chat(body(logit_bias={"42": -100, "7": 2.5})).sampling == (("logit_bias", {42: -100, 7: 2.5}),)
+    assert [parse_chat(body(**kw)).logprobs for kw in ({}, {"logprobs": True}, {"logprobs": True, "top_logprobs": 3},
+                                                       {"logprobs": False, "top_logprobs": 0})] == [None, 0, 3, None]
+    assert parse_completion(b'{"model": "m", "prompt": "a", "logprobs": 0}').logprobs == 0
 
 
 def test_chat_parse_reads_tools_and_earlier_calls():
