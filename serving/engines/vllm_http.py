@@ -115,8 +115,7 @@ class VLLMHttpEngine:
             out, last = 0, None
             async for data in _sse(resp):
                 if data.get("error"):
-                    err = data["error"]
-                    raise EngineError(f"replica {self.replica_id}: {err.get('message', err) if isinstance(err, dict) else err}")
+                    raise self._stream_error(data["error"])
                 usage = data.get("usage") or {}
                 choices = data.get("choices") or []
                 if not choices:
@@ -245,6 +244,19 @@ class VLLMHttpEngine:
     def _down(self, message: str) -> EngineError:
         self.health = Health.DOWN
         return EngineError(message)
+
+    def _stream_error(self, err: Any) -> ProximaError:
+        """An error event in vLLM's stream: the request's fault (a 4xx code, say a JSON schema its
+        grammar engine refuses) is the client's 400, not a failed replica to fail over from."""
+        msg = str(err.get("message", err)) if isinstance(err, dict) else str(err)
+        code = err.get("code") if isinstance(err, dict) else None
+        try:
+            client = 400 <= int(code) < 500 and int(code) not in (408, 429)
+        except (TypeError, ValueError):
+            client = isinstance(err, dict) and err.get("type") in ("BadRequestError", "invalid_request_error")
+        if client:
+            return InvalidRequest(msg)
+        return EngineError(f"replica {self.replica_id}: {msg}")
 
     async def _http_error(self, resp: aiohttp.ClientResponse) -> ProximaError:
         try:

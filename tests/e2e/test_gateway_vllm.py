@@ -162,6 +162,18 @@ async def test_a_named_tool_choice_makes_vllm_write_the_calls_arguments(gateway,
         assert json.loads(args)["city"] in ("lima", "oslo")
 
 
+async def test_a_tool_schema_vllm_cannot_use_is_a_400(gateway):
+    client, _ = gateway
+    bad = {"type": "function", "function": {"name": "f", "parameters": {"type": "banana"}}}
+    r = await client.post("/v1/chat/completions", json={
+        "model": "tiny", "max_tokens": 4, "tools": [bad], "tool_choice": {"type": "function", "function": {"name": "f"}},
+        "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 400 and "banana" in r.json()["error"]["message"], r.text
+    r = await client.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 2,
+                                                   "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 200  # the replicas were not taken for broken
+
+
 async def test_tools_with_auto_reach_vllm_in_the_template(gateway, tiny_model):
     client, _ = gateway
     messages = [{"role": "user", "content": "pick a city"}]

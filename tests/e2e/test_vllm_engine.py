@@ -15,7 +15,7 @@ import pytest
 
 from serving.engines.base import GenerateRequest
 from serving.engines.vllm_engine import VLLMEngine
-from serving.errors import ContextLengthExceeded
+from serving.errors import ContextLengthExceeded, InvalidRequest
 from serving.types import Health
 
 pytestmark = pytest.mark.e2e
@@ -79,6 +79,9 @@ async def test_in_process_engine_streams_caches_salts_and_aborts(tiny_model, mon
                                                                ("min_p", 0.05),
                                                                ("skip_special_tokens", False))))  # tool parsing
         assert after[-1].completion_tokens == 2  # the engine still serves after the abort
+        with pytest.raises(InvalidRequest, match="banana"):  # the request's fault, not the engine's
+            await _drain(engine, GenerateRequest("bad", ids[:10], max_tokens=2, response_format={
+                "type": "json_schema", "json_schema": {"name": "f", "schema": {"type": "banana"}}}))
         lp = await _drain(engine, GenerateRequest("lp", ids[:300], max_tokens=3, ignore_eos=True, logprobs=2))
         entries = [e for c in lp for e in c.logprobs]
         assert len(entries) == 3 and "".join(t for t, _, _ in entries) == "".join(c.text for c in lp)

@@ -39,6 +39,7 @@ class FakeVLLM:
         self.status = 200
         self.error = ""
         self.cut_after: int | None = None  # drop the connection after this many chunks
+        self.stream_error: dict | None = None  # an error event instead of the tokens (after the 200)
         self.disconnected = asyncio.Event()
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -50,6 +51,9 @@ class FakeVLLM:
                                      status=self.status)
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await resp.prepare(request)
+        if self.stream_error is not None:
+            await resp.write(f"data: {json.dumps({'error': self.stream_error})}\n\n".encode())
+            return resp
         n, prompt = body["max_tokens"], body["prompt"]
         plen = len(prompt) if isinstance(prompt, list) else len(prompt.split())
         try:
@@ -160,6 +164,24 @@ async def test_http_errors_are_translated(fake, status, message, error):
     finally:
         await e.close()
     assert type(info.value) is error and message in info.value.message
+
+
+@pytest.mark.parametrize(("event", "error"), [
+    pytest.param({"message": "Grammar error: Invalid type: banana", "type": "BadRequestError", "code": 400},
+                 InvalidRequest, id="grammar"),  # the request's fault: no failover, the replica stays up
+    pytest.param({"message": "engine dead", "type": "InternalServerError", "code": 500}, EngineError, id="engine"),
+])
+async def test_error_events_in_the_stream_are_translated(fake, event, error):
+    fake.stream_error = event
+    e = await _engine(fake.url)
+    try:
+        with pytest.raises(error) as info:
+            async for _ in e.generate(GenerateRequest("q4", (1,), max_tokens=2)):
+                pass
+        assert type(info.value) is error and event["message"] in info.value.message
+        assert e.snapshot().health is Health.UP
+    finally:
+        await e.close()
 
 
 async def test_unreachable_server_is_down_and_fails_with_engine_error():
