@@ -254,9 +254,7 @@ class VLLMHttpEngine:
             client = 400 <= int(code) < 500 and int(code) not in (408, 429)
         except (TypeError, ValueError):
             client = isinstance(err, dict) and err.get("type") in ("BadRequestError", "invalid_request_error")
-        if client:
-            return InvalidRequest(msg)
-        return EngineError(f"replica {self.replica_id}: {msg}")
+        return _request_error(msg) if client else EngineError(f"replica {self.replica_id}: {msg}")
 
     async def _http_error(self, resp: aiohttp.ClientResponse) -> ProximaError:
         try:
@@ -267,9 +265,7 @@ class VLLMHttpEngine:
         msg = msg or f"status {resp.status}"
         resp.close()
         if 400 <= resp.status < 500 and resp.status not in (408, 429):
-            if "context length" in msg or "maximum context" in msg or "max_tokens" in msg:
-                return ContextLengthExceeded(msg, param="messages")
-            return InvalidRequest(msg)
+            return _request_error(msg)
         if resp.status >= 500:
             self.health = Health.DOWN if resp.status in (502, 503) else self.health
         return EngineError(f"replica {self.replica_id}: {msg}")
@@ -310,6 +306,13 @@ def make_vllm_http(spec) -> VLLMHttpEngine:
     return VLLMHttpEngine(spec.replica_id, opts.pop("url"), region=spec.region, model=spec.model,
                           profile=opts.pop("profile", spec.profile), kv_capacity_tokens=spec.kv_capacity_tokens,
                           **opts)
+
+
+def _request_error(msg: str) -> InvalidRequest:
+    """vLLM refused the request itself (a 4xx): the client's error, with vLLM's words."""
+    if "context length" in msg or "maximum context" in msg or "max_tokens" in msg:
+        return ContextLengthExceeded(msg, param="messages")
+    return InvalidRequest(msg)
 
 
 def _logprobs(lp: dict[str, Any] | None, k: int) -> tuple[TokenLogprob, ...]:

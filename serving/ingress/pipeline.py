@@ -43,11 +43,11 @@ from serving.delegation.cascade import is_json_format
 from serving.engines.tokenizer import encode
 from serving.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound
 from serving.failover import RetryPolicy
+from serving.ingress.answer import AnswerReader
 from serving.ingress.auth import Authenticator, Principal
 from serving.ingress.hf_tokenizer import HFTokenizer
 from serving.ingress.metrics import GatewayMetrics
 from serving.ingress.openai_api import Parsed
-from serving.ingress.answer import AnswerReader
 from serving.observability.observer import LocalTelemetry, Observer, Telemetry
 from serving.observability.otel import make_tracer
 from serving.observability.steps import SESSION_HEADER, STEP_HEADER, check_headers
