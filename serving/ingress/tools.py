@@ -13,8 +13,8 @@ word template). What comes back depends on `tool_choice`:
   function's `parameters` schema and is that call's `arguments`, streamed as
   they come; finish_reason `stop`, as OpenAI's;
 - `required`: the answer is constrained to a JSON array of
-  `{"name", "parameters"}` objects, one per call, and turned into tool calls
-  when it is complete; finish_reason `tool_calls`;
+  `{"name", "parameters"}` objects, one per call; each is sent as a tool call
+  as soon as it is complete; finish_reason `tool_calls`;
 - `auto` with the model's `tool_parser` configured, finish_reason `tool_calls`
   if the model called any:
   - `hermes`: the model writes `<tool_call>{"name": ..., "arguments": {...}}
@@ -105,16 +105,18 @@ def held(text: str, tag: str) -> int:
 class ToolOutput:
     """One answer's text turned into content and tool calls, chunk by chunk."""
 
-    __slots__ = ("mode", "name", "parallel", "calls", "names", "_buf", "_parts", "_inside", "_seen", "_json")
+    __slots__ = ("mode", "name", "parallel", "calls", "names", "_buf", "_parts", "_at", "_inside", "_seen", "_json")
 
     def __init__(self, mode: str, name: str | None = None, parallel: bool | None = None):
-        self.mode = mode  # "function" (named) | "required" | a parser: "hermes" | "llama3_json"
+        # "function" (named) | "required" | a parser: "hermes" | "llama3_json"; "content": no calls to read
+        self.mode = mode
         self.name = name
         self.parallel = parallel
         self.calls = 0  # tool calls sent so far
         self.names: list[str] = []  # their functions, in order (agent-step records)
         self._buf = ""
-        self._parts: list[str] = []  # required, llama3_json calls: the answer so far, joined at the end
+        self._parts: list[str] = []  # llama3_json calls: the answer so far, joined at the end
+        self._at = -1  # required: where the next array item starts in _buf (-1: before the "[")
         self._inside = False  # hermes: between <tool_call> and </tool_call>
         self._seen = 0  # hermes, inside a call: how much of it was searched for </tool_call>
         self._json: bool | None = None  # llama3_json: the answer is calls (None: not known yet)
@@ -129,31 +131,31 @@ class ToolOutput:
         return None
 
     def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
+        if self.mode == "content":
+            return text, []
         if self.mode == "function":
             if self.calls == 0:
                 self.calls = 1
                 self.names.append(self.name or "")
                 return "", [_call(0, self.name or "", text)]
             return "", [{"index": 0, "function": {"arguments": text}}] if text else []
-        if self.mode == "required" or self._json:  # read whole, at the end
+        if self._json:  # read whole, at the end
             self._parts.append(text)
             return "", []
         self._buf += text
+        if self.mode == "required":
+            return self._array(final=False, new=text)
         if self.mode == "llama3_json":
             return self._llama(final=False)
         return self._hermes(final=False)
 
     def end(self) -> tuple[str, list[dict[str, Any]]]:
+        if self.mode == "content":
+            return "", []
         if self.mode == "function":
             return self.feed("") if self.calls == 0 else ("", [])
         if self.mode == "required":
-            text, self._parts = "".join(self._parts), []
-            try:
-                items = json.loads(text)
-                calls = [(i["name"], json.dumps(i["parameters"], ensure_ascii=False)) for i in items]
-            except (ValueError, TypeError, KeyError):
-                return text, []  # not the array it was constrained to (cut short, or a simulated engine)
-            return "", self._numbered(calls)
+            return self._array(final=True, new="")
         if self.mode == "llama3_json":
             return self._llama(final=True)
         return self._hermes(final=True)
@@ -209,6 +211,38 @@ class ToolOutput:
             buf, self._inside = rest, False
         self._buf = buf
         return "".join(content), self._numbered(calls)
+
+    def _array(self, final: bool, new: str) -> tuple[str, list[dict[str, Any]]]:
+        """`required`: each `{"name", "parameters"}` item of the array as soon as it is whole."""
+        buf = self._buf
+        if self._at < 0:
+            head = buf.lstrip()
+            if not head:
+                return "", []
+            if head[0] != "[":  # not the array it was constrained to (a simulated engine): content
+                self.mode, self._buf = "content", ""
+                return buf, []
+            self._at = len(buf) - len(head) + 1
+        if "}" not in new and not final:
+            return "", []  # an item can only be complete at a "}"
+        calls = []
+        while True:
+            rest = buf[self._at:].lstrip().removeprefix(",").lstrip()
+            start = len(buf) - len(rest)
+            if not rest or rest[0] == "]":
+                break
+            try:
+                item, end = _DECODER.raw_decode(buf, start)
+                calls.append((item["name"], json.dumps(item["parameters"], ensure_ascii=False)))
+            except (ValueError, TypeError, KeyError):
+                break  # not complete yet (or not an item)
+            self._at = end
+        out = self._numbered(calls)
+        if final:  # what is left: an item cut by max_tokens, or text that is no item
+            rest = buf[self._at:].strip().removeprefix(",").strip()
+            self._buf = ""
+            return ("" if rest in ("", "]") else (rest if self.calls else buf)), out
+        return "", out
 
     def _llama(self, final: bool) -> tuple[str, list[dict[str, Any]]]:
         if self._json is None:

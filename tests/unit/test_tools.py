@@ -89,16 +89,22 @@ def test_a_named_function_streams_its_arguments():
     assert [(c["name"], c["arguments"]) for c in calls] == [("search", "")]
 
 
-def test_required_reads_the_constrained_array():
-    text = json.dumps([{"name": "get_weather", "parameters": {"city": "Lima"}},
-                       {"name": "search", "parameters": {}}])
-    for pieces in ([text], list(text)):
+def test_required_reads_the_constrained_array_item_by_item():
+    text = ' [ {"name": "get_weather", "parameters": {"city": "Li}ma"}} ,\n{"name": "search", "parameters": {}} ] '
+    for pieces in splits(text):
         content, calls, reason, _ = run(ToolOutput.make("required", None, None, None), pieces)
         assert content == "" and reason == "tool_calls"
         assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [
-            ("get_weather", {"city": "Lima"}), ("search", {})]
+            ("get_weather", {"city": "Li}ma"}), ("search", {})]
+    out = ToolOutput("required")
+    first = out.feed('[{"name": "search", "parameters": {}}, {"na')[1]
+    assert [c["function"]["name"] for c in first] == ["search"]  # sent before the answer ends
     content, calls, reason, _ = run(ToolOutput("required"), ['[{"name": "sea'], "length")  # cut short
     assert (content, calls, reason) == ('[{"name": "sea', [], "length")
+    content, calls, _, _ = run(ToolOutput("required"), ['[{"name": "search", "parameters": {}}, {"na'], "length")
+    assert (content, [c["name"] for c in calls]) == ('{"na', ["search"])
+    for pieces in splits(" ba zo"):  # not an array (a simulated engine's words): content as it comes
+        assert run(ToolOutput("required"), pieces)[:3] == (" ba zo", [], "stop")
 
 
 def test_no_reader_without_tools_or_parser():
