@@ -100,6 +100,8 @@ def build_app(gw: Gateway) -> Starlette:
         request.state.labels = labels = _labels(stream)
         resp = Responder(parsed.kind, rid, job.model, parsed.include_usage)
         if parsed.stream:
+            if parsed.continuous_usage:
+                resp.live_usage = lambda: usage(stream.prompt_tokens, stream.completion_tokens, stream.cached_tokens)
             def in_band(e: ProximaError) -> None:  # after the 200: counted as a stream-phase error
                 m.errors.labels(request.url.path, str(e.status), e.code or e.type, "stream", *labels).inc()
             return StreamingResponse(_events(stream, resp, in_band), media_type=sse.MEDIA_TYPE,

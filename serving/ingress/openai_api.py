@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Sequence
+from typing import Annotated, Any, Callable, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -35,6 +35,7 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's extension: the usage so far in every chunk
 
 
 class TextPart(_Body):
@@ -187,6 +188,7 @@ class Parsed:
     include_reasoning: bool = True
     response_format: dict[str, Any] | None = None
     logprobs: int | None = None  # None: none; k: each token's and its k most likely alternatives'
+    continuous_usage: bool = False  # streamed: the usage so far in every chunk
 
 
 def _load(body: bytes) -> Any:
@@ -228,6 +230,8 @@ def _common(r: _Common) -> dict[str, Any]:
     stop = (r.stop,) if isinstance(r.stop, str) else tuple(r.stop or ())
     return dict(model=r.model, stream=r.stream,
                 include_usage=bool(r.stream and r.stream_options and r.stream_options.include_usage),
+                continuous_usage=bool(r.stream and r.stream_options and r.stream_options.include_usage
+                                      and r.stream_options.continuous_usage_stats),
                 temperature=r.temperature, top_p=r.top_p, seed=r.seed, stop=stop,
                 ignore_eos=r.ignore_eos,
                 response_format=None if r.response_format is None else r.response_format.model_dump(
@@ -362,7 +366,7 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
 class Responder:
     """Builds one request's response objects (ids and `created` fixed per request)."""
 
-    __slots__ = ("kind", "id", "model", "created", "include_usage", "_offset")
+    __slots__ = ("kind", "id", "model", "created", "include_usage", "live_usage", "_offset")
 
     def __init__(self, kind: str, request_id: str, model: str, include_usage: bool = False,
                  created: int | None = None):
@@ -371,6 +375,7 @@ class Responder:
         self.model = model
         self.created = int(time.time()) if created is None else created
         self.include_usage = include_usage
+        self.live_usage: Callable[[], dict[str, Any]] | None = None  # continuous_usage_stats: the usage so far
         self._offset = 0  # completions' text_offset: characters of answer already described
 
     def logprobs(self, lps: Sequence[TokenLogprob] | None) -> dict[str, Any] | None:
@@ -411,7 +416,7 @@ class Responder:
             d["choices"] = [{"index": 0, "text": text, "logprobs": self.logprobs(logprobs),
                              "finish_reason": finish_reason}]
         if self.include_usage:
-            d["usage"] = None
+            d["usage"] = self.live_usage() if self.live_usage is not None else None
         return d
 
     def usage_chunk(self, u: dict[str, Any]) -> dict[str, Any]:

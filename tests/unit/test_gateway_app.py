@@ -85,6 +85,9 @@ async def test_stream_events_headers_and_usage():
     assert ev[3]["choices"] == [] and ev[3]["usage"]["completion_tokens"] == 3
     assert ev[3]["usage"]["prompt_tokens"] == 4  # "<|user|> hello world <|assistant|>"
     assert router.router.inflight == 0
+    r = await c.post("/v1/chat/completions", json=chat(max_tokens=3, stream=True, stream_options={
+        "include_usage": True, "continuous_usage_stats": True}))  # vLLM's extension: usage so far, every chunk
+    assert [e["usage"]["completion_tokens"] for e in events(r.text)] == [1, 2, 3, 3]
 
 
 @pytest.mark.parametrize("stream", [False, True])
