@@ -1,8 +1,8 @@
 """How a chat answer's text leaves the gateway: reasoning, content and tool calls.
 
     reader = AnswerReader.make(parsed, tool_parser, reasoning_parser)  # None: all content
-    reader.feed(text) -> Part(content, reasoning, tool_calls)          # as the answer streams
-    reader.end() -> Part                                               # at its end
+    reader.take(text, finish_reason) -> Part(content, reasoning, tool_calls)  # chunk by chunk
+    reader.end() -> Part                                               # what is held back, once
     reader.finish_reason(engine_reason) -> str
 
 A reasoning model writes its thinking first, between `<think>` and `</think>`;
@@ -114,6 +114,11 @@ class AnswerReader:
 
     def feed(self, text: str) -> Part:
         return self._part(*(self.reasoning.feed(text) if self.reasoning else ("", text)), final=False)
+
+    def take(self, text: str, finish_reason: str | None) -> Part:
+        """One engine chunk: what can be sent now, and what was held back if it is the last."""
+        part = self.feed(text)
+        return part + self.end() if finish_reason is not None else part
 
     def end(self) -> Part:
         """What was held back; once (a second call gives nothing)."""

@@ -31,13 +31,13 @@ from starlette.routing import Route
 from serving.engines.base import TokenLogprob
 from serving.errors import InvalidRequest, ModelNotFound, NotFound, ProximaError
 from serving.ingress import sse
-from serving.ingress.metrics import CONTENT_TYPE
-from serving.ingress.openapi import openapi_schema
 from serving.ingress.answer import Part
-from serving.ingress.tools import whole_calls
+from serving.ingress.metrics import CONTENT_TYPE
 from serving.ingress.openai_api import Parsed, Responder, parse_chat, parse_completion, usage
+from serving.ingress.openapi import openapi_schema
 from serving.ingress.pipeline import Gateway
 from serving.ingress.stream import Stream
+from serving.ingress.tools import whole_calls
 from serving.observability.fleet import render_gateway
 from serving.observability.logs import request_context
 
@@ -116,11 +116,7 @@ def build_app(gw: Gateway) -> Starlette:
             text, part, lps = await _whole(stream)
             request.state.labels = _labels(stream)
         u = usage(stream.prompt_tokens, stream.completion_tokens, stream.cached_tokens)
-        if stream.reader is None:
-            body = resp.full(text, stream.finish_reason, u, logprobs=lps)
-        else:
-            body = resp.full(part.content, stream.reader.finish_reason(stream.finish_reason), u,
-                             part.tool_calls, part.reasoning, lps)
+        body = resp.full(part.content, stream.answer_finish_reason, u, part.tool_calls, part.reasoning, lps)
         return _json(body, headers={**stream.headers(), **echo})
 
     async def chat(request: Request) -> Response:
@@ -229,9 +225,9 @@ def _labels(stream: Stream) -> tuple[str, str, str]:
 
 
 async def _whole(stream: Stream) -> tuple[str, Part, list[TokenLogprob] | None]:
-    """The whole answer: its text, what the stream's reader made of it, and its tokens'
-    logprobs if asked. The reader sees every chunk before the stream is accounted, so the
-    agent-step record has its tool calls."""
+    """The whole answer: its text, what the stream's reader made of it (the text as content
+    without one), and its tokens' logprobs if asked. The reader sees every chunk before the
+    stream is accounted, so the agent-step record has its tool calls."""
     text, part, reader = [], Part(), stream.reader
     lps: list[TokenLogprob] | None = None if stream.job.parsed.logprobs is None else []
     async for c in stream.chunks():
@@ -239,12 +235,11 @@ async def _whole(stream: Stream) -> tuple[str, Part, list[TokenLogprob] | None]:
         if lps is not None and c.logprobs:
             lps.extend(c.logprobs)
         if reader is not None:
-            part += reader.feed(c.text)
-            if c.finish_reason is not None:
-                part += reader.end()
-    if reader is not None:
-        part += reader.end()  # nothing, unless the engine ended without a finish_reason
-        part.tool_calls = whole_calls(part.tool_calls)
+            part += reader.take(c.text, c.finish_reason)
+    if reader is None:
+        return "".join(text), Part("".join(text)), lps
+    part += reader.end()  # nothing, unless the engine ended without a finish_reason
+    part.tool_calls = whole_calls(part.tool_calls)
     return "".join(text), part, lps
 
 
@@ -260,9 +255,8 @@ async def _events(stream: Stream, resp: Responder,
             if reader is None:
                 yield sse.event(resp.chunk(c.text, c.finish_reason, first, logprobs=c.logprobs))
             else:  # reasoning and tool calls are read out of the text as it comes
-                part, reason = reader.feed(c.text), c.finish_reason
-                if reason is not None:
-                    part, reason = part + reader.end(), reader.finish_reason(reason)
+                part = reader.take(c.text, c.finish_reason)
+                reason = reader.finish_reason(c.finish_reason)
                 lps = c.logprobs if not held else held + (c.logprobs or ())
                 if not (first or part or reason):
                     held = lps or ()

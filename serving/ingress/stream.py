@@ -140,6 +140,11 @@ class Stream:
         if c.finish_reason is not None:
             self.finish_reason = c.finish_reason
 
+    @property
+    def answer_finish_reason(self) -> str | None:
+        """The finish_reason the client gets: "tool_calls" where the reader found calls."""
+        return self.finish_reason if self.reader is None else self.reader.finish_reason(self.finish_reason)
+
     def headers(self) -> dict[str, str]:
         h = {"x-request-id": self.job.request_id, **dict(self.job.reply_headers)}
         d = self.decision

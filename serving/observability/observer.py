@@ -175,11 +175,10 @@ def step_record(job: "Job", s: "Stream | None", e2e_s: float | None, charged: in
         "ttft_ms": None, "e2e_ms": None, "finish_reason": None, "tool_calls": [], "attempts": [],
     }
     if s is not None:
-        reader = s.reader  # what the client got: "tool_calls" rather than the engine's "stop"
         rec.update(prompt_tokens=s.prompt_tokens, completion_tokens=s.completion_tokens,
                    cached_tokens=s.cached_tokens,
-                   finish_reason=s.finish_reason if reader is None else reader.finish_reason(s.finish_reason),
-                   tool_calls=[] if reader is None else list(reader.tool_names),
+                   finish_reason=s.answer_finish_reason,  # what the client got: "tool_calls", not "stop"
+                   tool_calls=[] if s.reader is None else list(s.reader.tool_names),
                    ttft_ms=_ms(s.ttft_s), e2e_ms=_ms(e2e_s), engine_ttft_ms=_ms(s.engine_ttft_s),
                    attempts=[{"replica": r, "region": g, "tokens_sent": n, "outcome": o}
                              for r, g, n, o in s.trace.attempts])
