@@ -31,13 +31,17 @@ _NO_STEP = (0.0, 0.0, 0)
 _UNIFORM = -math.log(VOCAB_SIZE)
 
 
+def _piece(token_id: int) -> str:
+    """A simulated token's text."""
+    return " " + WORDS[token_id % len(WORDS)]
+
+
 def sim_logprobs(ids: tuple[int, ...], k: int | None) -> tuple[TokenLogprob, ...] | None:
     """A simulated engine's log-probabilities: it draws every token uniformly from the vocabulary,
     so each has log(1/vocab), and so have its alternatives (the ids after it)."""
     if k is None:
         return None
-    word = lambda t: " " + WORDS[t % len(WORDS)]  # noqa: E731
-    return tuple((word(t), _UNIFORM, tuple((word(t + j), _UNIFORM) for j in range(k))) for t in ids)
+    return tuple((_piece(t), _UNIFORM, tuple((_piece(t + j), _UNIFORM) for j in range(k))) for t in ids)
 
 
 class StopStrings:
@@ -118,7 +122,7 @@ class SimEngine:
                     raise item
                 n, finished, out = item  # `out` as of emission: the queue may lag the core
                 ids = tuple((seed + out - n + k) % VOCAB_SIZE for k in range(n))
-                pieces = [" " + WORDS[t % len(WORDS)] for t in ids]
+                pieces = [_piece(t) for t in ids]
                 text = "".join(pieces)
                 reason = "length" if finished else None
                 if stops is not None:

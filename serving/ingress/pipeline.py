@@ -48,6 +48,7 @@ from serving.ingress.auth import Authenticator, Principal
 from serving.ingress.hf_tokenizer import HFTokenizer
 from serving.ingress.metrics import GatewayMetrics
 from serving.ingress.openai_api import Parsed
+from serving.ingress.tools import reads_tags
 from serving.observability.observer import LocalTelemetry, Observer, Telemetry
 from serving.observability.otel import make_tracer
 from serving.observability.steps import SESSION_HEADER, STEP_HEADER, check_headers
@@ -112,7 +113,7 @@ class Job:
         p = self.parsed
         text = None if self.model_tokens else p.prompt or None
         sampling = p.sampling
-        if p.tool_choice == "auto" and self.tool_parser is not None:  # the call tags must reach the parser
+        if reads_tags(p.tool_choice, self.tool_parser):  # the call tags must reach the parser
             sampling += (("skip_special_tokens", False),)
         rf = p.tool_format or (p.response_format if is_json_format(p.response_format) else None)
         return GenerateRequest(self.request_id, self.prompt_token_ids, text, self.max_tokens,

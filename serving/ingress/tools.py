@@ -77,6 +77,12 @@ def guided_format(tools: tuple[dict[str, Any], ...], choice: str, name: str | No
     return {"type": "json_schema", "json_schema": {"name": "tool_calls", "schema": schema}}
 
 
+def reads_tags(choice: str, parser: str | None) -> bool:
+    """The answer is read for calls by the model's parser: the engine must keep the special
+    tokens the tags may be (skip_special_tokens false)."""
+    return choice == "auto" and parser is not None
+
+
 def _call(index: int, name: str, arguments: str) -> dict[str, Any]:
     return {"index": index, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
             "function": {"name": name, "arguments": arguments}}
@@ -126,7 +132,7 @@ class ToolOutput:
              parallel: bool | None) -> "ToolOutput | None":
         if choice in ("function", "required"):
             return cls(choice, name, parallel)
-        if choice == "auto" and parser is not None:
+        if reads_tags(choice, parser):
             return cls(parser, None, parallel)
         return None
 
