@@ -77,6 +77,21 @@ def guided_format(tools: tuple[dict[str, Any], ...], choice: str, name: str | No
     return {"type": "json_schema", "json_schema": {"name": "tool_calls", "schema": schema}}
 
 
+_REQUIRED = object()
+
+
+def _written_call(obj: Any, no_arguments: Any = _REQUIRED) -> tuple[str, str]:
+    """A call the model wrote as JSON: its name, and its `arguments` (or `parameters`, as Llama
+    writes them) as a JSON string; without either, `no_arguments`, or a KeyError."""
+    if "arguments" in obj:
+        args = obj["arguments"]
+    elif "parameters" in obj or no_arguments is _REQUIRED:
+        args = obj["parameters"]
+    else:
+        args = no_arguments
+    return obj["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+
+
 def reads_tags(choice: str, parser: str | None) -> bool:
     """The answer is read for calls by the model's parser: the engine must keep the special
     tokens the tags may be (skip_special_tokens false)."""
@@ -209,9 +224,7 @@ class ToolOutput:
             body = buf if j < 0 else buf[:j]
             rest = "" if j < 0 else buf[j + len(_CLOSE):]
             try:
-                obj = json.loads(body)
-                args = obj.get("arguments", obj.get("parameters", {}))
-                calls.append((obj["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)))
+                calls.append(_written_call(json.loads(body), no_arguments={}))
             except (ValueError, TypeError, KeyError, AttributeError):
                 content.append(_OPEN + body + ("" if j < 0 else _CLOSE))  # not a call: the text as it was
             buf, self._inside = rest, False
@@ -272,9 +285,8 @@ class ToolOutput:
         try:
             while rest:
                 obj, end = _DECODER.raw_decode(rest)
-                args = obj["arguments"] if "arguments" in obj else obj["parameters"]
-                calls.append((obj["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)))
+                calls.append(_written_call(obj))
                 rest = rest[end:].lstrip().removeprefix(";").lstrip()
-        except (ValueError, TypeError, KeyError):
+        except (ValueError, TypeError, KeyError, AttributeError):
             return text, []  # not calls after all: the text as it was
         return "", self._numbered(calls)
