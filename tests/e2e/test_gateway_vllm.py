@@ -128,7 +128,12 @@ async def test_logprobs_from_vllm(gateway, stream):
     else:
         choice = r.json()["choices"][0]
         text, entries = choice["message"]["content"], choice["logprobs"]["content"]
-    assert len(entries) == 4 and "".join(e["token"] for e in entries) == text
+    # The tokens spell the text, up to tokens that are part of a character's bytes
+    # (the random model draws byte tokens): vLLM decodes one of those alone as "" or
+    # U+FFFD, and the text may hold U+FFFD for it, or the whole character.
+    def ascii_of(s):
+        return s.encode("ascii", "ignore")
+    assert len(entries) == 4 and ascii_of("".join(e["token"] for e in entries)) == ascii_of(text)
     for e in entries:  # vLLM's own figures: the two most likely, best first, none above the chosen's rank
         tops = [t["logprob"] for t in e["top_logprobs"]]
         assert e["logprob"] <= 0 and len(tops) == 2 and tops == sorted(tops, reverse=True)

@@ -84,7 +84,10 @@ async def test_in_process_engine_streams_caches_salts_and_aborts(tiny_model, mon
                 "type": "json_schema", "json_schema": {"name": "f", "schema": {"type": "banana"}}}))
         lp = await _drain(engine, GenerateRequest("lp", ids[:300], max_tokens=3, ignore_eos=True, logprobs=2))
         entries = [e for c in lp for e in c.logprobs]
-        assert len(entries) == 3 and "".join(t for t, _, _ in entries) == "".join(c.text for c in lp)
+        # the tokens spell the text, up to byte tokens of a character (the random model
+        # draws them), which vLLM decodes alone as "" or U+FFFD
+        spelt, text = "".join(t for t, _, _ in entries), "".join(c.text for c in lp)
+        assert len(entries) == 3 and spelt.encode("ascii", "ignore") == text.encode("ascii", "ignore")
         assert all(v <= 0 and len(top) == 2 for _, v, top in entries)
         snap = engine.snapshot()
         assert snap.waiting_prefill_tokens == 0
