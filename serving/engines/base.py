@@ -42,7 +42,7 @@ class GenerateRequest:
     sampling: tuple[tuple[str, Any], ...] = ()
     ignore_eos: bool = False  # vLLM's default: the answer ends at the model's end-of-sequence token
     # OpenAI's response_format (json_object, json_schema): vLLM's structured outputs constrain the
-    # answer to it; None or type text: free text. Simulated engines answer with words regardless
+    # answer to it; None or type text: free text. Simulated engines write a JSON value of it (sim_json)
     response_format: dict[str, Any] | None = None
     block_hashes: tuple[int, ...] | None = None  # engine-block hashes, if the caller has them
     prompt_len: int | None = None  # token count when only hashes are given (traces)

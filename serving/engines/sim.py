@@ -19,6 +19,7 @@ from typing import AsyncIterator, Callable
 
 from serving.engines.base import Chunk, GenerateRequest, TokenLogprob, default_seed
 from serving.engines.profiles import EngineProfile, get_profile
+from serving.engines.sim_json import json_pieces
 from serving.engines.sim_core import Seq, SimCore
 from serving.engines.tokenizer import VOCAB_SIZE, WORDS, encode
 from serving.errors import ContextLengthExceeded, EngineError
@@ -36,12 +37,13 @@ def _piece(token_id: int) -> str:
     return " " + WORDS[token_id % len(WORDS)]
 
 
-def sim_logprobs(ids: tuple[int, ...], k: int | None) -> tuple[TokenLogprob, ...] | None:
+def sim_logprobs(ids: tuple[int, ...], pieces: list[str], k: int | None) -> tuple[TokenLogprob, ...] | None:
     """A simulated engine's log-probabilities: it draws every token uniformly from the vocabulary,
-    so each has log(1/vocab), and so have its alternatives (the ids after it)."""
+    so each has log(1/vocab), and so have its alternatives (itself, then the ids after it)."""
     if k is None:
         return None
-    return tuple((_piece(t), _UNIFORM, tuple((_piece(t + j), _UNIFORM) for j in range(k))) for t in ids)
+    return tuple((p, _UNIFORM, (((p, _UNIFORM),) if k else ()) + tuple((_piece(t + j), _UNIFORM) for j in range(1, k)))
+                 for t, p in zip(ids, pieces))
 
 
 class StopStrings:
@@ -57,8 +59,8 @@ class StopStrings:
         self.text = ""  # generated, not yet released
         self.held: list[tuple[int, int]] = []  # its tokens: (id, end of the token's text in `text`)
 
-    def feed(self, ids: tuple[int, ...], pieces: list[str], last: bool) -> tuple[tuple[int, ...], str, bool]:
-        """(token ids to release, their text, whether a stop string ended the answer)."""
+    def feed(self, ids: tuple[int, ...], pieces: list[str], last: bool) -> tuple[tuple[int, ...], list[str], bool]:
+        """(token ids to release, their texts, whether a stop string ended the answer)."""
         for t, p in zip(ids, pieces):
             self.text += p
             self.held.append((t, len(self.text)))
@@ -66,16 +68,22 @@ class StopStrings:
         # have ended inside text already searched (the hold-back covers its length)
         hits = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
         if hits:  # the answer ends here, before the stop string
-            return tuple(t for t, _ in self.held), self.text[:min(hits)], True
+            return tuple(t for t, _ in self.held), self._texts(len(self.held), min(hits)), True
         limit = len(self.text) if last else len(self.text) - self.hold
         k = 0
         while k < len(self.held) and self.held[k][1] <= limit:
             k += 1
         end = self.held[k - 1][1] if k else 0
-        out, self.text = self.text[:end], self.text[end:]
+        out = self._texts(k, end)
+        self.text = self.text[end:]
         rel = tuple(t for t, _ in self.held[:k])
         self.held = [(t, e - end) for t, e in self.held[k:]]
         return rel, out, False
+
+    def _texts(self, k: int, cut: int) -> list[str]:
+        """The first k held tokens' texts, the text cut at `cut`."""
+        starts = [0] + [e for _, e in self.held[:k - 1]]
+        return [self.text[min(a, cut):min(e, cut)] for a, (_, e) in zip(starts, self.held[:k])]
 
 
 class SimEngine:
@@ -111,6 +119,8 @@ class SimEngine:
         self.core.add(seq)
         self._ensure_loop()
         seed = default_seed(request.request_id) if request.seed is None else request.seed
+        # structured outputs: the answer is this JSON, then ends (never continued: offset 0)
+        shaped = json_pieces(request.response_format, seed)
         seed += request.token_offset  # token i of the full answer is (seed + i) % vocab
         stops = StopStrings(request.stop) if request.stop else None
         done = False
@@ -122,19 +132,22 @@ class SimEngine:
                     raise item
                 n, finished, out = item  # `out` as of emission: the queue may lag the core
                 ids = tuple((seed + out - n + k) % VOCAB_SIZE for k in range(n))
-                pieces = [_piece(t) for t in ids]
-                text = "".join(pieces)
-                reason = "length" if finished else None
+                complete = False  # the JSON is whole: the answer stops
+                if shaped is None:
+                    pieces = [_piece(t) for t in ids]
+                else:
+                    pieces = shaped[out - n:out]
+                    complete = out >= len(shaped)
+                    ids, out = ids[:len(pieces)], out - n + len(pieces)
+                reason = "stop" if complete else "length" if finished else None
                 if stops is not None:
-                    ids, text, stopped = stops.feed(ids, pieces, finished)
+                    ids, pieces, stopped = stops.feed(ids, pieces, finished or complete)
                     if stopped:  # the rest is not generated: `finally` aborts it, freeing its KV
-                        yield Chunk(request.request_id, ids, text, "stop", seq.prompt_len, seq.cached, out,
-                                    sim_logprobs(ids, request.logprobs))
-                        return
-                done = finished
-                yield Chunk(request.request_id, ids, text, reason, seq.prompt_len, seq.cached, out,
-                            sim_logprobs(ids, request.logprobs))
-                if finished:
+                        reason, complete = "stop", True
+                done = finished and not complete
+                yield Chunk(request.request_id, ids, "".join(pieces), reason, seq.prompt_len, seq.cached, out,
+                            sim_logprobs(ids, pieces, request.logprobs))
+                if finished or complete:  # after a stop the rest is not generated: `finally` aborts it
                     return
         finally:
             if not done:

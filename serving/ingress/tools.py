@@ -27,9 +27,10 @@ word template). What comes back depends on `tool_choice`:
 - `auto` with no parser, or `none`: the answer is content.
 
 An answer that does not parse (a model that ignored the format, or one cut by
-`max_tokens`) is returned as content, never dropped. Simulated engines do not
-apply structured outputs: their words come back as a named call's arguments,
-or as content. The parsing state lives in the ingress, so a stream that fails
+`max_tokens`) is returned as content, never dropped. Simulated engines write
+JSON of the schema under structured outputs (serving.engines.sim_json), so
+named and required calls come back as calls; under `auto` they write words,
+which are content. The parsing state lives in the ingress, so a stream that fails
 over to another replica mid-call goes on parsing where it was.
 """
 

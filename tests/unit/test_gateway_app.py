@@ -367,17 +367,34 @@ async def test_a_models_tool_calls_reach_the_openai_client_whole_and_streamed():
 
 
 async def test_a_named_tool_choice_constrains_the_answer_to_its_parameters():
-    c, engines, _ = make()  # simulated engines: their words come back as the arguments
+    c, engines, _ = make()  # simulated engines write JSON of the schema too
     seen = requests_seen(engines)
-    r = await c.post("/v1/chat/completions", json=chat(max_tokens=3, tools=[WEATHER], tool_choice={
+    r = await c.post("/v1/chat/completions", json=chat(max_tokens=30, tools=[WEATHER], tool_choice={
         "type": "function", "function": {"name": "get_weather"}}))
     assert r.status_code == 200
     choice = r.json()["choices"][0]
     assert seen[0].response_format == {"type": "json_schema", "json_schema": {
         "name": "get_weather", "schema": WEATHER["function"]["parameters"]}}
     (call,) = choice["message"]["tool_calls"]
-    assert call["function"]["name"] == "get_weather" and len(call["function"]["arguments"].split()) == 3
-    assert choice["message"]["content"] is None and choice["finish_reason"] == "length"
+    assert call["function"]["name"] == "get_weather"
+    assert isinstance(json.loads(call["function"]["arguments"])["city"], str)
+    assert choice["message"]["content"] is None and choice["finish_reason"] == "stop"
+    r = await c.post("/v1/chat/completions", json=chat(max_tokens=2, tools=[WEATHER], tool_choice={
+        "type": "function", "function": {"name": "get_weather"}}))
+    choice = r.json()["choices"][0]  # cut by max_tokens: the arguments as far as they got
+    assert choice["message"]["tool_calls"][0]["function"]["arguments"] == '{"city'
+    assert choice["finish_reason"] == "length"
+
+
+async def test_required_makes_a_simulated_engine_call_the_tools():
+    c, _, _ = make()  # the JSON array of calls, each call leaving as its item closes
+    r = await c.post("/v1/chat/completions", json=chat(max_tokens=200, stream=True, tools=[WEATHER],
+                                                       tool_choice="required", parallel_tool_calls=False))
+    deltas = [ev["choices"][0] for ev in events(r.text) if ev["choices"]]
+    calls = [t for d in deltas for t in d["delta"].get("tool_calls") or ()]
+    assert len(calls) == 1 and calls[0]["function"]["name"] == "get_weather"
+    assert isinstance(json.loads(calls[0]["function"]["arguments"])["city"], str)
+    assert deltas[-1]["finish_reason"] == "tool_calls" and not any(d["delta"].get("content") for d in deltas)
 
 
 async def test_without_a_tool_parser_the_answer_is_content():

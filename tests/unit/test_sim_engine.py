@@ -247,8 +247,9 @@ def test_stop_strings_as_vllm_applies_them(pieces, stops, want):
     from serving.engines.sim import StopStrings
     scan, out, stopped = StopStrings(stops), [], False
     for k, p in enumerate(pieces):
-        _, text, stopped = scan.feed((k,), [p], k == len(pieces) - 1)
-        out.append(text)
+        ids, texts, stopped = scan.feed((k,), [p], k == len(pieces) - 1)
+        assert len(texts) == len(ids)  # one text per released token
+        out.append("".join(texts))
         if stopped:
             break
     assert (out, stopped) == want
@@ -264,9 +265,9 @@ def _answer(stops, cut=None):
     scan, sent, text, i = StopStrings(stops), 0, "", 0
     while i < len(WORD):
         last = i == len(WORD) - 1
-        ids, piece, stopped = scan.feed((i,), [" " + WORD[i]], last)
+        ids, pieces, stopped = scan.feed((i,), [" " + WORD[i]], last)
         sent += len(ids)
-        text += piece
+        text += "".join(pieces)
         if stopped or last:
             return text, stopped
         i += 1
