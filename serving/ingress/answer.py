@@ -103,7 +103,7 @@ class AnswerReader:
 
     @classmethod
     def make(cls, p: "Parsed", tool_parser: str | None, reasoning_parser: str | None) -> "AnswerReader | None":
-        tools = ToolOutput.make(p.tool_choice, p.tool_name, tool_parser, p.parallel_tool_calls)
+        tools = ToolOutput.make(p.tool_choice, p.tool_name, tool_parser, p.parallel_tool_calls, p.stream)
         # A constrained answer (a forced tool call, a JSON response_format) is JSON from its first
         # token: the engines apply structured outputs from the start, so it has no thinking.
         constrained = p.tool_format is not None or is_json_format(p.response_format)

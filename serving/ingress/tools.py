@@ -1,7 +1,7 @@
 """Tool calling: OpenAI's `tools` and `tool_choice` on any engine, as vLLM's server does it.
 
     guided_format(tools, choice, name, parallel) -> response_format | None
-    ToolOutput.make(choice, name, parser, parallel) -> ToolOutput | None
+    ToolOutput.make(choice, name, parser, parallel, stream) -> ToolOutput | None
     out.feed(text) -> (content, tool_call_deltas)       # as the answer streams
     out.end() -> (content, tool_call_deltas)            # at its end
     out.finish_reason(engine_reason) -> str
@@ -19,7 +19,11 @@ word template). What comes back depends on `tool_choice`:
   if the model called any:
   - `hermes`: the model writes `<tool_call>{"name": ..., "arguments": {...}}
     </tool_call>`, as Qwen2.5/3 and Hermes models do. Text outside the tags
-    streams as content, each call is sent whole when its closing tag arrives;
+    streams as content. Streamed, a call is sent as vLLM's parser sends it:
+    its name as soon as it is written (when it comes first, as the models
+    write it), then its arguments as they come; once sent, a call stays a
+    call, even one cut by max_tokens. Not streamed, or with the name after
+    the arguments, it is sent whole when its closing tag arrives;
   - `llama3_json`: an answer that opens with `{` (or `<|python_tag|>`) is one
     or more `{"name": ..., "parameters": {...}}` objects, separated by `;`, as
     Llama 3.1-3.3 write them, and is read when complete; any other answer
@@ -37,6 +41,7 @@ over to another replica mid-call goes on parsing where it was.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import Any
 
@@ -45,6 +50,8 @@ from serving.errors import InvalidRequest
 _OPEN, _CLOSE = "<tool_call>", "</tool_call>"
 _PYTHON_TAG = "<|python_tag|>"
 _DECODER = json.JSONDecoder()
+# the start of a hermes call whose name comes first and whose arguments are an object
+_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*(?=\{)')
 
 
 def _params(fn: dict[str, Any]) -> dict[str, Any]:
@@ -124,16 +131,54 @@ def held(text: str, tag: str) -> int:
     return 0
 
 
+class _Arguments:
+    """A streamed hermes call's arguments object, read as it grows: where it starts in the
+    call's text, how much of it was sent, and how far it was scanned for its closing brace."""
+
+    __slots__ = ("index", "sent", "scan", "depth", "in_str", "esc", "closed")
+
+    def __init__(self, index: int, start: int):
+        self.index, self.sent, self.scan = index, start, start
+        self.depth, self.in_str, self.esc, self.closed = 0, False, False, False
+
+    def fragment(self, body: str) -> list[dict[str, Any]]:
+        """The arguments' text written since the last fragment, up to their closing brace."""
+        i, depth, in_str, esc = self.scan, self.depth, self.in_str, self.esc
+        n = len(body)
+        while i < n and not self.closed:
+            ch = body[i]
+            i += 1
+            if in_str:
+                if esc:
+                    esc = False
+                elif ch == "\\":
+                    esc = True
+                elif ch == '"':
+                    in_str = False
+            elif ch == '"':
+                in_str = True
+            elif ch in "{[":
+                depth += 1
+            elif ch in "}]":
+                depth -= 1
+                self.closed = depth == 0
+        self.scan, self.depth, self.in_str, self.esc = i, depth, in_str, esc
+        text, self.sent = body[self.sent:i], i
+        return [{"index": self.index, "function": {"arguments": text}}] if text else []
+
+
 class ToolOutput:
     """One answer's text turned into content and tool calls, chunk by chunk."""
 
-    __slots__ = ("mode", "name", "parallel", "calls", "names", "_buf", "_parts", "_at", "_inside", "_seen", "_json")
+    __slots__ = ("mode", "name", "parallel", "stream", "calls", "names", "_buf", "_parts", "_at", "_inside",
+                 "_seen", "_json", "_args")
 
-    def __init__(self, mode: str, name: str | None = None, parallel: bool | None = None):
+    def __init__(self, mode: str, name: str | None = None, parallel: bool | None = None, stream: bool = False):
         # "function" (named) | "required" | a parser: "hermes" | "llama3_json"; "content": no calls to read
         self.mode = mode
         self.name = name
         self.parallel = parallel
+        self.stream = stream  # hermes: send a call's arguments as they come (not only whole)
         self.calls = 0  # tool calls sent so far
         self.names: list[str] = []  # their functions, in order (agent-step records)
         self._buf = ""
@@ -142,14 +187,15 @@ class ToolOutput:
         self._inside = False  # hermes: between <tool_call> and </tool_call>
         self._seen = 0  # hermes, inside a call: how much of it was searched for </tool_call>
         self._json: bool | None = None  # llama3_json: the answer is calls (None: not known yet)
+        self._args: _Arguments | None = None  # hermes, streamed: the call being sent
 
     @classmethod
     def make(cls, choice: str, name: str | None, parser: str | None,
-             parallel: bool | None) -> "ToolOutput | None":
+             parallel: bool | None, stream: bool = False) -> "ToolOutput | None":
         if choice in ("function", "required"):
             return cls(choice, name, parallel)
         if reads_tags(choice, parser):
-            return cls(parser, None, parallel)
+            return cls(parser, None, parallel, stream)
         return None
 
     def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
@@ -200,6 +246,7 @@ class ToolOutput:
     def _hermes(self, final: bool) -> tuple[str, list[dict[str, Any]]]:
         content: list[str] = []
         calls: list[tuple[str, str]] = []
+        sent: list[dict[str, Any]] = []  # deltas of calls streamed as they come
 
         def text(t: str) -> None:
             if t.strip() or not (self.calls or calls):  # whitespace between calls is not content
@@ -220,17 +267,41 @@ class ToolOutput:
             j = buf.find(_CLOSE, max(0, self._seen - len(_CLOSE) + 1))
             if j < 0 and not final:
                 self._seen = len(buf)
+                if self.stream:
+                    sent += self._streamed(buf, calls)
                 break  # the call is still coming
             self._seen = 0
             body = buf if j < 0 else buf[:j]
             rest = "" if j < 0 else buf[j + len(_CLOSE):]
-            try:
-                calls.append(_written_call(json.loads(body), no_arguments={}))
-            except (ValueError, TypeError, KeyError, AttributeError):
-                content.append(_OPEN + body + ("" if j < 0 else _CLOSE))  # not a call: the text as it was
+            if self.stream:
+                sent += self._streamed(body, calls)
+            if self._args is not None:  # sent as it came: the rest of its arguments went just now
+                self._args = None
+            else:
+                try:
+                    calls.append(_written_call(json.loads(body), no_arguments={}))
+                except (ValueError, TypeError, KeyError, AttributeError):
+                    content.append(_OPEN + body + ("" if j < 0 else _CLOSE))  # not a call: the text as it was
             buf, self._inside = rest, False
         self._buf = buf
-        return "".join(content), self._numbered(calls)
+        return "".join(content), sent + self._numbered(calls)
+
+    def _streamed(self, body: str, calls: list[tuple[str, str]]) -> list[dict[str, Any]]:
+        """hermes, streamed: a call's header as soon as its name is written, then its arguments."""
+        if self._args is None:
+            m = _HEAD.match(body)
+            if m is None or (self.parallel is False and (self.calls or calls)):
+                return []  # not known yet, or not this shape (sent whole at its end), or not wanted
+            try:
+                name = json.loads('"' + m.group(1) + '"')
+            except ValueError:
+                return []
+            earlier = self._numbered(calls)  # whole calls before it keep their order
+            calls.clear()
+            (header,) = self._numbered([(name, "")])
+            self._args = _Arguments(header["index"], m.end())
+            return earlier + [header] + self._args.fragment(body)
+        return self._args.fragment(body)
 
     def _array(self, final: bool, new: str) -> tuple[str, list[dict[str, Any]]]:
         """`required`: each `{"name", "parameters"}` item of the array as soon as it is whole."""

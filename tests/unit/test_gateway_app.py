@@ -354,14 +354,17 @@ async def test_a_models_tool_calls_reach_the_openai_client_whole_and_streamed():
     assert msg.tool_calls[0].id.startswith("call_")
     # the call tags must survive detokenization, and the tools reached the prompt
     assert ("skip_special_tokens", False) in seen[0].sampling and "get_weather" in seen[0].prompt
-    content, calls, reasons = "", {}, []
+    content, calls, reasons, deltas = "", {}, [], []
     async for ch in await client.chat.completions.create(**kw, stream=True):
         d = ch.choices[0].delta
         content += d.content or ""
         for t in d.tool_calls or ():
             calls.setdefault(t.index, [t.function.name, ""])[1] += t.function.arguments or ""
+            deltas.append((t.function.name, t.function.arguments))
         reasons.append(ch.choices[0].finish_reason)
     assert (content, calls) == ("Checking. ", {0: ["get_weather", '{"city": "Lima"}']})
+    # the name as soon as it is written, then the arguments as they come, as vLLM streams them
+    assert deltas == [("get_weather", ""), (None, '{"city": "Lima"}')]
     assert reasons[-1] == "tool_calls" and reasons[:-1] == [None] * (len(reasons) - 1)
     assert router.router.inflight == 0
 

@@ -53,6 +53,47 @@ def test_hermes_calls_come_out_whole_however_the_text_is_cut():
         assert reason == "tool_calls"
 
 
+def test_streamed_hermes_calls_send_the_name_then_the_arguments_as_they_come():
+    text = "Let me check. " + CALL1 + "\n" + CALL2.replace('"a<b"', '"a}<b\\"]{"')
+    for pieces in splits(text):
+        content, calls, reason, deltas = run(ToolOutput.make("auto", None, "hermes", None, stream=True), pieces)
+        assert content == "Let me check. " and reason == "tool_calls"
+        assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [
+            ("get_weather", {"city": "Lima", "unit": "c"}), ("search", {"q": 'a}<b"]{'})]
+        assert calls[0]["arguments"] == '{"city": "Lima", "unit": "c"}'  # the model's own text, no more
+        headers = [d for d in deltas if "id" in d]
+        assert [(d["index"], d["function"]["name"]) for d in headers] == [(0, "get_weather"), (1, "search")]
+        if len(pieces) == len(text):  # one character at a time: the arguments leave as they are written
+            assert len([d for d in deltas if d["index"] == 0 and "id" not in d]) == len(calls[0]["arguments"])
+
+
+def test_a_streamed_hermes_call_cut_by_max_tokens_stays_a_call():
+    out = ToolOutput("hermes", stream=True)
+    content, calls, reason, _ = run(out, ['<tool_call>{"name": "search", "arguments": {"q": "ab'], "length")
+    assert (content, reason) == ("", "length")
+    assert [(c["name"], c["arguments"]) for c in calls] == [("search", '{"q": "ab')]  # as far as it got
+
+
+@pytest.mark.parametrize("call", [
+    '<tool_call>{"arguments": {"q": "x"}, "name": "search"}</tool_call>',  # the name last
+    '<tool_call>{"name": "search", "arguments": "{\\"q\\": \\"x\\"}"}</tool_call>',  # arguments as a string
+])
+def test_streamed_hermes_calls_of_another_shape_are_sent_whole(call):
+    for pieces in splits(call):
+        _, calls, _, deltas = run(ToolOutput("hermes", stream=True), pieces)
+        assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [("search", {"q": "x"})]
+        assert len(deltas) == 1
+
+
+def test_streamed_hermes_keeps_the_order_and_parallel_false():
+    whole = '<tool_call>{"arguments": {}, "name": "search"}</tool_call>'
+    _, calls, _, _ = run(ToolOutput("hermes", stream=True), [whole + CALL1])  # one chunk: whole, then streamed
+    assert [c["name"] for c in calls] == ["search", "get_weather"]
+    for pieces in splits(CALL1 + CALL2):
+        _, calls, _, _ = run(ToolOutput("hermes", parallel=False, stream=True), pieces)
+        assert [c["name"] for c in calls] == ["get_weather"]
+
+
 def test_hermes_text_without_calls_is_content_untouched():
     text = "if a < b then <tool or <tool_c, done"
     for pieces in splits(text):
