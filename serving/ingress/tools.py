@@ -26,8 +26,10 @@ word template). What comes back depends on `tool_choice`:
     the arguments, it is sent whole when its closing tag arrives;
   - `llama3_json`: an answer that opens with `{` (or `<|python_tag|>`) is one
     or more `{"name": ..., "parameters": {...}}` objects, separated by `;`, as
-    Llama 3.1-3.3 write them, and is read when complete; any other answer
-    streams as content;
+    Llama 3.1-3.3 write them; any other answer streams as content. Streamed,
+    each call is sent as the hermes ones are (name, then parameters as they
+    come), and text after the calls that is no call is content; not
+    streamed, it is read when complete;
 - `auto` with no parser, or `none`: the answer is content.
 
 An answer that does not parse (a model that ignored the format, or one cut by
@@ -50,8 +52,9 @@ from serving.errors import InvalidRequest
 _OPEN, _CLOSE = "<tool_call>", "</tool_call>"
 _PYTHON_TAG = "<|python_tag|>"
 _DECODER = json.JSONDecoder()
-# the start of a hermes call whose name comes first and whose arguments are an object
-_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*(?=\{)')
+# the start of a call whose name comes first and whose arguments (or parameters) are an object
+_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\{)')
+_BETWEEN = re.compile(r"(?:\s|;)*")  # llama3_json: what separates calls
 
 
 def _params(fn: dict[str, Any]) -> dict[str, Any]:
@@ -132,17 +135,26 @@ def held(text: str, tag: str) -> int:
 
 
 class _Arguments:
-    """A streamed hermes call's arguments object, read as it grows: where it starts in the
-    call's text, how much of it was sent, and how far it was scanned for its closing brace."""
+    """A JSON object read as it grows: a streamed call's arguments (where they start in the
+    answer's text, how much of them was sent), or a call's whole object (`whole`, only scanned);
+    how far it was scanned for its closing brace."""
 
-    __slots__ = ("index", "sent", "scan", "depth", "in_str", "esc", "closed")
+    __slots__ = ("index", "whole", "sent", "scan", "depth", "in_str", "esc", "closed")
 
-    def __init__(self, index: int, start: int):
-        self.index, self.sent, self.scan = index, start, start
+    def __init__(self, index: int, start: int, whole: bool = False):
+        self.index, self.whole = index, whole  # index -1: a call not sent yet
+        self.sent, self.scan = start, start
         self.depth, self.in_str, self.esc, self.closed = 0, False, False, False
 
     def fragment(self, body: str) -> list[dict[str, Any]]:
         """The arguments' text written since the last fragment, up to their closing brace."""
+        i = self.advance(body)
+        text, self.sent = body[self.sent:i], i
+        return [{"index": self.index, "function": {"arguments": text}}] if text else []
+
+    def advance(self, body: str) -> int:
+        """Scan what was written since; where the object's text ends so far (just after its
+        closing brace once `closed`)."""
         i, depth, in_str, esc = self.scan, self.depth, self.in_str, self.esc
         n = len(body)
         while i < n and not self.closed:
@@ -163,8 +175,7 @@ class _Arguments:
                 depth -= 1
                 self.closed = depth == 0
         self.scan, self.depth, self.in_str, self.esc = i, depth, in_str, esc
-        text, self.sent = body[self.sent:i], i
-        return [{"index": self.index, "function": {"arguments": text}}] if text else []
+        return i
 
 
 class ToolOutput:
@@ -207,7 +218,7 @@ class ToolOutput:
                 self.names.append(self.name or "")
                 return "", [_call(0, self.name or "", text)]
             return "", [{"index": 0, "function": {"arguments": text}}] if text else []
-        if self._json:  # read whole, at the end
+        if self._json and not self.stream:  # read whole, at the end
             self._parts.append(text)
             return "", []
         self._buf += text
@@ -288,20 +299,28 @@ class ToolOutput:
 
     def _streamed(self, body: str, calls: list[tuple[str, str]]) -> list[dict[str, Any]]:
         """hermes, streamed: a call's header as soon as its name is written, then its arguments."""
-        if self._args is None:
-            m = _HEAD.match(body)
-            if m is None or (self.parallel is False and (self.calls or calls)):
-                return []  # not known yet, or not this shape (sent whole at its end), or not wanted
-            try:
-                name = json.loads('"' + m.group(1) + '"')
-            except ValueError:
-                return []
-            earlier = self._numbered(calls)  # whole calls before it keep their order
-            calls.clear()
-            (header,) = self._numbered([(name, "")])
-            self._args = _Arguments(header["index"], m.end())
-            return earlier + [header] + self._args.fragment(body)
-        return self._args.fragment(body)
+        if self._args is not None:
+            return self._args.fragment(body)
+        if self.parallel is False and calls:
+            return []
+        earlier = self._numbered(calls)  # whole calls before it keep their order
+        calls.clear()
+        return earlier + self._header(body, 0)
+
+    def _header(self, text: str, at: int) -> list[dict[str, Any]]:
+        """A call that starts at `at` with its name, then an object of arguments: its header and
+        the arguments written so far, and it is the call being sent. [] if its start is not that
+        shape, not complete enough to tell, or a call parallel_tool_calls false does not want."""
+        m = _HEAD.match(text, at)
+        if m is None or (self.parallel is False and self.calls):
+            return []
+        try:
+            name = json.loads('"' + m.group(1) + '"')
+        except ValueError:
+            return []
+        (header,) = self._numbered([(name, "")])
+        self._args = _Arguments(header["index"], m.end())
+        return [header] + self._args.fragment(text)
 
     def _array(self, final: bool, new: str) -> tuple[str, list[dict[str, Any]]]:
         """`required`: each `{"name", "parameters"}` item of the array as soon as it is whole."""
@@ -340,8 +359,11 @@ class ToolOutput:
             head = self._buf.lstrip()
             if head.startswith(("{", _PYTHON_TAG)):
                 self._json = True
-                self._parts.append(self._buf)
-                self._buf = ""
+                if self.stream:  # read as it comes, from after the tag
+                    self._at = len(self._buf) - len(head.removeprefix(_PYTHON_TAG))
+                else:
+                    self._parts.append(self._buf)
+                    self._buf = ""
             elif (not head or _PYTHON_TAG.startswith(head)) and not final:
                 return "", []  # not known yet
             else:
@@ -349,6 +371,8 @@ class ToolOutput:
         if not self._json:
             text, self._buf = self._buf, ""
             return text, []
+        if self.stream:
+            return self._llama_streamed(final)
         if not final:
             return "", []
         text, self._parts = "".join(self._parts), []
@@ -362,3 +386,44 @@ class ToolOutput:
         except (ValueError, TypeError, KeyError, AttributeError):
             return text, []  # not calls after all: the text as it was
         return "", self._numbered(calls)
+
+    def _llama_streamed(self, final: bool) -> tuple[str, list[dict[str, Any]]]:
+        """llama3_json, streamed: each call's name as soon as it is written, then its parameters
+        as they come; a call of another shape when its object is whole. Once the answer turns
+        out to hold text that is no call, the rest is content."""
+        buf, out = self._buf, []
+        while True:
+            call = self._args
+            if call is None:  # between calls
+                self._at = _BETWEEN.match(buf, self._at).end()
+                if self._at == len(buf):
+                    return "", out
+                call = self._args = _Arguments(-1, self._at, whole=True)
+            if call.index < 0:  # is it a call whose name comes first? (known once enough is written)
+                header = self._header(buf, self._at)
+                out += header
+                call = self._args if header else call
+            if not call.whole:  # its parameters, as they come; then the rest of its object
+                out += call.fragment(buf)
+                if not call.closed:
+                    break
+                call = self._args = _Arguments(call.index, self._at, whole=True)
+            end = call.advance(buf)
+            if not call.closed:
+                break
+            if call.index < 0:  # not sent as it came: the whole object, if it is a call
+                try:
+                    out += self._numbered([_written_call(_DECODER.decode(buf[self._at:end]))])
+                except (ValueError, TypeError, KeyError, AttributeError):
+                    return self._no_more_calls(buf, out)
+            self._args, self._at = None, end
+        if final and self._args.index < 0:  # cut before it was known as a call
+            return self._no_more_calls(buf, out)
+        return "", out  # a call still coming (or, at the end, cut after it was sent)
+
+    def _no_more_calls(self, buf: str, out: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+        """llama3_json, streamed: text that is no call; from here on the answer is content (all of it
+        if no call was sent)."""
+        text = buf[self._at:] if self.calls else buf
+        self._json, self._buf, self._args = False, "", None
+        return text, out

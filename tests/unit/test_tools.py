@@ -178,18 +178,39 @@ def test_required_hoists_defs_and_refuses_conflicting_ones():
     assert e.value.param == "tools"
 
 
-def test_llama3_json_calls_and_plain_answers():
+@pytest.mark.parametrize("stream", [False, True])
+def test_llama3_json_calls_and_plain_answers(stream):
     text = ' {"name": "get_weather", "parameters": {"city": "Lima"}}; {"name": "search", "parameters": {}}'
     for lead in ("", "<|python_tag|>"):
         for pieces in splits(lead + text):
-            content, calls, reason, _ = run(ToolOutput.make("auto", None, "llama3_json", None), pieces)
+            content, calls, reason, deltas = run(ToolOutput.make("auto", None, "llama3_json", None, stream), pieces)
             assert (content, reason) == ("", "tool_calls")
             assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [
                 ("get_weather", {"city": "Lima"}), ("search", {})]
+            if stream and len(pieces) > 2:  # one character at a time: the parameters as they are written
+                assert len([d for d in deltas if d["index"] == 0 and "id" not in d]) == len('{"city": "Lima"}')
     plain = "  It is sunny in {city}."  # does not open with a call: content, streamed as it comes
     for pieces in splits(plain):
-        assert run(ToolOutput("llama3_json"), pieces)[:3] == (plain, [], "stop")
-    out = ToolOutput("llama3_json")
+        assert run(ToolOutput("llama3_json", stream=stream), pieces)[:3] == (plain, [], "stop")
+    out = ToolOutput("llama3_json", stream=stream)
     assert out.feed("  ") == ("", []) and out.feed("Sun") == ("  Sun", [])  # decided at the first word
-    cut = '{"name": "search", "parameters": {"q'  # cut by max_tokens: the text, as it was
-    assert run(ToolOutput("llama3_json"), [cut], "length")[:3] == (cut, [], "length")
+    cut = '{"name": "search", "parameters": {"q'
+    content, calls, reason, _ = run(ToolOutput("llama3_json", stream=stream), [cut], "length")
+    if stream:  # a call once sent stays one, its parameters as far as they got
+        assert (content, [(c["name"], c["arguments"]) for c in calls], reason) == ("", [("search", '{"q')], "length")
+    else:  # read whole: the text, as it was
+        assert (content, calls, reason) == (cut, [], "length")
+
+
+def test_streamed_llama3_json_calls_of_another_shape_and_text_after_them():
+    text = '{"parameters": {"q": "x"}, "name": "search"}; {"name": "get_weather", "parameters": {"city": "Oslo"}} bye'
+    for pieces in splits(text):
+        content, calls, _, _ = run(ToolOutput("llama3_json", stream=True), pieces)
+        assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [
+            ("search", {"q": "x"}), ("get_weather", {"city": "Oslo"})]
+        assert content == "bye"  # never dropped
+    out = ToolOutput("llama3_json", parallel=False, stream=True)
+    _, calls, _, _ = run(out, [text[i:i + 3] for i in range(0, 99, 3)])
+    assert [c["name"] for c in calls] == ["search"]
+
+
