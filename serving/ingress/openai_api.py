@@ -43,6 +43,15 @@ class TextPart(_Body):
     text: str
 
 
+class RefusalPart(_Body):  # an assistant's earlier refusal, as OpenAI returns it
+    type: Literal["refusal"]
+    refusal: str
+
+    @property
+    def text(self) -> str:
+        return self.refusal
+
+
 class FunctionCall(_Body):
     name: str
     arguments: str  # JSON, as the model wrote it
@@ -56,7 +65,7 @@ class ToolCall(_Body):
 
 class Message(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[Annotated[TextPart | RefusalPart, Field(discriminator="type")]] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
     tool_call_id: str | None = None  # a tool's answer: to which call
@@ -65,6 +74,16 @@ class Message(_Body):
 
     def text(self, sep: str) -> str:
         return sep.join(p.text for p in self.content) if isinstance(self.content, list) else self.content or ""
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, v: Any) -> Any:
+        for part in v if isinstance(v, list) else ():
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(kind, str) and kind not in ("text", "refusal"):
+                raise ValueError(f"content parts of type `{kind}` are not supported: the models behind this "
+                                 f"gateway take text (`text` parts)")
+        return v
 
 
 class Function(_Body):
@@ -207,7 +226,7 @@ def _validate(cls: type[_Body], body: bytes) -> Any:
     except ValidationError as e:
         err = e.errors()[0]
         param = _param(err.get("loc", ()))
-        msg = err.get("msg", "invalid value")
+        msg = err.get("msg", "invalid value").removeprefix("Value error, ")
         if param == "messages" and err.get("type") == "too_short":
             msg = "messages must contain at least one message"
         raise InvalidRequest(f"Invalid value for `{param}`: {msg}", param=param) from None

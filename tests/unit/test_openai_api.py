@@ -27,6 +27,8 @@ BAD_CHAT = [
     ("messages-string", body(messages="hi"), "messages", "valid list"),
     ("role-unknown", body(messages=[{"role": "robot", "content": "x"}]), "messages.0.role", "Input should be"),
     ("content-number", body(messages=[{"role": "user", "content": 5}]), "messages.0.content", "valid string"),
+    ("content-image", body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+     "messages.0.content", "parts of type `image_url` are not supported"),
     ("max-tokens-zero", body(max_tokens=0), "max_tokens", "greater than or equal to 1"),
     ("max-tokens-negative", body(max_tokens=-1), "max_tokens", "greater than or equal to 1"),
     ("max-tokens-text", body(max_tokens="ten"), "max_tokens", "valid integer"),
@@ -112,6 +114,8 @@ def test_chat_parse_renders_messages_in_order_and_reads_options():
                      {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
     }).encode())
     assert p.prompt == "<|system|> be brief <|user|> a b <|assistant|>"
+    refused = [{"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]}, {"role": "user", "content": "x"}]
+    assert parse_chat(body(messages=refused)).prompt == "<|assistant|> no <|user|> x <|assistant|>"  # as OpenAI sent it
     assert (p.kind, p.max_tokens, p.stream, p.include_usage, p.temperature, p.seed, p.stop) == \
            ("chat", 7, True, True, 0.0, 3, ("END",))
     assert parse_chat(body()).max_tokens is None  # the model's default applies later
