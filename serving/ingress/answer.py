@@ -17,8 +17,10 @@ the content only (serving.ingress.tools), as vLLM's server does it:
   `</think>`; otherwise (thinking switched off) it is all content.
 
 The whitespace between `</think>` and the answer belongs to neither. An answer
-constrained to JSON (a forced tool call, a JSON `response_format`) is not
-split: structured outputs hold it to JSON from its first token.
+constrained to JSON (a forced tool call, a JSON `response_format`) that opens
+with JSON is all content: its engine applied structured outputs from the first
+token (vLLM started without the reasoning parser). One that opens otherwise was
+let think first (vLLM started with it): the parser's rules apply.
 
 Tags split across chunks are held back until they are whole. `include_reasoning:
 false` (vLLM's extension) drops the reasoning from the response.
@@ -41,13 +43,14 @@ _START, _END = "<think>", "</think>"
 class Reasoning:
     """Splits `<think>...</think>` off the front of an answer, chunk by chunk."""
 
-    __slots__ = ("state", "buf", "_always")
+    __slots__ = ("state", "buf", "_always", "_json")
 
-    def __init__(self, parser: str):
+    def __init__(self, parser: str, constrained: bool = False):
         # "open": is there a <think>? not known yet; "in": reasoning; "gap": after </think>; "out": content
         self.state = "open"
         self.buf = ""
         self._always = parser == "deepseek_r1"  # reasoning even without a <think> of its own
+        self._json = constrained  # held to JSON: an answer that opens with JSON did not think
 
     def feed(self, text: str, final: bool = False) -> tuple[str, str]:
         """(reasoning, content) that can be sent now."""
@@ -66,7 +69,7 @@ class Reasoning:
             elif not final and _START.startswith(head):  # nothing yet, or the tag's first characters
                 self.buf = buf
                 return "", ""
-            elif self._always:
+            elif self._always and not (self._json and head[:1] in ("{", "[")):
                 self.state = "in"
             else:
                 self.state, self.buf = "out", ""
@@ -104,10 +107,8 @@ class AnswerReader:
     @classmethod
     def make(cls, p: "Parsed", tool_parser: str | None, reasoning_parser: str | None) -> "AnswerReader | None":
         tools = ToolOutput.make(p.tool_choice, p.tool_name, tool_parser, p.parallel_tool_calls, p.stream)
-        # A constrained answer (a forced tool call, a JSON response_format) is JSON from its first
-        # token: the engines apply structured outputs from the start, so it has no thinking.
         constrained = p.tool_format is not None or is_json_format(p.response_format)
-        reasoning = Reasoning(reasoning_parser) if reasoning_parser and p.kind == "chat" and not constrained else None
+        reasoning = Reasoning(reasoning_parser, constrained) if reasoning_parser and p.kind == "chat" else None
         if tools is None and reasoning is None:
             return None
         return cls(reasoning, tools, p.include_reasoning)

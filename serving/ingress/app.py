@@ -106,14 +106,15 @@ def build_app(gw: Gateway) -> Starlette:
                 m.errors.labels(request.url.path, str(e.status), e.code or e.type, "stream", *labels).inc()
             return StreamingResponse(_events(stream, resp, in_band), media_type=sse.MEDIA_TYPE,
                                      headers={**stream.headers(), **echo, "cache-control": "no-cache"})
-        text, part, lps = await _whole(stream)
-        redo = getattr(gw.delegation, "cascade", lambda job, text: None)(stream.job, text)
+        part, lps = await _whole(stream)
+        # checked on the answer's content (a reasoning model's thinking is not the JSON)
+        redo = getattr(gw.delegation, "cascade", lambda job, text: None)(stream.job, part.content)
         if redo is not None:  # the small tier's answer failed its check: the large tier redoes it
             try:
                 stream = await gw.start(redo)
             except ProximaError as e:
                 return _error(e, echo)
-            text, part, lps = await _whole(stream)
+            part, lps = await _whole(stream)
             request.state.labels = _labels(stream)
         u = usage(stream.prompt_tokens, stream.completion_tokens, stream.cached_tokens)
         body = resp.full(part.content, stream.answer_finish_reason, u, part.tool_calls, part.reasoning, lps)
@@ -224,10 +225,10 @@ def _labels(stream: Stream) -> tuple[str, str, str]:
     return stream.job.principal.tenant, stream.job.model, d.region if d is not None else ""
 
 
-async def _whole(stream: Stream) -> tuple[str, Part, list[TokenLogprob] | None]:
-    """The whole answer: its text, what the stream's reader made of it (the text as content
-    without one), and its tokens' logprobs if asked. The reader sees every chunk before the
-    stream is accounted, so the agent-step record has its tool calls."""
+async def _whole(stream: Stream) -> tuple[Part, list[TokenLogprob] | None]:
+    """The whole answer: what the stream's reader made of it (the text as content without
+    one), and its tokens' logprobs if asked. The reader sees every chunk before the stream is
+    accounted, so the agent-step record has its tool calls."""
     text, part, reader = [], Part(), stream.reader
     lps: list[TokenLogprob] | None = None if stream.job.parsed.logprobs is None else []
     async for c in stream.chunks():
@@ -237,10 +238,10 @@ async def _whole(stream: Stream) -> tuple[str, Part, list[TokenLogprob] | None]:
         if reader is not None:
             part += reader.take(c.text, c.finish_reason)
     if reader is None:
-        return "".join(text), Part("".join(text)), lps
+        return Part("".join(text)), lps
     part += reader.end()  # nothing, unless the engine ended without a finish_reason
     part.tool_calls = whole_calls(part.tool_calls)
-    return "".join(text), part, lps
+    return part, lps
 
 
 async def _events(stream: Stream, resp: Responder,

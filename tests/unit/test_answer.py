@@ -4,7 +4,7 @@ import json
 
 from serving.ingress.answer import AnswerReader, Reasoning
 from serving.ingress.openai_api import parse_chat
-from serving.ingress.tools import ToolOutput
+from serving.ingress.tools import ToolOutput, whole_calls
 
 from test_tools import splits
 
@@ -63,13 +63,22 @@ def test_earlier_thinking_reaches_the_template_as_reasoning_content():
     assert [m.get("reasoning_content") for m in p.messages] == [None, "r", "s", None]
 
 
-def test_a_constrained_answer_has_no_thinking_to_split():
+def test_a_constrained_answer_is_split_only_if_its_engine_let_it_think_first():
     def parsed(**kw):
         return parse_chat(json.dumps({"model": "m", "messages": [{"role": "user", "content": "q"}],
                                       "tools": [{"type": "function", "function": {"name": "f"}}], **kw}).encode())
-    named = AnswerReader.make(parsed(tool_choice={"type": "function", "function": {"name": "f"}}), None,
-                              "deepseek_r1")
-    part, reason = read(named, ['{"x": 1}'])  # deepseek_r1 would have taken it all for thinking
-    assert part.reasoning == "" and part.tool_calls[0]["function"]["arguments"] == '{"x": 1}'
-    js = AnswerReader.make(parsed(tool_choice="none", response_format={"type": "json_object"}), None, "deepseek_r1")
-    assert js is None  # nothing to read: the answer is content
+    named = parsed(tool_choice={"type": "function", "function": {"name": "f"}})
+    as_json = parsed(tool_choice="none", response_format={"type": "json_object"})
+    for parser in ("deepseek_r1", "qwen3"):
+        for pieces in splits(' {"x": 1}'):  # vLLM without the reasoning parser: JSON from the first token
+            part, _ = read(AnswerReader.make(named, None, parser), pieces)
+            assert part.reasoning == "" and whole_calls(part.tool_calls)[0]["function"]["arguments"] == ' {"x": 1}'
+            part, _ = read(AnswerReader.make(as_json, None, parser), pieces)
+            assert (part.reasoning, part.content) == ("", ' {"x": 1}')
+        # vLLM with it: structured outputs start after the thinking (R1's template opened the tag)
+        text = ("" if parser == "deepseek_r1" else "<think>") + "x is 1</think>\n{\"x\": 1}"
+        for pieces in splits(text):
+            part, _ = read(AnswerReader.make(named, None, parser), pieces)
+            assert part.reasoning == "x is 1" and whole_calls(part.tool_calls)[0]["function"]["arguments"] == '{"x": 1}'
+            part, _ = read(AnswerReader.make(as_json, None, parser), pieces)
+            assert (part.reasoning, part.content) == ("x is 1", '{"x": 1}')
