@@ -39,14 +39,13 @@ def json_pieces(response_format: dict[str, Any] | None, seed: int) -> list[str] 
         return None
     rng = random.Random(seed)
     if kind == "json_object":
-        value: Any = {_word(rng): _words(rng, 1, 4) for _ in range(rng.randint(1, 3))}
-    else:
-        schema = (response_format.get("json_schema") or {}).get("schema") or {}  # type: ignore[union-attr]
-        try:
-            value = _Sampler(schema, rng).value(schema, 0)
-        except (TypeError, ValueError, AttributeError):  # a schema vLLM would refuse: any object
-            value = {}
-    return _PIECE.findall(json.dumps(value, ensure_ascii=False))
+        return _PIECE.findall(json.dumps({_word(rng): _words(rng, 1, 4) for _ in range(rng.randint(1, 3))}))
+    schema = (response_format.get("json_schema") or {}).get("schema") or {}  # type: ignore[union-attr]
+    try:
+        text = json.dumps(_Sampler(schema, rng).value(schema, 0), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError, AttributeError, LookupError, OverflowError):  # one vLLM would refuse
+        text = "{}"
+    return _PIECE.findall(text)
 
 
 def _word(rng: random.Random) -> str:
@@ -67,7 +66,7 @@ class _Sampler:
         s = self._resolve(s, depth)
         if "const" in s:
             return s["const"]
-        if s.get("enum"):
+        if isinstance(s.get("enum"), list) and s["enum"]:
             return self.rng.choice(s["enum"])
         kind = s.get("type")
         if isinstance(kind, list):

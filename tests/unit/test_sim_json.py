@@ -73,3 +73,22 @@ async def test_a_sim_engine_writes_the_json_then_stops():
                                                          seed=7, response_format=fmt))]
     assert "".join(c.text for c in cut) == "".join(want[:3]) and cut[-1].finish_reason == "length"
     await eng.close()
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_KEYS = st.sampled_from(["type", "properties", "required", "items", "enum", "const", "anyOf", "oneOf", "allOf",
+                         "$ref", "$defs", "minItems", "maxItems", "minLength", "maxLength", "minimum", "maximum",
+                         "exclusiveMinimum", "exclusiveMaximum", "format", "a", "b"])
+_LEAVES = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=False),
+                    st.text(max_size=8), st.sampled_from(["object", "array", "string", "integer", "number",
+                                                          "boolean", "null", "#", "#/$defs/a", "#/a/b", "uuid"]))
+_SCHEMAS = st.recursive(_LEAVES, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_KEYS, inner, max_size=5),
+                        max_leaves=40)
+
+
+@settings(max_examples=400, deadline=None)
+@given(schema=_SCHEMAS, seed=st.integers(0, 2**32))
+def test_any_schema_whatever_it_holds_gives_json_and_never_raises(schema, seed):
+    pieces = json_pieces({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}, seed)
+    json.loads("".join(pieces))
