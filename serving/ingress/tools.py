@@ -264,7 +264,7 @@ class ToolOutput:
                 content.append(t)
 
         buf = self._buf
-        while buf:
+        while buf or (final and self._inside):  # (a lone <tool_call> at the end is text)
             if not self._inside:
                 i = buf.find(_OPEN)
                 if i < 0:
@@ -328,7 +328,8 @@ class ToolOutput:
         if self._at < 0:
             head = buf.lstrip()
             if not head:
-                return "", []
+                self._buf = "" if final else buf
+                return (buf if final else ""), []
             if head[0] != "[":  # not the array it was constrained to (a simulated engine): content
                 self.mode, self._buf = "content", ""
                 return buf, []
@@ -351,7 +352,9 @@ class ToolOutput:
         if final:  # what is left: an item cut by max_tokens, or text that is no item
             rest = buf[self._at:].strip().removeprefix(",").strip()
             self._buf = ""
-            return ("" if rest in ("", "]") else (rest if self.calls else buf)), out
+            if not self.calls:  # no call read: the text as it was
+                return buf, out
+            return ("" if rest in ("", "]") else rest), out
         return "", out
 
     def _llama(self, final: bool) -> tuple[str, list[dict[str, Any]]]:
@@ -385,6 +388,8 @@ class ToolOutput:
                 rest = rest[end:].lstrip().removeprefix(";").lstrip()
         except (ValueError, TypeError, KeyError, AttributeError):
             return text, []  # not calls after all: the text as it was
+        if not calls:
+            return text, []  # no call in it (a lone <|python_tag|>): the text as it was
         return "", self._numbered(calls)
 
     def _llama_streamed(self, final: bool) -> tuple[str, list[dict[str, Any]]]:
@@ -396,8 +401,8 @@ class ToolOutput:
             call = self._args
             if call is None:  # between calls
                 self._at = _BETWEEN.match(buf, self._at).end()
-                if self._at == len(buf):
-                    return "", out
+                if self._at == len(buf):  # (at the end with no call at all: the text, a lone tag say)
+                    return self._no_more_calls(buf, out) if final and not self.calls else ("", out)
                 call = self._args = _Arguments(-1, self._at, whole=True)
             if call.index < 0:  # is it a call whose name comes first? (known once enough is written)
                 header = self._header(buf, self._at)

@@ -214,3 +214,26 @@ def test_streamed_llama3_json_calls_of_another_shape_and_text_after_them():
     assert [c["name"] for c in calls] == ["search"]
 
 
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_BITS = st.sampled_from(["<tool_call>", "</tool_call>", "<|python_tag|>", '{"name": "f", ', '"arguments": ',
+                         '"parameters": ', "{", "}", "[", "]", '"', "\\", ";", " ", "x", '"a": 1', ",", "\n"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(bits=st.lists(_BITS, max_size=30), cuts=st.lists(st.integers(1, 6), max_size=40),
+       mode=st.sampled_from(["hermes", "llama3_json", "required", "function"]), stream=st.booleans(),
+       parallel=st.sampled_from([None, False]))
+def test_any_answer_however_cut_is_read_without_raising(bits, cuts, mode, stream, parallel):
+    text = "".join(bits)
+    pieces, i = [], 0
+    for n in cuts:
+        pieces.append(text[i:i + n])
+        i += n
+    pieces.append(text[i:])
+    content, calls, _, _ = run(ToolOutput(mode, "f", parallel, stream), pieces)
+    if not calls:  # no call read: nothing is lost, the answer is its content
+        assert content == text or mode == "function"
+    assert parallel is not False or len(calls) <= 1
