@@ -82,3 +82,31 @@ def test_a_constrained_answer_is_split_only_if_its_engine_let_it_think_first():
             assert part.reasoning == "x is 1" and whole_calls(part.tool_calls)[0]["function"]["arguments"] == '{"x": 1}'
             part, _ = read(AnswerReader.make(as_json, None, parser), pieces)
             assert (part.reasoning, part.content) == ("x is 1", '{"x": 1}')
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_BITS = st.sampled_from(["<think>", "</think>", "<thi", "nk>", "</", " ", "\n", "x", "{", "a b"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(bits=st.lists(_BITS, max_size=20), cuts=st.lists(st.integers(1, 5), max_size=30),
+       parser=st.sampled_from(["deepseek_r1", "qwen3"]), constrained=st.booleans())
+def test_any_answer_however_cut_loses_nothing_but_the_tags(bits, cuts, parser, constrained):
+    text = "".join(bits)
+    pieces, i = [], 0
+    for n in cuts:
+        pieces.append(text[i:i + n])
+        i += n
+    pieces.append(text[i:])
+    part, _ = read(AnswerReader(Reasoning(parser, constrained), None), pieces)
+    assert "".join(pieces) == text
+    head = text.lstrip()
+    start = head.startswith("<think>")
+    body = head[len("<think>"):] if start else text
+    thinks = start or (parser == "deepseek_r1" and not (constrained and head[:1] in "{["  and head))
+    if not thinks:
+        assert (part.reasoning, part.content) == ("", text)
+    else:
+        reasoning, _, content = body.partition("</think>")
+        assert part.reasoning == reasoning and part.content == content.lstrip()
