@@ -21,7 +21,7 @@ from serving.engines.base import Chunk, GenerateRequest, TokenLogprob, default_s
 from serving.engines.profiles import EngineProfile, get_profile
 from serving.engines.sim_json import json_pieces
 from serving.engines.sim_core import Seq, SimCore
-from serving.engines.tokenizer import VOCAB_SIZE, WORDS, encode
+from serving.engines.tokenizer import VOCAB_SIZE, encode, piece as _piece
 from serving.errors import ContextLengthExceeded, EngineError
 from serving.prefix.hashing import block_hashes
 from serving.types import Health, ReplicaSnapshot
@@ -30,11 +30,6 @@ _NO_STEP = (0.0, 0.0, 0)
 
 
 _UNIFORM = -math.log(VOCAB_SIZE)
-
-
-def _piece(token_id: int) -> str:
-    """A simulated token's text."""
-    return " " + WORDS[token_id % len(WORDS)]
 
 
 def sim_logprobs(ids: tuple[int, ...], pieces: list[str], k: int | None) -> tuple[TokenLogprob, ...] | None:

@@ -29,3 +29,8 @@ def count(text: str) -> int:
 
 def decode_token(token_id: int) -> str:
     return WORDS[token_id % len(WORDS)]
+
+
+def piece(token_id: int) -> str:
+    """A simulated engine's text for a token id it generates (a word and the space before it)."""
+    return " " + WORDS[token_id % len(WORDS)]

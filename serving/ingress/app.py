@@ -4,6 +4,7 @@
     GET  /v1/models             GET  /v1/models/{model}  (max_model_len, as vLLM's cards)
     GET  /health                GET  /metrics (Prometheus text)
     GET  /v1/budgets            the caller's own token budgets (serving.admission)
+    POST /tokenize              POST /detokenize  (vLLM's: a prompt's tokens as the model gets them)
     GET  /admin/router          the router's view (replicas, load, in-flight); admin key
     GET  /v1/sessions/{id}/steps  the caller's own agent session, step by step (404 otherwise)
     GET  /openapi.json          this API as an OpenAPI 3.1 document (serving.ingress.openapi)
@@ -33,7 +34,8 @@ from serving.errors import InvalidRequest, ModelNotFound, NotFound, ProximaError
 from serving.ingress import sse
 from serving.ingress.answer import Part
 from serving.ingress.metrics import CONTENT_TYPE
-from serving.ingress.openai_api import Parsed, Responder, parse_chat, parse_completion, usage
+from serving.ingress.openai_api import (Parsed, Responder, parse_chat, parse_completion, parse_detokenize,
+                                        parse_tokenize, usage)
 from serving.ingress.openapi import openapi_schema
 from serving.ingress.pipeline import Gateway
 from serving.ingress.stream import Stream
@@ -133,6 +135,25 @@ def build_app(gw: Gateway) -> Starlette:
             out["max_model_len"] = gw.limits[name]
         return out
 
+    async def tokenize(request: Request) -> Response:
+        """vLLM's POST /tokenize: the prompt's tokens as the model gets them (an agent sizing its
+        context); a chat body or a completion body. No engine is involved, no budget charged."""
+        principal = gw.auth.authenticate(request.headers.get("authorization"))
+        request.state.labels = (principal.tenant, "", "")
+        parsed, strs = parse_tokenize(await request.body())
+        request.state.labels = (principal.tenant, parsed.model, "")
+        ids = await gw.prompt_tokens(parsed, principal)
+        return _json({"count": len(ids), "max_model_len": gw.limits[parsed.model], "tokens": ids,
+                      "token_strs": await gw.token_texts(parsed.model, ids, whole=False) if strs else None})
+
+    async def detokenize(request: Request) -> Response:
+        """vLLM's POST /detokenize: the text of `tokens`."""
+        principal = gw.auth.authenticate(request.headers.get("authorization"))
+        request.state.labels = (principal.tenant, "", "")
+        r = parse_detokenize(await request.body())
+        request.state.labels = (principal.tenant, r.model, "")
+        return _json({"prompt": await gw.token_texts(r.model, r.tokens, whole=True)})
+
     async def models(request: Request) -> Response:
         gw.auth.authenticate(request.headers.get("authorization"))
         now = int(time.time())
@@ -210,6 +231,8 @@ def build_app(gw: Gateway) -> Starlette:
         Route("/v1/models", counted("/v1/models", models), methods=["GET"]),
         Route("/v1/models/{model:path}", counted("/v1/models/{model}", model), methods=["GET"]),
         Route("/v1/budgets", counted("/v1/budgets", budgets), methods=["GET"]),
+        Route("/tokenize", counted("/tokenize", tokenize), methods=["POST"]),
+        Route("/detokenize", counted("/detokenize", detokenize), methods=["POST"]),
         Route("/health", counted("/health", health), methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/v1/sessions/{session_id}/steps", counted("/v1/sessions/{id}/steps", session_steps),

@@ -2,6 +2,8 @@
 
     parse_chat(body: bytes) -> Parsed          # POST /v1/chat/completions
     parse_completion(body: bytes) -> Parsed    # POST /v1/completions
+    parse_tokenize(body) -> (Parsed, strs)     # POST /tokenize (vLLM's): either body
+    parse_detokenize(body) -> DetokenizeRequest  # POST /detokenize
 
 Every bad input becomes serving.errors.InvalidRequest (400) naming the field
 in `param`: malformed JSON, wrong types, empty `messages`, `max_tokens` < 1,
@@ -217,8 +219,8 @@ def _load(body: bytes) -> Any:
         raise InvalidRequest(f"We could not parse the JSON body of your request: {e}") from None
 
 
-def _validate(cls: type[_Body], body: bytes) -> Any:
-    raw = _load(body)
+def _validate(cls: type[_Body], body: bytes | dict[str, Any]) -> Any:
+    raw = body if isinstance(body, dict) else _load(body)
     if not isinstance(raw, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     try:
@@ -333,7 +335,7 @@ def _tool_choice(r: ChatRequest) -> tuple[str, str | None]:
     return c, None
 
 
-def parse_chat(body: bytes) -> Parsed:
+def parse_chat(body: bytes | dict[str, Any]) -> Parsed:
     r: ChatRequest = _validate(ChatRequest, body)
     if r.top_logprobs and not r.logprobs:
         raise InvalidRequest("`top_logprobs` needs `logprobs` set to true.", param="top_logprobs")
@@ -352,7 +354,7 @@ def parse_chat(body: bytes) -> Parsed:
                   logprobs=(r.top_logprobs or 0) if r.logprobs else None)
 
 
-def parse_completion(body: bytes) -> Parsed:
+def parse_completion(body: bytes | dict[str, Any]) -> Parsed:
     r: CompletionRequest = _validate(CompletionRequest, body)
     if r.echo:
         raise InvalidRequest("`echo` is not supported.", param="echo")
@@ -372,6 +374,29 @@ def parse_completion(body: bytes) -> Parsed:
         raise InvalidRequest("The prompt must not be empty.", param="prompt")
     return Parsed("completion", prompt=prompt, prompt_token_ids=ids, max_tokens=r.max_tokens, **_common(r),
                   logprobs=r.logprobs)
+
+
+class DetokenizeRequest(_Body):
+    model: str = Field(min_length=1)
+    tokens: list[Annotated[int, Field(ge=0)]] = Field(max_length=1_000_000)
+
+
+def parse_tokenize(body: bytes) -> tuple[Parsed, bool]:
+    """POST /tokenize (vLLM's): a chat body (`messages`) or a completion body (`prompt`), as
+    the model would get it; and whether the token strings are wanted (`return_token_strs`)."""
+    raw = _load(body)
+    if not isinstance(raw, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    strs = raw.pop("return_token_strs", False)
+    if not isinstance(strs, bool):
+        raise InvalidRequest("Invalid value for `return_token_strs`: Input should be a valid boolean",
+                             param="return_token_strs")
+    return (parse_chat(raw) if "messages" in raw else parse_completion(raw)), strs
+
+
+def parse_detokenize(body: bytes) -> DetokenizeRequest:
+    """POST /detokenize (vLLM's): `model` and `tokens`."""
+    return _validate(DetokenizeRequest, body)
 
 
 # --- response objects ---------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from serving.ingress.openai_api import ChatRequest, CompletionRequest
+from serving.ingress.openai_api import ChatRequest, CompletionRequest, DetokenizeRequest
 
 _ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type"],
@@ -44,13 +44,18 @@ def _header(name: str, desc: str, schema: dict[str, Any] | None = None) -> dict[
 def openapi_schema(model_names: list[str], regions: list[str]) -> dict[str, Any]:
     defs: dict[str, Any] = {"Error": _ERROR}
     bodies = {}
-    for name, cls in (("ChatCompletionRequest", ChatRequest), ("CompletionRequest", CompletionRequest)):
+    for name, cls in (("ChatCompletionRequest", ChatRequest), ("CompletionRequest", CompletionRequest),
+                      ("DetokenizeRequest", DetokenizeRequest)):
         s = cls.model_json_schema(ref_template="#/components/schemas/{model}")
         defs.update(s.pop("$defs", {}))
         s["properties"]["model"]["examples"] = model_names
         defs[name] = s
         bodies[name] = {"required": True, "content": {"application/json": {
             "schema": {"$ref": f"#/components/schemas/{name}"}}}}
+    strs = {"type": "object", "properties": {"return_token_strs": {"type": "boolean"}}}
+    bodies["TokenizeRequest"] = {"required": True, "content": {"application/json": {"schema": {"anyOf": [
+        {"allOf": [{"$ref": f"#/components/schemas/{n}"}, strs]}
+        for n in ("ChatCompletionRequest", "CompletionRequest")]}}}}
     request_headers = [
         _header("x-client-region", "The client's region (default: the gateway's home region)",
                 {"type": "string", "examples": regions}),
@@ -69,6 +74,9 @@ def openapi_schema(model_names: list[str], regions: list[str]) -> dict[str, Any]
                          "responses": {"200": completion_ok,
                                        **_errors(400, 401, 403, 404, 429, 502, 503, 504)}}}
 
+    def post(summary: str, body: str, ok: dict[str, Any], *errors: int) -> dict[str, Any]:
+        return {"post": {"summary": summary, "requestBody": bodies[body], "responses": {"200": ok, **_errors(*errors)}}}
+
     def get(summary: str, ok: dict[str, Any], *errors: int) -> dict[str, Any]:
         return {"get": {"summary": summary, "responses": {"200": ok, **_errors(*errors)}}}
 
@@ -85,6 +93,9 @@ def openapi_schema(model_names: list[str], regions: list[str]) -> dict[str, Any]
                 "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
                 "responses": {"200": _json("Model"), **_errors(401, 404)}}},
             "/v1/budgets": get("The caller's token budgets", _json("Budgets"), 401, 404),
+            "/tokenize": post("A prompt's tokens as the model gets them (vLLM's; chat or completion body)",
+                              "TokenizeRequest", _json("count, max_model_len, tokens, token_strs"), 400, 401, 404),
+            "/detokenize": post("The text of tokens (vLLM's)", "DetokenizeRequest", _json("prompt"), 400, 401, 404),
             "/health": get("Replicas up", _json("Healthy"), 503),
             "/metrics": get("Prometheus metrics", {"description": "Prometheus text",
                                                    "content": {"text/plain": {"schema": {"type": "string"}}}}),

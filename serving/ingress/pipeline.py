@@ -32,7 +32,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any, AsyncIterator, Callable, Protocol
+from typing import Any, AsyncIterator, Callable, Protocol, TypeVar
 
 from serving.admission.gateway import narrow
 from serving.admission.residency import HEADER as REGIONS_HEADER, parse_regions
@@ -40,7 +40,7 @@ from serving.admission.tenancy import cache_salt
 from serving.config import Config
 from serving.engines.base import Chunk, GenerateRequest
 from serving.delegation.cascade import is_json_format
-from serving.engines.tokenizer import encode
+from serving.engines.tokenizer import VOCAB_SIZE, encode, piece
 from serving.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound
 from serving.failover import RetryPolicy
 from serving.ingress.answer import AnswerReader
@@ -57,6 +57,7 @@ from serving.prefix.hashing import block_hashes
 from serving.types import Decision, RouteRequest
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 class RouterPort(Protocol):
@@ -233,13 +234,45 @@ class Gateway:
             raise InvalidRequest(f"Unknown region(s) {unknown} in {REGIONS_HEADER}; known: "
                                  f"{sorted(self.config.regions)}.", param=REGIONS_HEADER)
         principal = narrow(principal, h.get(REGIONS_HEADER))  # residency: a header only narrows
-        tenant = self.config.auth.tenants.get(principal.tenant)
-        salt = cache_salt(principal.tenant, self.config.auth.cache_salt_secret,
-                          tenant.cache if tenant is not None else "private")
         trace = self.observer.tracer.start(h.get("traceparent"), h.get("tracestate"))
         return Job(request_id, parsed, principal, client_region, parsed.model, tuple(ids), max_tokens,
-                   cache_salt=salt, session_id=h.get(SESSION_HEADER), headers=headers, trace=trace,
-                   created=time.time())
+                   cache_salt=self._salt(principal), session_id=h.get(SESSION_HEADER), headers=headers,
+                   trace=trace, created=time.time())
+
+    def _salt(self, principal: Principal) -> str | None:
+        tenant = self.config.auth.tenants.get(principal.tenant)
+        return cache_salt(principal.tenant, self.config.auth.cache_salt_secret,
+                          tenant.cache if tenant is not None else "private")
+
+    async def prompt_tokens(self, parsed: Parsed, principal: Principal) -> list[int]:
+        """POST /tokenize: the ids `parsed.model` would get for this prompt (its own tokenizer and
+        template, else the word tokenizer's), as vLLM's /tokenize counts them."""
+        if parsed.model not in self.limits:
+            if parsed.model in self.delegation.aliases:
+                raise InvalidRequest(f"`{parsed.model}` picks a model per request; tokenize with a "
+                                     "model's own name.", param="model")
+            raise ModelNotFound(f"The model `{parsed.model}` does not exist.", param="model")
+        if parsed.model not in self.hf:
+            return list(parsed.prompt_token_ids or self.tokenizer(parsed.prompt))
+        job = Job("tokenize", parsed, principal, self.config.home_region, parsed.model, (), 0,
+                  cache_salt=self._salt(principal))
+        return list((await self._off_loop(self.tokenize, job)).prompt_token_ids)
+
+    async def token_texts(self, model: str, ids: list[int], whole: bool) -> list[str] | str:
+        """The tokens' own strings (whole: False), or the text they decode to (POST /detokenize).
+        Ids outside the model's vocabulary are a 400."""
+        if model not in self.limits:
+            raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
+        hf = self.hf.get(model)
+        size = len(hf.tok) if hf is not None else VOCAB_SIZE
+        bad = next((t for t in ids if t >= size), None)
+        if bad is not None:
+            raise InvalidRequest(f"Token id {bad} is out of the vocabulary of `{model}` ({size} tokens).",
+                                 param="tokens")
+        if hf is not None:
+            return await self._off_loop(hf.tok.decode if whole else hf.tok.convert_ids_to_tokens, ids)
+        # a model served by simulated engines: the words they write for these ids
+        return "".join(map(piece, ids)) if whole else [piece(t) for t in ids]
 
     def tokenize(self, job: Job) -> Job:
         """The ids of `job.model`'s own tokenizer and template if it has them (the ids vLLM's own
@@ -293,9 +326,9 @@ class Gateway:
         await stream.open()
         return stream
 
-    async def _off_loop(self, fn: Callable[[Job], Job], job: Job) -> Job:
+    async def _off_loop(self, fn: Callable[[Any], _T], arg: Any) -> _T:
         """A tokenizer's CPU work, on the tokenizer thread: the event loop goes on serving streams."""
-        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, fn, job)
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, fn, arg)
 
     def rtt_s(self, client_region: str, region: str) -> float:
         if not self.inject_rtt:

@@ -553,3 +553,52 @@ async def test_logprobs_of_held_back_text_are_sent_with_it():
     tokens = [e["token"] for ev in events(r.text) if ev["choices"][0]["logprobs"]
               for e in ev["choices"][0]["logprobs"]["content"]]
     assert tokens == ["Sure", " <tool", "_ca", "ll> not really"]
+
+
+# --- /tokenize and /detokenize (vLLM's) ---------------------------------------------------------
+
+async def test_tokenize_counts_what_the_model_would_get_and_detokenize_reverses_it(tiny_tokenizer):
+    path, tok = tiny_tokenizer
+    c, engines, _ = make({**CONFIG, "models": [{"name": "m", "max_model_len": 4096, "tokenizer": path}]})
+    seen = requests_seen(engines)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "weather in lima?"}]
+    r = await c.post("/tokenize", json={"model": "m", "messages": messages, "tools": [WEATHER],
+                                        "return_token_strs": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert not seen  # no engine is involved
+    done = await c.post("/v1/chat/completions", json={"model": "m", "max_tokens": 2, "messages": messages,
+                                                      "tools": [WEATHER]})
+    assert body["tokens"] == list(seen[0].prompt_token_ids)  # the very ids the engine got
+    assert body["count"] == len(body["tokens"]) == done.json()["usage"]["prompt_tokens"]
+    assert body["max_model_len"] == 4096 and body["token_strs"] == tok.convert_ids_to_tokens(body["tokens"])
+    r = await c.post("/detokenize", json={"model": "m", "tokens": body["tokens"]})
+    assert r.json()["prompt"] == tok.apply_chat_template(messages, tools=[WEATHER], add_generation_prompt=True,
+                                                         tokenize=False)
+    r = await c.post("/tokenize", json={"model": "m", "prompt": "zo ba"})  # a completion body
+    assert r.json()["tokens"] == tok("zo ba").input_ids and r.json()["token_strs"] is None
+
+
+async def test_tokenize_on_simulated_engines_and_bad_input():
+    c, engines, _ = make()
+    seen = requests_seen(engines)
+    r = await c.post("/tokenize", json=chat("hello there world"))
+    done = await c.post("/v1/chat/completions", json=chat("hello there world"))
+    assert r.json()["count"] == done.json()["usage"]["prompt_tokens"] == len(seen[0].prompt_token_ids)
+    r = await c.post("/detokenize", json={"model": "m", "tokens": [0, 1, 33]})
+    assert r.json() == {"prompt": " the router router"}  # the words simulated engines write for them
+    for path, body, status, param in [
+        ("/tokenize", {"model": "nope", "prompt": "x"}, 404, "model"),
+        ("/tokenize", chat(max_tokens=0), 400, "max_tokens"),  # the body is checked as the endpoint would
+        ("/tokenize", {**chat(), "return_token_strs": "yes"}, 400, "return_token_strs"),
+        ("/tokenize", {"model": "m"}, 400, "prompt"),
+        ("/detokenize", {"model": "m", "tokens": [-1]}, 400, "tokens.0"),
+        ("/detokenize", {"model": "m", "tokens": [32000]}, 400, "tokens"),
+        ("/detokenize", {"model": "m"}, 400, "tokens"),
+        ("/detokenize", {"model": "nope", "tokens": [1]}, 404, "model"),
+    ]:
+        r = await c.post(path, json=body)
+        assert (r.status_code, r.json()["error"]["param"]) == (status, param), (path, body, r.text)
+    r = await c.get("/tokenize")
+    assert r.status_code == 405
+

@@ -452,3 +452,15 @@ async def test_an_idle_gateway_reports_a_half_open_replica_up_again():
     finally:
         for e in engines.values():
             await e.close()
+
+
+async def test_tokenize_needs_a_key_and_a_model_of_its_own_and_charges_nothing(gw):
+    async with client(gw) as c:
+        assert (await c.post("/tokenize", json=chat("acme"))).status_code == 401
+        r = await c.post("/tokenize", json=chat("acme", model="auto"), headers=auth("acme"))
+        assert (r.status_code, r.json()["error"]["param"]) == (400, "model")  # `auto` picks per request
+        r = await c.post("/tokenize", json=chat("acme"), headers=auth("acme"))
+        assert r.status_code == 200 and r.json()["count"] > 0
+        b = await c.get("/v1/budgets", headers=auth("acme"))
+    day = next(x for x in b.json()["budgets"] if x["name"] == "tokens_per_day")
+    assert (day["used"], day["reserved"]) == (0, 0)
