@@ -166,7 +166,7 @@ def run_fuzz(url: str, models: list[str], keys: list[str | None], examples: int,
     schema = schemathesis.openapi.from_url(url + "/openapi.json")
     paths = {op.ok().path for op in schema.get_all_operations()}  # schemathesis leaves out the schema's own path
     assert paths == {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/models/{model}",
-                     "/health", "/metrics",
+                     "/health", "/metrics", "/tokenize", "/detokenize",
                      "/v1/budgets", "/admin/router", "/v1/sessions/{session_id}/steps"}
     stats: dict[int, int] = {}
 
