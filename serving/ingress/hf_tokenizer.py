@@ -9,6 +9,14 @@ completion's text is tokenized as vLLM's completions endpoint does (special
 tokens added), and the engine gets the token ids. The router then hashes the
 same ids the engine caches.
 
+The messages reach the template as vLLM's server (0.32) passes them: content as
+a string (text parts joined by newlines), or, for a template that loops over a
+message's content (vLLM's "openai" content format, told from the template's
+syntax tree as vLLM does), as a list of `{"type": "text"}` parts; a tool's
+answer always as a string; a `developer` message as `system` unless the
+template knows the role. So the prompt is the one vLLM's own server would
+render, token for token (tested against vLLM's /tokenize).
+
 Agent loops send the same long context again and again, one tool result longer
 each time, and tokenizing it is the gateway's largest cost on the way to the
 first token (about 40 ms for 30,000 tokens here). A Hugging Face tokenizer
@@ -65,6 +73,43 @@ def _piecewise(backend: Any) -> re.Pattern | None:
     return re.compile("|".join(re.escape(a["content"]) for a in sorted(added, key=lambda a: -len(a["content"]))))
 
 
+def _loops_over_content(template: str) -> bool:
+    """Whether the template iterates over a message's content (`{% for part in
+    message['content'] %}`, or over a variable named `content`): vLLM then passes content as
+    a list of parts. As vLLM's detection, on the template's syntax tree, following `messages`
+    through `{% set %}` and the loop over it; an unreadable template is "string"."""
+    try:
+        from jinja2 import Environment, nodes
+        tree = Environment(extensions=["jinja2.ext.loopcontrols", "jinja2.ext.do"]).parse(template)
+    except Exception:  # a tag of the tokenizer's own (HF's {% generation %}): its own environment
+        try:
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+            from jinja2 import nodes
+            tree = _compile_jinja_template(template).environment.parse(template)
+        except Exception:
+            return False
+
+    def mentions(node: Any, names: set[str]) -> bool:
+        return (isinstance(node, nodes.Name) and node.name in names) or \
+            any(n.name in names for n in node.find_all(nodes.Name))
+
+    lists = {"messages"}
+    for a in tree.find_all(nodes.Assign):  # {% set loop_messages = messages[1:] %}
+        if isinstance(a.target, nodes.Name) and mentions(a.node, lists):
+            lists.add(a.target.name)
+    loops = list(tree.find_all(nodes.For))
+    each = {f.target.name for f in loops if isinstance(f.target, nodes.Name) and mentions(f.iter, lists)}
+    for f in loops:
+        it = f.iter
+        if isinstance(it, nodes.Name) and it.name == "content":
+            return True
+        key = it.attr if isinstance(it, nodes.Getattr) else \
+            it.arg.value if isinstance(it, nodes.Getitem) and isinstance(it.arg, nodes.Const) else None
+        if key == "content" and isinstance(it.node, nodes.Name) and it.node.name in each:
+            return True
+    return False
+
+
 class HFTokenizer:
     def __init__(self, name_or_path: str, cache_tokens: int = 2_000_000):
         try:
@@ -76,6 +121,9 @@ class HFTokenizer:
         if not getattr(self.tok, "chat_template", None):
             raise RuntimeError(f"tokenizer {name_or_path!r} has no chat template")
         self.tok.model_max_length = 1 << 62  # the gateway checks the model's context itself
+        template = self.tok.chat_template if isinstance(self.tok.chat_template, str) else ""
+        self.parts = _loops_over_content(template)  # vLLM's "openai" content format
+        self.developer = '"developer"' in template or "'developer'" in template
         self.backend: Any = getattr(self.tok, "backend_tokenizer", None)
         self.split = _piecewise(self.backend) if self.backend is not None else None
         self.added: dict[str, int] = dict(self.tok.added_tokens_encoder)
@@ -88,10 +136,21 @@ class HFTokenizer:
              template_kwargs: dict[str, Any] | None = None, salt: str | None = None) -> list[int]:
         kw = template_kwargs or {"add_generation_prompt": True}
         try:
-            text = self.tok.apply_chat_template(list(messages), tools=list(tools) or None, tokenize=False, **kw)
+            text = self.tok.apply_chat_template([self._as_vllm_passes(m) for m in messages],
+                                                tools=list(tools) or None, tokenize=False, **kw)
         except Exception as e:  # the template refuses the conversation (roles out of order, ...)
             raise InvalidRequest(f"The chat template rejected the messages: {e}", param="messages") from None
         return self.ids(text, salt)
+
+    def _as_vllm_passes(self, m: dict[str, Any]) -> dict[str, Any]:
+        """A message as vLLM's server hands it to this template (content: a string, None, or
+        a list of text strings, as the client sent it)."""
+        c = m.get("content")
+        texts = [c] if isinstance(c, str) else list(c or ())
+        role = "system" if m["role"] == "developer" and not self.developer else m["role"]
+        content: Any = [{"type": "text", "text": t} for t in texts] if self.parts and role != "tool" \
+            else "\n".join(texts)
+        return {**m, "role": role, "content": content}
 
     def encode(self, text: str) -> list[int]:
         return list(self.tok(text).input_ids)

@@ -264,7 +264,8 @@ def _common(r: _Common) -> dict[str, Any]:
 def render_messages(messages: list[Message], tools: tuple[dict[str, Any], ...] = (),
                     generation_prompt: bool = True) -> str:
     """The word template: `<|role|> text` per message; tools and earlier calls as JSON text."""
-    parts = [f"<|tools|> {json.dumps([t['function'] for t in tools])}"] if tools else []
+    described = [{k: v for k, v in t["function"].items() if v is not None} for t in tools]
+    parts = [f"<|tools|> {json.dumps(described)}"] if tools else []
     for m in messages:
         text = m.text(" ")
         for c in m.tool_calls or ():
@@ -273,16 +274,28 @@ def render_messages(messages: list[Message], tools: tuple[dict[str, Any], ...] =
     return " ".join(parts) + (" <|assistant|>" if generation_prompt else "")
 
 
+def _tool(t: Tool) -> dict[str, Any]:
+    """A tool as vLLM's server hands it to a chat template: description and parameters even when
+    unset (null), strict only when set."""
+    f = t.function
+    fn = {"name": f.name, "description": f.description, "parameters": f.parameters}
+    if f.strict is not None:
+        fn["strict"] = f.strict
+    return {"type": "function", "function": fn}
+
+
 def _template_message(i: int, m: Message) -> dict[str, Any]:
-    """A message as vLLM's server hands it to a chat template: text parts joined by newlines,
+    """A message for a model's own chat template: its content as sent (a string, None, or its
+    text parts' texts; serving.ingress.hf_tokenizer shapes it as vLLM would for the template),
     and an assistant's tool-call arguments as objects, as tool-use templates expect them."""
-    out: dict[str, Any] = {"role": m.role, "content": m.text("\n")}
+    content = m.content if m.content is None or isinstance(m.content, str) else [p.text for p in m.content]
+    out: dict[str, Any] = {"role": m.role, "content": content}
     if m.name is not None:
         out["name"] = m.name
     if m.tool_call_id is not None:
         out["tool_call_id"] = m.tool_call_id
     if (thought := m.reasoning if m.reasoning is not None else m.reasoning_content) is not None:
-        out["reasoning_content"] = thought  # the key reasoning models' templates read
+        out["reasoning"] = out["reasoning_content"] = thought  # both keys, as vLLM passes them
     if m.tool_calls:
         calls = []
         for j, c in enumerate(m.tool_calls):
@@ -343,7 +356,7 @@ def parse_chat(body: bytes | dict[str, Any]) -> Parsed:
     if choice in ("required", "function") and r.response_format is not None and r.response_format.type != "text":
         raise InvalidRequest("A JSON `response_format` and a `tool_choice` that forces a call cannot be "
                              "used together.", param="response_format")
-    tools = tuple(t.model_dump(exclude_none=True) for t in r.tools or ())
+    tools = tuple(_tool(t) for t in r.tools or ())
     prompt = render_messages(r.messages, tools, r.add_generation_prompt)
     max_tokens = r.max_completion_tokens or r.max_tokens
     messages = tuple(_template_message(i, m) for i, m in enumerate(r.messages))

@@ -190,7 +190,9 @@ async def test_tools_with_auto_reach_vllm_in_the_template(gateway, tiny_model):
     assert isinstance(choice["message"]["content"], str) and choice["finish_reason"] == "length"
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    text = tok.apply_chat_template(messages, tools=[CITY], add_generation_prompt=True, tokenize=False)
+    f = CITY["function"]  # as vLLM's server dumps it: description null when unset
+    as_vllm = {"type": "function", "function": {"name": f["name"], "description": None, "parameters": f["parameters"]}}
+    text = tok.apply_chat_template(messages, tools=[as_vllm], add_generation_prompt=True, tokenize=False)
     assert '"pick_city"' in text
     assert r.json()["usage"]["prompt_tokens"] == len(tok(text, add_special_tokens=False).input_ids)
 
@@ -226,3 +228,22 @@ async def test_shared_prefix_burst_reaches_the_holder_per_vllm_counters(gateway,
         gained[rid] = e.snapshot().prefix_cache_hits - before[rid]
     assert gained[holder] == 6 * 1024
     assert all(g == 0 for rid, g in gained.items() if rid != holder)
+
+
+async def test_tokenize_gives_the_ids_vllms_own_server_gives(gateway, vllm_servers):
+    client, _ = gateway
+    chat = {"model": "tiny", "tools": [CITY], "messages": [
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "pick a city"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "pick_city", "arguments": '{"city": "lima"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]}
+    async with httpx.AsyncClient(timeout=60) as direct:
+        for body in (chat, {"model": "tiny", "prompt": "zo ba route this"}):
+            ours = await client.post("/tokenize", json=body)
+            theirs = await direct.post(vllm_servers.urls[0] + "/tokenize", json=body)
+            assert ours.status_code == theirs.status_code == 200, (ours.text, theirs.text)
+            assert ours.json()["tokens"] == theirs.json()["tokens"] and ours.json()["count"] == theirs.json()["count"]
+            back = await client.post("/detokenize", json={"model": "tiny", "tokens": ours.json()["tokens"]})
+            mirror = await direct.post(vllm_servers.urls[0] + "/detokenize",
+                                       json={"model": "tiny", "tokens": ours.json()["tokens"]})
+            assert back.json()["prompt"] == mirror.json()["prompt"]

@@ -260,9 +260,9 @@ async def test_a_models_own_tokenizer_and_chat_template_make_the_engines_prompt(
                 {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
     r = await c.post("/v1/chat/completions", json={"model": "m", "messages": messages})
     assert r.status_code == 200
-    # what vLLM's chat endpoint would make: the template (parts joined by newlines), no second BOS
-    want = tok.apply_chat_template([{"role": "system", "content": "be brief"}, {"role": "user", "content": "a\nb"}],
-                                   add_generation_prompt=True, tokenize=False)
+    # what vLLM's chat endpoint would make: this template loops over content, so the parts as
+    # parts (vLLM's "openai" content format), and no second BOS
+    want = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert want.startswith("<|begin|><|system|> be brief") and want.endswith("<|assistant|>")
     seen = lambda: [(g.prompt, g.prompt_token_ids) for g in got]  # noqa: E731
     assert seen() == [(None, tuple(tok(want, add_special_tokens=False).input_ids))]
@@ -573,7 +573,10 @@ async def test_tokenize_counts_what_the_model_would_get_and_detokenize_reverses_
     assert body["count"] == len(body["tokens"]) == done.json()["usage"]["prompt_tokens"]
     assert body["max_model_len"] == 4096 and body["token_strs"] == tok.convert_ids_to_tokens(body["tokens"])
     r = await c.post("/detokenize", json={"model": "m", "tokens": body["tokens"]})
-    assert r.json()["prompt"] == tok.apply_chat_template(messages, tools=[WEATHER], add_generation_prompt=True,
+    f = WEATHER["function"]
+    as_vllm = {"type": "function", "function": {"name": f["name"], "description": None,  # unset: null
+                                                "parameters": f["parameters"]}}
+    assert r.json()["prompt"] == tok.apply_chat_template(messages, tools=[as_vllm], add_generation_prompt=True,
                                                          tokenize=False)
     r = await c.post("/tokenize", json={"model": "m", "prompt": "zo ba"})  # a completion body
     assert r.json()["tokens"] == tok("zo ba").input_ids and r.json()["token_strs"] is None

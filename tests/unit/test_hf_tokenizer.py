@@ -95,3 +95,46 @@ def test_tenants_do_not_share_cached_pieces(tiny):
     before = hf.cached_tokens
     assert hf.ids(t, salt="tenant-b") == hf.ids(t, salt="tenant-a")  # the same ids,
     assert hf.cached_tokens == 2 * before  # but tenant b's came from its own tokenizing
+
+
+STRING_TEMPLATE = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+PARTS_TEMPLATES = [  # each loops over a message's content: vLLM's "openai" content format
+    "{% for m in messages %}[{{ m.role }}]{% if m.content is string %}{{ m.content }}{% else %}"
+    "{% for p in m.content %}<{{ p.text }}>{% endfor %}{% endif %}{% endfor %}",
+    "{% for m in messages %}[{{ m['role'] }}]{% for p in m['content'] %}<{{ p['text'] }}>{% endfor %}{% endfor %}",
+    "{% set loop_messages = messages[1:] %}{% for message in loop_messages %}[{{ message.role }}]"
+    "{% if message.content is string %}{{ message.content }}{% else %}{% for p in message.content %}"
+    "<{{ p.text }}>{% endfor %}{% endif %}{% endfor %}",
+    "{% for m in messages %}{% set content = m.content %}[{{ m.role }}]{% for p in content %}<{{ p.text }}>"
+    "{% endfor %}{% endfor %}",
+]
+
+
+def _with_template(path: str, template: str) -> HFTokenizer:
+    from transformers import AutoTokenizer
+    copy = AutoTokenizer.from_pretrained(path)
+    copy.chat_template = template
+    out = f"{path}-{abs(hash(template))}"
+    copy.save_pretrained(out)
+    return HFTokenizer(out)  # reads the template at start, as the gateway does
+
+
+def _rendered(tok: HFTokenizer, messages) -> str:
+    return tok.tok.decode(tok.chat(tuple(messages), template_kwargs={"add_generation_prompt": False}))
+
+
+MESSAGES = [{"role": "developer", "content": "be brief"}, {"role": "user", "content": ["a", "b"]},
+            {"role": "assistant", "content": None}, {"role": "tool", "content": ["x", "y"]}]
+
+
+def test_messages_reach_the_template_as_vllm_passes_them(tiny):
+    from serving.ingress.hf_tokenizer import _loops_over_content
+    assert not _loops_over_content(STRING_TEMPLATE) and all(map(_loops_over_content, PARTS_TEMPLATES))
+    # a string template: parts joined by newlines, no content as "", developer as system
+    got = _rendered(_with_template(tiny, STRING_TEMPLATE), MESSAGES)
+    assert got == "[system]be brief[user]a\nb[assistant][tool]x\ny"
+    # a template that loops over content: the parts as parts (a tool's answer still one string)
+    got = _rendered(_with_template(tiny, PARTS_TEMPLATES[0]), MESSAGES)
+    assert got == "[system]<be brief>[user]<a><b>[assistant][tool]x\ny"
+    knows = STRING_TEMPLATE + "{% if false %}'developer'{% endif %}"  # a template that knows the role keeps it
+    assert _rendered(_with_template(tiny, knows), MESSAGES[:1]) == "[developer]be brief"

@@ -114,7 +114,8 @@ def test_chat_parse_renders_messages_in_order_and_reads_options():
                      {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
     }).encode())
     assert p.prompt == "<|system|> be brief <|user|> a b <|assistant|>"
-    refused = [{"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]}, {"role": "user", "content": "x"}]
+    refused = [{"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]},
+               {"role": "user", "content": "x"}]
     assert parse_chat(body(messages=refused)).prompt == "<|assistant|> no <|user|> x <|assistant|>"  # as OpenAI sent it
     assert (p.kind, p.max_tokens, p.stream, p.include_usage, p.temperature, p.seed, p.stop) == \
            ("chat", 7, True, True, 0.0, 3, ("END",))
@@ -142,7 +143,9 @@ def test_chat_parse_renders_messages_in_order_and_reads_options():
 
 def test_chat_parse_reads_tools_and_earlier_calls():
     p = parse_chat(body(tools=[TOOL]))
-    assert (p.tools, p.tool_choice, p.tool_format) == ((TOOL,), "auto", None)  # OpenAI's default with tools
+    as_vllm = {"type": "function", "function": {"name": "f", "description": None,  # as vLLM dumps it
+                                                "parameters": TOOL["function"]["parameters"]}}
+    assert (p.tools, p.tool_choice, p.tool_format) == ((as_vllm,), "auto", None)  # OpenAI's default with tools
     assert parse_chat(body()).tool_choice == "none"
     named = parse_chat(body(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "f"}}))
     assert (named.tool_choice, named.tool_name) == ("function", "f")
@@ -156,7 +159,7 @@ def test_chat_parse_reads_tools_and_earlier_calls():
     # a template gets the arguments as an object (as vLLM hands them over) and the call's id
     assert p.messages == (
         {"role": "user", "content": "go"},
-        {"role": "assistant", "content": "",
+        {"role": "assistant", "content": None,  # as sent: the model's template sees it as vLLM passes it
          "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}}]},
         {"role": "tool", "content": "done", "tool_call_id": "c1"})
     # the word template carries the tools and the call, so the prompt (and its cache blocks) differ
