@@ -37,7 +37,7 @@ def sim_logprobs(ids: tuple[int, ...], pieces: list[str], k: int | None) -> tupl
     so each has log(1/vocab), and so have its alternatives (itself, then the ids after it)."""
     if k is None:
         return None
-    return tuple((p, _UNIFORM, (((p, _UNIFORM),) if k else ()) + tuple((_piece(t + j), _UNIFORM) for j in range(1, k)))
+    return tuple((p, _UNIFORM, ((p, _UNIFORM),)[:k] + tuple((_piece(t + j), _UNIFORM) for j in range(1, k)))
                  for t, p in zip(ids, pieces))
 
 

@@ -255,11 +255,12 @@ async def _whole(stream: Stream) -> tuple[Part, list[TokenLogprob] | None]:
     text, part, reader = [], Part(), stream.reader
     lps: list[TokenLogprob] | None = None if stream.job.parsed.logprobs is None else []
     async for c in stream.chunks():
-        text.append(c.text)
         if lps is not None and c.logprobs:
             lps.extend(c.logprobs)
         if reader is not None:
             part += reader.take(c.text, c.finish_reason)
+        else:
+            text.append(c.text)
     if reader is None:
         return Part("".join(text)), lps
     part += reader.end()  # nothing, unless the engine ended without a finish_reason
