@@ -75,7 +75,8 @@ def openapi_schema(model_names: list[str], regions: list[str]) -> dict[str, Any]
                                        **_errors(400, 401, 403, 404, 429, 502, 503, 504)}}}
 
     def post(summary: str, body: str, ok: dict[str, Any], *errors: int) -> dict[str, Any]:
-        return {"post": {"summary": summary, "requestBody": bodies[body], "responses": {"200": ok, **_errors(*errors)}}}
+        return {"post": {"summary": summary, "requestBody": bodies[body],
+                         "responses": {"200": ok, **_errors(*errors)}}}
 
     def get(summary: str, ok: dict[str, Any], *errors: int) -> dict[str, Any]:
         return {"get": {"summary": summary, "responses": {"200": ok, **_errors(*errors)}}}
