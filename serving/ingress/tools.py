@@ -30,6 +30,11 @@ word template). What comes back depends on `tool_choice`:
     each call is sent as the hermes ones are (name, then parameters as they
     come), and text after the calls that is no call is content; not
     streamed, it is read when complete;
+  - `qwen3_coder`: `<tool_call><function=NAME><parameter=KEY>value
+    </parameter>...</function></tool_call>`, as Qwen3-Coder writes them; each
+    value is typed by the tool's parameter schema as vLLM's parser types it
+    (an integer, a boolean, JSON for objects and arrays; a string otherwise).
+    Streamed, a call's name leaves when written and each parameter when whole;
 - `auto` with no parser, or `none`: the answer is content.
 
 An answer that does not parse (a model that ignored the format, or one cut by
@@ -55,6 +60,14 @@ _DECODER = json.JSONDecoder()
 # the start of a call whose name comes first and whose arguments (or parameters) are an object
 _HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\{)')
 _BETWEEN = re.compile(r"(?:\s|;)*")  # llama3_json: what separates calls
+# qwen3_coder: <function=NAME> <parameter=KEY>VALUE</parameter>... </function>; a parameter whose
+# closing tag is missing ends at the next parameter or the function's end (at the block's end, there)
+_FUNCTION = re.compile(r"<function=([^>\n]*)>")
+_FUNCTION_END, _PARAMETER_END = "</function>", "</parameter>"
+_PARAMETER = re.compile(r"<parameter=([^>\n]*)>")
+_VALUE_ENDS = (_PARAMETER_END, "<parameter=", _FUNCTION_END)
+_LONGEST_END = max(map(len, _VALUE_ENDS))
+_TEXT_TYPES = ("string", "str", "text", "varchar", "char", "enum")
 
 
 def _params(fn: dict[str, Any]) -> dict[str, Any]:
@@ -178,14 +191,58 @@ class _Arguments:
         return i
 
 
+class _XmlBlock:
+    """qwen3_coder: one <tool_call> block read as it grows: where reading goes on, the function
+    being read (its name, its call's index once its header was sent, its parameters so far),
+    whether it had any function."""
+
+    __slots__ = ("at", "name", "index", "params", "seen", "key", "scan")
+
+    def __init__(self) -> None:
+        self.at, self.name, self.index, self.params, self.seen = 0, None, -1, {}, False
+        self.key: str | None = None  # the parameter whose value is being read (it starts at `at`)
+        self.scan = 0  # how far that value was searched for its end
+
+
+def _xml_value(schema: Any, raw: str) -> Any:
+    """A qwen3_coder parameter's text as the JSON value its schema's type says, as vLLM's parser
+    converts it (one newline each side is the tag's; `null` is null; what does not convert
+    stays a string)."""
+    v = raw[1:] if raw.startswith("\n") else raw
+    v = v[:-1] if v.endswith("\n") else v
+    if v.lower() == "null":
+        return None
+    kind = schema.get("type", "string") if isinstance(schema, dict) else "string"
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "string")
+    kind = str(kind).lower()
+    try:
+        if kind in _TEXT_TYPES:
+            return v
+        if kind.startswith(("int", "uint")) or kind in ("long", "short"):
+            return int(v)
+        if kind.startswith(("num", "float")) or kind == "double":
+            f = float(v)
+            return int(f) if f.is_integer() else f
+        if kind in ("boolean", "bool", "binary"):
+            return v.lower() == "true" if v.lower() in ("true", "false") else v
+        if kind.startswith(("object", "array", "arr", "dict", "list")):
+            return json.loads(v)
+    except (ValueError, OverflowError):
+        pass
+    return v
+
+
 class ToolOutput:
     """One answer's text turned into content and tool calls, chunk by chunk."""
 
     __slots__ = ("mode", "name", "parallel", "stream", "calls", "names", "_buf", "_parts", "_at", "_inside",
-                 "_seen", "_json", "_args")
+                 "_seen", "_json", "_args", "_xml", "_schemas")
 
-    def __init__(self, mode: str, name: str | None = None, parallel: bool | None = None, stream: bool = False):
-        # "function" (named) | "required" | a parser: "hermes" | "llama3_json"; "content": no calls to read
+    def __init__(self, mode: str, name: str | None = None, parallel: bool | None = None, stream: bool = False,
+                 tools: tuple[dict[str, Any], ...] = ()):
+        # "function" (named) | "required" | a parser: "hermes" | "llama3_json" | "qwen3_coder";
+        # "content": no calls to read
         self.mode = mode
         self.name = name
         self.parallel = parallel
@@ -199,14 +256,18 @@ class ToolOutput:
         self._seen = 0  # hermes, inside a call: how much of it was searched for </tool_call>
         self._json: bool | None = None  # llama3_json: the answer is calls (None: not known yet)
         self._args: _Arguments | None = None  # hermes, streamed: the call being sent
+        self._xml: _XmlBlock | None = None  # qwen3_coder: the <tool_call> block being read
+        # qwen3_coder: each function's parameters' schemas (their values are typed by them)
+        self._schemas = {t["function"]["name"]: (t["function"].get("parameters") or {}).get("properties") or {}
+                         for t in tools} if mode == "qwen3_coder" else {}
 
     @classmethod
-    def make(cls, choice: str, name: str | None, parser: str | None,
-             parallel: bool | None, stream: bool = False) -> "ToolOutput | None":
+    def make(cls, choice: str, name: str | None, parser: str | None, parallel: bool | None,
+             stream: bool = False, tools: tuple[dict[str, Any], ...] = ()) -> "ToolOutput | None":
         if choice in ("function", "required"):
             return cls(choice, name, parallel)
         if reads_tags(choice, parser):
-            return cls(parser, None, parallel, stream)
+            return cls(parser, None, parallel, stream, tools)
         return None
 
     def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
@@ -278,24 +339,83 @@ class ToolOutput:
             j = buf.find(_CLOSE, max(0, self._seen - len(_CLOSE) + 1))
             if j < 0 and not final:
                 self._seen = len(buf)
-                if self.stream:
+                if self.mode == "qwen3_coder" and self.stream:
+                    sent += self._functions(buf, False, calls)
+                elif self.stream:
                     sent += self._streamed(buf, calls)
                 break  # the call is still coming
             self._seen = 0
             body = buf if j < 0 else buf[:j]
             rest = "" if j < 0 else buf[j + len(_CLOSE):]
-            if self.stream:
-                sent += self._streamed(body, calls)
-            if self._args is not None:  # sent as it came: the rest of its arguments went just now
-                self._args = None
+            as_text = _OPEN + body + ("" if j < 0 else _CLOSE)  # if it is no call: the text as it was
+            if self.mode == "qwen3_coder":
+                sent += self._functions(body, True, calls)
+                if not self._xml.seen:  # type: ignore[union-attr]
+                    content.append(as_text)
+                self._xml = None
             else:
-                try:
-                    calls.append(_written_call(json.loads(body), no_arguments={}))
-                except (ValueError, TypeError, KeyError, AttributeError):
-                    content.append(_OPEN + body + ("" if j < 0 else _CLOSE))  # not a call: the text as it was
+                if self.stream:
+                    sent += self._streamed(body, calls)
+                if self._args is not None:  # sent as it came: the rest of its arguments went just now
+                    self._args = None
+                else:
+                    try:
+                        calls.append(_written_call(json.loads(body), no_arguments={}))
+                    except (ValueError, TypeError, KeyError, AttributeError):
+                        content.append(as_text)
             buf, self._inside = rest, False
         self._buf = buf
         return "".join(content), sent + self._numbered(calls)
+
+    def _functions(self, body: str, closed: bool, calls: list[tuple[str, str]]) -> list[dict[str, Any]]:
+        """qwen3_coder: the functions of a <tool_call> block read so far. Streamed, a call's header
+        leaves when its `<function=NAME>` is written and each parameter when it is whole; the
+        call's arguments are a JSON object of them. Not streamed, each call joins `calls` whole
+        when its function ends (or its block does: a function cut short keeps its whole
+        parameters)."""
+        x = self._xml = self._xml or _XmlBlock()
+        out: list[dict[str, Any]] = []
+        while True:
+            if x.name is None:
+                m = _FUNCTION.search(body, x.at)
+                if m is None:
+                    return out
+                x.name, x.params, x.at, x.index, x.seen = m.group(1).strip(), {}, m.end(), -1, True
+                if self.stream and not (self.parallel is False and (self.calls or calls)):
+                    out += self._numbered(calls)  # whole calls before it keep their order
+                    calls.clear()
+                    header = self._numbered([(x.name, "")])
+                    out += header
+                    x.index = header[0]["index"]
+                continue
+            if x.key is None:  # between parameters: the next one, or the function's end
+                m = _PARAMETER.search(body, x.at)
+                end = body.find(_FUNCTION_END, x.at)
+                if m is not None and (end < 0 or m.start() < end):
+                    x.key, x.at, x.scan = m.group(1).strip(), m.end(), m.end()
+                    continue
+                if end < 0 and not closed:
+                    return out  # the function is still coming
+                if x.index >= 0:
+                    out.append({"index": x.index, "function": {"arguments": "}" if x.params else "{}"}})
+                else:
+                    calls.append((x.name, json.dumps(x.params, ensure_ascii=False)))
+                x.name, x.at = None, len(body) if end < 0 else end + len(_FUNCTION_END)
+                continue
+            # in a parameter's value: it ends at its closing tag, the next parameter or the
+            # function's end; only the text written since the last look is searched
+            ends = [(i, t) for t in _VALUE_ENDS if (i := body.find(t, max(x.at, x.scan - _LONGEST_END + 1))) >= 0]
+            if not ends and not closed:
+                x.scan = len(body)
+                return out
+            i, tag = min(ends) if ends else (len(body), "")
+            value = _xml_value(self._schemas.get(x.name, {}).get(x.key), body[x.at:i])
+            if x.index >= 0:
+                piece = ("{" if not x.params else ", ") + json.dumps(x.key, ensure_ascii=False) + ": " + \
+                    json.dumps(value, ensure_ascii=False)
+                out.append({"index": x.index, "function": {"arguments": piece}})
+            x.params[x.key] = value
+            x.key, x.at = None, i + (len(tag) if tag == _PARAMETER_END else 0)
 
     def _streamed(self, body: str, calls: list[tuple[str, str]]) -> list[dict[str, Any]]:
         """hermes, streamed: a call's header as soon as its name is written, then its arguments."""

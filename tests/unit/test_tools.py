@@ -219,12 +219,13 @@ def test_streamed_llama3_json_calls_of_another_shape_and_text_after_them():
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
 _BITS = st.sampled_from(["<tool_call>", "</tool_call>", "<|python_tag|>", '{"name": "f", ', '"arguments": ',
-                         '"parameters": ', "{", "}", "[", "]", '"', "\\", ";", " ", "x", '"a": 1', ",", "\n"])
+                         '"parameters": ', "{", "}", "[", "]", '"', "\\", ";", " ", "x", '"a": 1', ",", "\n",
+                         "<function=f>", "</function>", "<parameter=a>", "</parameter>", "<parameter="])
 
 
 @settings(max_examples=300, deadline=None)
 @given(bits=st.lists(_BITS, max_size=30), cuts=st.lists(st.integers(1, 6), max_size=40),
-       mode=st.sampled_from(["hermes", "llama3_json", "required", "function"]), stream=st.booleans(),
+       mode=st.sampled_from(["hermes", "llama3_json", "qwen3_coder", "required", "function"]), stream=st.booleans(),
        parallel=st.sampled_from([None, False]))
 def test_any_answer_however_cut_is_read_without_raising(bits, cuts, mode, stream, parallel):
     text = "".join(bits)
@@ -237,3 +238,45 @@ def test_any_answer_however_cut_is_read_without_raising(bits, cuts, mode, stream
     if not calls:  # no call read: nothing is lost, the answer is its content
         assert content == text or mode == "function"
     assert parallel is not False or len(calls) <= 1
+
+
+CODER_TOOLS = ({"type": "function", "function": {"name": "write_file", "parameters": {"type": "object", "properties": {
+    "path": {"type": "string"}, "content": {"type": "string"}, "mode": {"type": "integer"},
+    "ratio": {"type": "number"}, "force": {"type": "boolean"}, "tags": {"type": "array"}}}}},
+    {"type": "function", "function": {"name": "search"}})
+CODER = ("Writing it. <tool_call>\n<function=write_file>\n<parameter=path>\na.py\n</parameter>\n"
+         "<parameter=content>\ndef f():\n    return '<x>'\n</parameter>\n<parameter=mode>\n420\n</parameter>\n"
+         "<parameter=ratio>\n2.0\n</parameter>\n<parameter=force>\nTrue\n</parameter>\n"
+         "<parameter=tags>\n[\"a\", 1]\n</parameter>\n<parameter=other>\n7\n</parameter>\n</function>\n</tool_call>\n"
+         "<tool_call>\n<function=search>\n</function>\n</tool_call>")
+CODER_ARGS = [{"path": "a.py", "content": "def f():\n    return '<x>'", "mode": 420, "ratio": 2, "force": True,
+               "tags": ["a", 1], "other": "7"}, {}]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_qwen3_coder_calls_typed_by_their_schemas_however_the_text_is_cut(stream):
+    for pieces in splits(CODER):
+        out = ToolOutput.make("auto", None, "qwen3_coder", None, stream, CODER_TOOLS)
+        content, calls, reason, deltas = run(out, pieces)
+        assert (content, reason) == ("Writing it. ", "tool_calls")
+        assert [(c["name"], json.loads(c["arguments"])) for c in calls] == list(zip(["write_file", "search"],
+                                                                                     CODER_ARGS))
+        if stream:  # the name first, then each parameter as it is whole
+            first = [d["function"] for d in deltas if d["index"] == 0]
+            assert first[0]["name"] == "write_file" and first[1]["arguments"] == '{"path": "a.py"'
+            assert len(first) == 1 + 7 + 1  # header, seven parameters, the closing brace
+        else:
+            assert len(deltas) == 2
+
+
+def test_qwen3_coder_cut_short_and_text_that_is_no_call():
+    cut = "<tool_call>\n<function=write_file>\n<parameter=path>\na.py\n</parameter>\n<parameter=content>\nx = "
+    for stream in (False, True):  # a parameter cut short runs to the end, as vLLM's parser reads it
+        content, calls, reason, _ = run(ToolOutput("qwen3_coder", stream=stream, tools=CODER_TOOLS), [cut], "length")
+        assert (content, reason) == ("", "length")
+        assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [
+            ("write_file", {"path": "a.py", "content": "x = "})]
+    bad = "<tool_call>not a function</tool_call> ok"
+    assert run(ToolOutput("qwen3_coder", stream=True), [bad])[:3] == (bad, [], "stop")
+    _, calls, _, _ = run(ToolOutput("qwen3_coder", parallel=False, stream=True, tools=CODER_TOOLS), [CODER])
+    assert [c["name"] for c in calls] == ["write_file"]
