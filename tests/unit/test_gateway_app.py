@@ -605,3 +605,14 @@ async def test_tokenize_on_simulated_engines_and_bad_input():
     r = await c.get("/tokenize")
     assert r.status_code == 405
 
+
+
+async def test_a_qwen3_coder_models_calls_are_typed_by_the_requests_tools():
+    tool = {"type": "function", "function": {"name": "wait", "parameters": {
+        "type": "object", "properties": {"seconds": {"type": "integer"}, "why": {"type": "string"}}}}}
+    c, engines, _ = make({**CONFIG, "models": [{"name": "m", "max_model_len": 4096, "tool_parser": "qwen3_coder"}]})
+    scripted(engines, ["<tool_call>\n<function=wait>\n<parameter=seconds>\n", "5\n</parameter>\n<parameter=why>\n",
+                       "12\n</parameter>\n</function>\n</tool_call>"])
+    r = await c.post("/v1/chat/completions", json=chat(tools=[tool]))
+    (call,) = r.json()["choices"][0]["message"]["tool_calls"]
+    assert json.loads(call["function"]["arguments"]) == {"seconds": 5, "why": "12"}  # the schema decides the type
