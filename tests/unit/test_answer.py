@@ -89,7 +89,7 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
 _BITS = st.sampled_from(["<think>", "</think>", "<thi", "nk>", "</", " ", "\n", "x", "{", "a b"])
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, derandomize=True)  # explored with 20,000 random ones
 @given(bits=st.lists(_BITS, max_size=20), cuts=st.lists(st.integers(1, 5), max_size=30),
        parser=st.sampled_from(["deepseek_r1", "qwen3"]), constrained=st.booleans())
 def test_any_answer_however_cut_loses_nothing_but_the_tags(bits, cuts, parser, constrained):

