@@ -33,6 +33,15 @@ def run(out: ToolOutput, pieces: list[str], reason: str = "stop"):
     return "".join(content), [calls[i] for i in sorted(calls)], out.finish_reason(reason), deltas
 
 
+def cut(text: str, sizes: list[int]) -> list[str]:
+    """The text in pieces of these sizes, the rest as the last piece."""
+    pieces, i = [], 0
+    for n in sizes:
+        pieces.append(text[i:i + n])
+        i += n
+    return pieces + [text[i:]]
+
+
 def splits(text: str):
     """The text whole, then cut in two at every position, then one character at a time."""
     yield [text]
@@ -229,12 +238,7 @@ _BITS = st.sampled_from(["<tool_call>", "</tool_call>", "<|python_tag|>", '{"nam
        parallel=st.sampled_from([None, False]))
 def test_any_answer_however_cut_is_read_without_raising(bits, cuts, mode, stream, parallel):
     text = "".join(bits)
-    pieces, i = [], 0
-    for n in cuts:
-        pieces.append(text[i:i + n])
-        i += n
-    pieces.append(text[i:])
-    content, calls, _, _ = run(ToolOutput(mode, "f", parallel, stream), pieces)
+    content, calls, _, _ = run(ToolOutput(mode, "f", parallel, stream), cut(text, cuts))
     if not calls:  # no call read: nothing is lost, the answer is its content
         assert content == text or mode == "function"
     assert parallel is not False or len(calls) <= 1
