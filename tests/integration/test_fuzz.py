@@ -181,7 +181,7 @@ def run_fuzz(url: str, models: list[str], keys: list[str | None], examples: int,
 
 def test_fuzz_in_process(inproc_url):
     stats = run_fuzz(inproc_url, ["big", "small", "auto"],
-                     [KEYS["tenant"]] * 5 + [None, KEYS["admin"], "sk-garbage", "sk-fuzz-eu"], examples=200)
+                     [KEYS["tenant"]] * 5 + [None, KEYS["admin"], "sk-garbage", "sk-fuzz-eu"], examples=300)
     assert stats.get(200, 0) > 20 and stats.get(400, 0) > 20, stats  # it reached both the engines and the validators
 
 
