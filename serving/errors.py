@@ -2,7 +2,8 @@
 
     ProximaError (500, server_error)
     ├── InvalidRequest (400, invalid_request_error)
-    │   └── ContextLengthExceeded (400, code=context_length_exceeded)
+    │   ├── ContextLengthExceeded (400, code=context_length_exceeded)
+    │   └── RequestTooLarge (413, code=request_too_large)
     ├── AuthenticationError (401, authentication_error)
     ├── PermissionDenied (403, permission_error)
     ├── NotFound (404, not_found_error)
@@ -53,6 +54,10 @@ class InvalidRequest(ProximaError):
 
 class ContextLengthExceeded(InvalidRequest):
     code = "context_length_exceeded"
+
+
+class RequestTooLarge(InvalidRequest):
+    status, code = 413, "request_too_large"
 
 
 class AuthenticationError(ProximaError):

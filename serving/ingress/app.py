@@ -30,7 +30,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from serving.engines.base import TokenLogprob
-from serving.errors import InvalidRequest, ModelNotFound, NotFound, ProximaError
+from serving.errors import InvalidRequest, ModelNotFound, NotFound, ProximaError, RequestTooLarge
 from serving.ingress import sse
 from serving.ingress.answer import Part
 from serving.ingress.metrics import CONTENT_TYPE
@@ -59,6 +59,21 @@ def _error(e: ProximaError, headers: dict[str, str] | None = None) -> Response:
 
 def build_app(gw: Gateway) -> Starlette:
     m = gw.metrics
+    limit = gw.config.serve.max_request_bytes
+
+    async def body_of(request: Request) -> bytes:
+        """The request body, read no further than `serve.max_request_bytes` (a larger one is a
+        413 before it fills the ingress's memory or its tokenizer's time)."""
+        size = request.headers.get("content-length", "")
+        if size.isdigit() and int(size) > limit:
+            raise RequestTooLarge(f"The request body is {int(size)} bytes; this gateway takes at most {limit}.")
+        chunks, got = [], 0
+        async for chunk in request.stream():
+            got += len(chunk)
+            if got > limit:
+                raise RequestTooLarge(f"The request body is over {limit} bytes, the most this gateway takes.")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     def counted(route: str, fn: Callable) -> Callable:
         async def handler(request: Request) -> Response:
@@ -90,7 +105,7 @@ def build_app(gw: Gateway) -> Starlette:
         try:
             principal = gw.auth.authenticate(request.headers.get("authorization"))
             request.state.labels = (principal.tenant, "", "")
-            parsed = parse(await request.body())
+            parsed = parse(await body_of(request))
             region = gw.client_region(request.headers.get("x-client-region"))
             extra = tuple((k, v) for k in _HEADERS if (v := request.headers.get(k)) is not None)
             job = gw.prepare(parsed, principal, region, rid, extra + tuple(echo.items()))
@@ -140,7 +155,7 @@ def build_app(gw: Gateway) -> Starlette:
         context); a chat body or a completion body. No engine is involved, no budget charged."""
         principal = gw.auth.authenticate(request.headers.get("authorization"))
         request.state.labels = (principal.tenant, "", "")
-        parsed, strs = parse_tokenize(await request.body())
+        parsed, strs = parse_tokenize(await body_of(request))
         request.state.labels = (principal.tenant, parsed.model, "")
         ids = await gw.prompt_tokens(parsed, principal)
         return _json({"count": len(ids), "max_model_len": gw.limits[parsed.model], "tokens": ids,
@@ -150,7 +165,7 @@ def build_app(gw: Gateway) -> Starlette:
         """vLLM's POST /detokenize: the text of `tokens`."""
         principal = gw.auth.authenticate(request.headers.get("authorization"))
         request.state.labels = (principal.tenant, "", "")
-        r = parse_detokenize(await request.body())
+        r = parse_detokenize(await body_of(request))
         request.state.labels = (principal.tenant, r.model, "")
         return _json({"prompt": await gw.token_texts(r.model, r.tokens, whole=True)})
 

@@ -22,6 +22,7 @@ _ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
 _REASONS = {400: "Invalid request (bad JSON, wrong field, context length exceeded, unknown client region)",
             401: "Missing or invalid API key", 403: "Not allowed for this key",
             404: "Unknown model or path", 405: "Method not allowed",
+            413: "Request body larger than serve.max_request_bytes",
             429: "Token budget or rate limit exceeded (Retry-After)",
             502: "Every replica tried failed", 503: "No replica available (or none in the allowed regions)",
             504: "A replica stalled"}
@@ -72,7 +73,7 @@ def openapi_schema(model_names: list[str], regions: list[str]) -> dict[str, Any]
     def generate(summary: str, body: str) -> dict[str, Any]:
         return {"post": {"summary": summary, "parameters": request_headers, "requestBody": bodies[body],
                          "responses": {"200": completion_ok,
-                                       **_errors(400, 401, 403, 404, 429, 502, 503, 504)}}}
+                                       **_errors(400, 401, 403, 404, 413, 429, 502, 503, 504)}}}
 
     def post(summary: str, body: str, ok: dict[str, Any], *errors: int) -> dict[str, Any]:
         return {"post": {"summary": summary, "requestBody": bodies[body],
@@ -95,8 +96,9 @@ def openapi_schema(model_names: list[str], regions: list[str]) -> dict[str, Any]
                 "responses": {"200": _json("Model"), **_errors(401, 404)}}},
             "/v1/budgets": get("The caller's token budgets", _json("Budgets"), 401, 404),
             "/tokenize": post("A prompt's tokens as the model gets them (vLLM's; chat or completion body)",
-                              "TokenizeRequest", _json("count, max_model_len, tokens, token_strs"), 400, 401, 404),
-            "/detokenize": post("The text of tokens (vLLM's)", "DetokenizeRequest", _json("prompt"), 400, 401, 404),
+                              "TokenizeRequest", _json("count, max_model_len, tokens, token_strs"),
+                              400, 401, 404, 413),
+            "/detokenize": post("The text of tokens (vLLM's)", "DetokenizeRequest", _json("prompt"), 400, 401, 404, 413),
             "/health": get("Replicas up", _json("Healthy"), 503),
             "/metrics": get("Prometheus metrics", {"description": "Prometheus text",
                                                    "content": {"text/plain": {"schema": {"type": "string"}}}}),

@@ -616,3 +616,19 @@ async def test_a_qwen3_coder_models_calls_are_typed_by_the_requests_tools():
     r = await c.post("/v1/chat/completions", json=chat(tools=[tool]))
     (call,) = r.json()["choices"][0]["message"]["tool_calls"]
     assert json.loads(call["function"]["arguments"]) == {"seconds": 5, "why": "12"}  # the schema decides the type
+
+
+async def test_a_request_body_over_the_limit_is_a_413_and_not_read_whole():
+    c, engines, _ = make({**CONFIG, "serve": {**CONFIG["serve"], "max_request_bytes": 4096}})
+    seen = requests_seen(engines)
+    big = json.dumps(chat("word " * 1000)).encode()
+    r = await c.post("/v1/chat/completions", content=big, headers={"content-type": "application/json"})
+    assert (r.status_code, r.json()["error"]["code"]) == (413, "request_too_large")
+
+    async def chunked():  # no content-length: counted as it arrives
+        for i in range(0, len(big), 1000):
+            yield big[i:i + 1000]
+    r = await c.post("/tokenize", content=chunked(), headers={"content-type": "application/json"})
+    assert (r.status_code, r.json()["error"]["code"]) == (413, "request_too_large") and not seen
+    r = await c.post("/v1/chat/completions", json=chat("word " * 100))  # under it: served
+    assert r.status_code == 200
