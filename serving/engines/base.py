@@ -44,6 +44,9 @@ class GenerateRequest:
     # OpenAI's response_format (json_object, json_schema): vLLM's structured outputs constrain the
     # answer to it; None or type text: free text. Simulated engines write a JSON value of it (sim_json)
     response_format: dict[str, Any] | None = None
+    # vLLM's structured_outputs (one of json, regex, choice, grammar, json_object, and options), as
+    # the client set it; simulated engines honour json, json_object and choice (sim_json)
+    structured_outputs: dict[str, Any] | None = None
     block_hashes: tuple[int, ...] | None = None  # engine-block hashes, if the caller has them
     prompt_len: int | None = None  # token count when only hashes are given (traces)
     # Deterministic continuation (failover after tokens were streamed): the new
@@ -58,6 +61,11 @@ class GenerateRequest:
     # W3C traceparent/tracestate (the gateway's span), x-session-id, x-agent-step: engines
     # pass them on (vllm_http as HTTP headers, vllm as trace_headers) or just carry them (sim)
     trace_headers: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def constrained(self) -> bool:
+        """The answer is held to a format (structured outputs) from its first token."""
+        return bool(self.response_format or self.structured_outputs)
 
     def sampling_set(self) -> dict[str, Any]:
         """The sampling the client set: `sampling`, and `temperature` and `top_p` if given. A vLLM

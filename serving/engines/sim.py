@@ -19,7 +19,7 @@ from typing import AsyncIterator, Callable
 
 from serving.engines.base import Chunk, GenerateRequest, TokenLogprob, default_seed
 from serving.engines.profiles import EngineProfile, get_profile
-from serving.engines.sim_json import json_pieces
+from serving.engines.sim_json import shaped_pieces
 from serving.engines.sim_core import Seq, SimCore
 from serving.engines.tokenizer import VOCAB_SIZE, encode, piece as _piece
 from serving.errors import ContextLengthExceeded, EngineError
@@ -115,7 +115,7 @@ class SimEngine:
         self._ensure_loop()
         seed = default_seed(request.request_id) if request.seed is None else request.seed
         # structured outputs: the answer is this JSON, then ends (never continued: offset 0)
-        shaped = json_pieces(request.response_format, seed)
+        shaped = shaped_pieces(request, seed)
         seed += request.token_offset  # token i of the full answer is (seed + i) % vocab
         stops = StopStrings(request.stop) if request.stop else None
         done = False

@@ -1,6 +1,8 @@
 """What a simulated engine writes under structured outputs: JSON that holds the schema.
 
     json_pieces(response_format, seed) -> list of token texts, or None (free text)
+    shaped_pieces(request, seed)        -> the same for a request's response_format or
+                                           vLLM structured_outputs (json, json_object, choice)
 
 A real engine constrained by vLLM's structured outputs writes a value of the
 requested shape; so does a simulated one, drawn from `seed`: `json_object` an
@@ -12,7 +14,9 @@ honoured, nor minItems and minLength above 64 items and 2,048 characters (the
 answer is cut by max_tokens well before). A schema vLLM would refuse gets `{}`.
 Optional properties are written about half of the time. The JSON is
 cut into word and punctuation pieces, one simulated token each, so an answer
-longer than max_tokens ends cut, as a real one does.
+longer than max_tokens ends cut, as a real one does. Of vLLM's own
+`structured_outputs`, `json` and `json_object` are written the same way and
+`choice` as one of the choices; `regex` and `grammar` are not honoured (words).
 """
 
 from __future__ import annotations
@@ -46,6 +50,25 @@ def json_pieces(response_format: dict[str, Any] | None, seed: int) -> list[str] 
     except (TypeError, ValueError, AttributeError, LookupError, OverflowError):  # one vLLM would refuse
         text = "{}"
     return _PIECE.findall(text)
+
+
+def shaped_pieces(request: Any, seed: int) -> list[str] | None:
+    """What a simulated engine writes for `request` (a GenerateRequest) under structured outputs;
+    None: free text."""
+    so = request.structured_outputs or {}
+    if "choice" in so:
+        return _PIECE.findall(str(random.Random(seed).choice(so["choice"])))
+    if "json" in so:
+        schema = so["json"]
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError:
+                schema = {}
+        return json_pieces({"type": "json_schema", "json_schema": {"schema": schema}}, seed)
+    if so.get("json_object"):
+        return json_pieces({"type": "json_object"}, seed)
+    return json_pieces(request.response_format, seed)
 
 
 def _word(rng: random.Random) -> str:

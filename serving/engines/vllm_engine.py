@@ -111,6 +111,8 @@ class VLLMEngine:
             if rf:  # as vLLM's server turns a response_format into structured outputs
                 given["structured_outputs"] = (StructuredOutputsParams(json_object=True) if rf["type"] == "json_object"
                                                else StructuredOutputsParams(json=rf["json_schema"]["schema"]))
+            if request.structured_outputs:
+                given["structured_outputs"] = StructuredOutputsParams(**request.structured_outputs)
             if request.logprobs is not None:
                 given["logprobs"] = request.logprobs
             params = SamplingParams(max_tokens=request.max_tokens, seed=vllm_seed(request.seed),

@@ -232,6 +232,8 @@ class VLLMHttpEngine:
             body["logprobs"] = r.logprobs
         if r.response_format:  # vLLM's completions endpoint takes it too: structured outputs
             body["response_format"] = r.response_format
+        if r.structured_outputs:
+            body["structured_outputs"] = r.structured_outputs
         if r.cache_salt:
             body["cache_salt"] = r.cache_salt
         return body

@@ -123,12 +123,12 @@ async def stream_with_failover(req: RouteRequest, gen: GenerateRequest, route: R
             if len(sent_ids) >= gen.max_tokens:  # it died after the last token, before "finished"
                 yield Chunk(gen.request_id, (), "", "length", prompt_tokens, cached, len(sent_ids))
                 return
-            if sent_ids and gen.response_format:
+            if sent_ids and gen.constrained:
                 # Structured outputs constrain what an engine generates, from its first token:
-                # a continuation would start the JSON over after the part already sent.
+                # a continuation would start the format over after the part already sent.
                 raise EngineError(f"replica {decision.replica_id} failed after {len(sent_ids)} tokens of an "
-                                  "answer constrained to a JSON format, which another replica cannot "
-                                  f"continue; retry the request ({e.message})")
+                                  "answer held to a format (structured outputs), which another replica "
+                                  f"cannot continue; retry the request ({e.message})")
             continue
         except BaseException as e:  # client went away, or a non-retriable error
             trace.attempts.append((decision.replica_id, decision.region, len(sent_ids), "aborted"))

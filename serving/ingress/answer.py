@@ -107,7 +107,7 @@ class AnswerReader:
     @classmethod
     def make(cls, p: "Parsed", tool_parser: str | None, reasoning_parser: str | None) -> "AnswerReader | None":
         tools = ToolOutput.make(p.tool_choice, p.tool_name, tool_parser, p.parallel_tool_calls, p.stream, p.tools)
-        constrained = p.tool_format is not None or is_json_format(p.response_format)
+        constrained = p.tool_format is not None or is_json_format(p.response_format) or bool(p.structured_outputs)
         reasoning = Reasoning(reasoning_parser, constrained) if reasoning_parser and p.kind == "chat" else None
         if tools is None and reasoning is None:
             return None

@@ -126,6 +126,29 @@ class ResponseFormat(_Body):
         return self
 
 
+class StructuredOutputs(_Body):
+    """vLLM's `structured_outputs` extension: one constraint on the answer, for real engines'
+    grammar engine (simulated ones honour json, json_object and choice)."""
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = Field(default=None, min_length=1)
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | None = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "StructuredOutputs":
+        kinds = [k for k in ("json_", "regex", "choice", "grammar", "json_object") if getattr(self, k) is not None]
+        if len(kinds) > 1:
+            raise ValueError("only one kind of constraint can be used: json, regex, choice, grammar or json_object")
+        if self.structural_tag is not None:
+            raise ValueError("`structural_tag` is not supported by this gateway")
+        return self
+
+
 class _Common(_Body):
     model: str = Field(min_length=1)
     stream: bool = False
@@ -143,6 +166,7 @@ class _Common(_Body):
     top_k: int | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0, le=1)
     response_format: ResponseFormat | None = None  # structured outputs on real engines
+    structured_outputs: StructuredOutputs | None = None  # vLLM's extension (choice, regex, ...)
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None  # token id -> bias
 
     @field_validator("logit_bias")
@@ -208,6 +232,7 @@ class Parsed:
     template_kwargs: dict[str, Any] | None = None  # chat: for apply_chat_template (generation prompt, ...)
     include_reasoning: bool = True
     response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None  # vLLM's, one constraint (json, regex, choice, ...)
     logprobs: int | None = None  # None: none; k: each token's and its k most likely alternatives'
     continuous_usage: bool = False  # streamed: the usage so far in every chunk
 
@@ -257,8 +282,22 @@ def _common(r: _Common) -> dict[str, Any]:
                 ignore_eos=r.ignore_eos,
                 response_format=None if r.response_format is None else r.response_format.model_dump(
                     by_alias=True, exclude_none=True),
+                structured_outputs=_structured(r),
                 sampling=tuple((k, v) for k in SAMPLING if (v := getattr(r, k)) is not None)
                 + ((("logit_bias", {int(k): v for k, v in r.logit_bias.items()}),) if r.logit_bias else ()))
+
+
+def _structured(r: _Common) -> dict[str, Any] | None:
+    """vLLM's structured_outputs as set (None: no constraint in it); alone, not beside a JSON
+    response_format (vLLM would take one of the two)."""
+    so = r.structured_outputs
+    out = None if so is None else so.model_dump(by_alias=True, exclude_none=True, exclude_defaults=True)
+    if not out or not ({"json", "regex", "choice", "grammar", "json_object"} & out.keys()):
+        return None
+    if r.response_format is not None and r.response_format.type != "text":
+        raise InvalidRequest("`structured_outputs` and a JSON `response_format` cannot be used together.",
+                             param="structured_outputs")
+    return out
 
 
 def render_messages(messages: list[Message], tools: tuple[dict[str, Any], ...] = (),
@@ -356,6 +395,9 @@ def parse_chat(body: bytes | dict[str, Any]) -> Parsed:
     if choice in ("required", "function") and r.response_format is not None and r.response_format.type != "text":
         raise InvalidRequest("A JSON `response_format` and a `tool_choice` that forces a call cannot be "
                              "used together.", param="response_format")
+    if choice in ("required", "function") and _structured(r) is not None:
+        raise InvalidRequest("`structured_outputs` and a `tool_choice` that forces a call cannot be "
+                             "used together.", param="structured_outputs")
     tools = tuple(_tool(t) for t in r.tools or ())
     prompt = render_messages(r.messages, tools, r.add_generation_prompt)
     max_tokens = r.max_completion_tokens or r.max_tokens

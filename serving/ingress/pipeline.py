@@ -120,7 +120,8 @@ class Job:
         return GenerateRequest(self.request_id, self.prompt_token_ids, text, self.max_tokens,
                                self.model, self.cache_salt, p.temperature, p.top_p, p.seed, p.stop,
                                ignore_eos=p.ignore_eos, sampling=sampling, block_hashes=self.block_hashes,
-                               response_format=rf, logprobs=p.logprobs, trace_headers=self.trace_headers())
+                               response_format=rf, structured_outputs=p.structured_outputs, logprobs=p.logprobs,
+                               trace_headers=self.trace_headers())
 
     def reader(self) -> AnswerReader | None:
         """The reader of this answer's reasoning and tool calls (None: the answer is content)."""

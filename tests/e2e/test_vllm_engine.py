@@ -48,6 +48,10 @@ async def test_in_process_engine_streams_caches_salts_and_aborts(tiny_model, mon
         assert text.lstrip().startswith("{")
         if js[-1].finish_reason == "stop":
             assert json.loads(text)["city"] in ("lima", "oslo")
+        # vLLM's own structured_outputs: a choice holds even a random-weight model to one of them
+        pick = await _drain(engine, GenerateRequest("c1", ids[:300], max_tokens=30, structured_outputs={
+            "choice": ["route east", "route west"]}))
+        assert "".join(c.text for c in pick) in ("route east", "route west") and pick[-1].finish_reason == "stop"
         snap = engine.snapshot()
         assert (snap.health, snap.kv_capacity_tokens, snap.region) == (Health.UP, 32 * 128, "eu-west")
 

@@ -632,3 +632,22 @@ async def test_a_request_body_over_the_limit_is_a_413_and_not_read_whole():
     assert (r.status_code, r.json()["error"]["code"]) == (413, "request_too_large") and not seen
     r = await c.post("/v1/chat/completions", json=chat("word " * 100))  # under it: served
     assert r.status_code == 200
+
+
+async def test_vllms_structured_outputs_reach_the_engine_and_a_simulated_one_picks_a_choice():
+    c, engines, _ = make()
+    seen = requests_seen(engines)
+    for stream in (False, True):
+        r = await c.post("/v1/chat/completions", json=chat(max_tokens=20, stream=stream, structured_outputs={
+            "choice": ["route to eu", "route to us"]}))
+        if stream:
+            evs = events(r.text)
+            text = "".join(e["choices"][0]["delta"].get("content") or "" for e in evs)
+            reason = evs[-1]["choices"][0]["finish_reason"]
+        else:
+            text, reason = r.json()["choices"][0]["message"]["content"], r.json()["choices"][0]["finish_reason"]
+        assert text in ("route to eu", "route to us") and reason == "stop"
+    assert seen[0].structured_outputs == {"choice": ["route to eu", "route to us"]} and seen[0].constrained
+    r = await c.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 50,
+                                             "structured_outputs": {"json": '{"type": "integer", "minimum": 3}'}})
+    assert json.loads(r.json()["choices"][0]["text"]) >= 3

@@ -27,6 +27,14 @@ BAD_CHAT = [
     ("messages-string", body(messages="hi"), "messages", "valid list"),
     ("role-unknown", body(messages=[{"role": "robot", "content": "x"}]), "messages.0.role", "Input should be"),
     ("content-number", body(messages=[{"role": "user", "content": 5}]), "messages.0.content", "valid string"),
+    ("so-two-kinds", body(structured_outputs={"choice": ["a"], "regex": "a+"}), "structured_outputs",
+     "only one kind of constraint"),
+    ("so-empty-choice", body(structured_outputs={"choice": []}), "structured_outputs.choice", "at least 1"),
+    ("so-structural-tag", body(structured_outputs={"structural_tag": "x"}), "structured_outputs", "not supported"),
+    ("so-and-json-format", body(structured_outputs={"choice": ["a"]}, response_format={"type": "json_object"}),
+     "structured_outputs", "cannot be used together"),
+    ("so-and-forced-call", body(tools=[TOOL], tool_choice="required", structured_outputs={"regex": "a"}),
+     "structured_outputs", "cannot be used together"),
     ("content-image", body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
      "messages.0.content", "parts of type `image_url` are not supported"),
     ("max-tokens-zero", body(max_tokens=0), "max_tokens", "greater than or equal to 1"),
@@ -139,6 +147,12 @@ def test_chat_parse_renders_messages_in_order_and_reads_options():
     assert [parse_chat(body(**kw)).logprobs for kw in ({}, {"logprobs": True}, {"logprobs": True, "top_logprobs": 3},
                                                        {"logprobs": False, "top_logprobs": 0})] == [None, 0, 3, None]
     assert parse_completion(b'{"model": "m", "prompt": "a", "logprobs": 0}').logprobs == 0
+    # vLLM's structured_outputs, as set (json under its own name); options alone constrain nothing
+    assert parse_chat(body(structured_outputs={"json": {"type": "object"}, "disable_any_whitespace": True})) \
+        .structured_outputs == {"json": {"type": "object"}, "disable_any_whitespace": True}
+    assert parse_completion(b'{"model": "m", "prompt": "a", "structured_outputs": {"choice": ["x", "y"]}}') \
+        .structured_outputs == {"choice": ["x", "y"]}
+    assert parse_chat(body(structured_outputs={"disable_any_whitespace": True})).structured_outputs is None
 
 
 def test_chat_parse_reads_tools_and_earlier_calls():

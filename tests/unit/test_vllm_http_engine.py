@@ -109,8 +109,11 @@ async def test_streams_chunks_and_sends_ids_salt_and_ignore_eos(fake):
                                                               ignore_eos=True,
                                                               sampling=(("top_k", 40), ("min_p", 0.1)),
                                                               response_format={"type": "json_object"}))]
+        [c async for c in e.generate(GenerateRequest("q2", (5,), max_tokens=1,
+                                                     structured_outputs={"choice": ["yes", "no"]}))]
     finally:
         await e.close()
+    assert fake.bodies[1]["structured_outputs"] == {"choice": ["yes", "no"]}  # vLLM's extension, as set
     body = fake.bodies[0]
     assert (body["prompt"], body["max_tokens"], body["stream"], body["cache_salt"], body["seed"],
             body["ignore_eos"], body["return_token_ids"], body["model"]) == \
