@@ -76,8 +76,9 @@ def _piecewise(backend: Any) -> re.Pattern | None:
 def _loops_over_content(template: str) -> bool:
     """Whether the template iterates over a message's content (`{% for part in
     message['content'] %}`, or over a variable named `content`): vLLM then passes content as
-    a list of parts. As vLLM's detection, on the template's syntax tree, following `messages`
-    through `{% set %}` and the loop over it; an unreadable template is "string"."""
+    a list of parts. vLLM's detection in a simpler form, on the template's syntax tree, following
+    `messages` through `{% set %}` and the loop over it (vLLM also follows content into macro
+    arguments; here any loop over a name `content` counts); an unreadable template is "string"."""
     try:
         from jinja2 import Environment, nodes
         tree = Environment(extensions=["jinja2.ext.loopcontrols", "jinja2.ext.do"]).parse(template)
