@@ -246,7 +246,7 @@ class ToolOutput:
         self.mode = mode
         self.name = name
         self.parallel = parallel
-        self.stream = stream  # hermes: send a call's arguments as they come (not only whole)
+        self.stream = stream  # the parsers: send a call as it is written (not only whole)
         self.calls = 0  # tool calls sent so far
         self.names: list[str] = []  # their functions, in order (agent-step records)
         self._buf = ""
@@ -255,7 +255,7 @@ class ToolOutput:
         self._inside = False  # hermes: between <tool_call> and </tool_call>
         self._seen = 0  # hermes, inside a call: how much of it was searched for </tool_call>
         self._json: bool | None = None  # llama3_json: the answer is calls (None: not known yet)
-        self._args: _Arguments | None = None  # hermes, streamed: the call being sent
+        self._args: _Arguments | None = None  # hermes and llama3_json, streamed: the call being read
         self._xml: _XmlBlock | None = None  # qwen3_coder: the <tool_call> block being read
         # qwen3_coder: each function's parameters' schemas (their values are typed by them)
         self._schemas = {t["function"]["name"]: (t["function"].get("parameters") or {}).get("properties") or {}
