@@ -165,6 +165,8 @@ class _Common(_Body):
     repetition_penalty: float | None = Field(default=None, gt=0, le=2)  # vLLM's extensions from here
     top_k: int | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0, le=1)
+    min_tokens: int | None = Field(default=None, ge=0)  # no end of sequence (or stop token id) before these
+    stop_token_ids: list[Annotated[int, Field(ge=0, lt=2**31)]] | None = Field(default=None, max_length=1024)
     response_format: ResponseFormat | None = None  # structured outputs on real engines
     structured_outputs: StructuredOutputs | None = None  # vLLM's extension (choice, regex, ...)
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None  # token id -> bias

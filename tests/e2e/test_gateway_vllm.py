@@ -112,6 +112,13 @@ async def test_logit_bias_reaches_vllm(gateway, tiny_model):
         "model": "tiny", "prompt": "zo", "max_tokens": 3, "ignore_eos": True, "logit_bias": {str(wid): 100}})
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["text"] == f" {word}" * 3  # every token the one pushed up
+    r = await client.post("/v1/completions", json={  # vLLM's stop_token_ids and min_tokens reach it too
+        "model": "tiny", "prompt": "zo", "max_tokens": 8, "logit_bias": {str(wid): 100}, "stop_token_ids": [wid],
+        "min_tokens": 3})
+    # min_tokens keeps the (pushed-up) stop token out of the first three; the fourth is it, and ends
+    choice = r.json()["choices"][0]
+    assert (choice["finish_reason"], r.json()["usage"]["completion_tokens"]) == ("stop", 4), r.text
+    assert word not in choice["text"].split()
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -54,6 +54,8 @@ BAD_CHAT = [
     ("repetition-penalty-zero", body(repetition_penalty=0), "repetition_penalty", "greater than 0"),
     ("top-k-below-minus-one", body(top_k=-2), "top_k", "greater than or equal to -1"),
     ("min-p-over-one", body(min_p=1.5), "min_p", "less than or equal to 1"),
+    ("min-tokens-negative", body(min_tokens=-1), "min_tokens", "greater than or equal to 0"),
+    ("stop-token-id-negative", body(stop_token_ids=[-3]), "stop_token_ids.0", "greater than or equal to 0"),
     ("response-format-type", body(response_format={"type": "xml"}), "response_format.type", "Input should be"),
     ("response-format-no-schema", body(response_format={"type": "json_schema"}), "response_format",
      "json_schema` is required"),
@@ -143,6 +145,7 @@ def test_chat_parse_renders_messages_in_order_and_reads_options():
         .response_format == {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}
     assert parse_chat(body(frequency_penalty=0.5, top_k=40, min_p=0.1, presence_penalty=None)).sampling == \
         (("frequency_penalty", 0.5), ("top_k", 40), ("min_p", 0.1))
+    assert parse_chat(body(min_tokens=3, stop_token_ids=[7, 9])).sampling == (("min_tokens", 3), ("stop_token_ids", [7, 9]))
     assert parse_chat(body(logit_bias={"42": -100, "7": 2.5})).sampling == (("logit_bias", {42: -100, 7: 2.5}),)
     assert [parse_chat(body(**kw)).logprobs for kw in ({}, {"logprobs": True}, {"logprobs": True, "top_logprobs": 3},
                                                        {"logprobs": False, "top_logprobs": 0})] == [None, 0, 3, None]
