@@ -159,7 +159,7 @@ def build_app(gw: Gateway) -> Starlette:
         request.state.labels = (principal.tenant, parsed.model, "")
         ids = await gw.prompt_tokens(parsed, principal)
         return _json({"count": len(ids), "max_model_len": gw.limits[parsed.model], "tokens": ids,
-                      "token_strs": await gw.token_texts(parsed.model, ids, whole=False) if strs else None})
+                      "token_strs": await gw.prompt_token_strs(parsed, ids) if strs else None})
 
     async def detokenize(request: Request) -> Response:
         """vLLM's POST /detokenize: the text of `tokens`."""

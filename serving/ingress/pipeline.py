@@ -259,6 +259,13 @@ class Gateway:
                   cache_salt=self._salt(principal))
         return list((await self._off_loop(self.tokenize, job)).prompt_token_ids)
 
+    async def prompt_token_strs(self, parsed: Parsed, ids: list[int]) -> list[str]:
+        """Each prompt token's own string (/tokenize's token_strs): the model tokenizer's, or for
+        the word tokenizer the prompt's words (its ids are hashes of them)."""
+        if parsed.model in self.hf or parsed.prompt_token_ids:
+            return await self.token_texts(parsed.model, ids, whole=False)  # type: ignore[return-value]
+        return parsed.prompt.split()
+
     async def token_texts(self, model: str, ids: list[int], whole: bool) -> list[str] | str:
         """The tokens' own strings (whole: False), or the text they decode to (POST /detokenize).
         Ids outside the model's vocabulary are a 400."""

@@ -585,9 +585,10 @@ async def test_tokenize_counts_what_the_model_would_get_and_detokenize_reverses_
 async def test_tokenize_on_simulated_engines_and_bad_input():
     c, engines, _ = make()
     seen = requests_seen(engines)
-    r = await c.post("/tokenize", json=chat("hello there world"))
+    r = await c.post("/tokenize", json={**chat("hello there world"), "return_token_strs": True})
     done = await c.post("/v1/chat/completions", json=chat("hello there world"))
     assert r.json()["count"] == done.json()["usage"]["prompt_tokens"] == len(seen[0].prompt_token_ids)
+    assert r.json()["token_strs"] == ["<|user|>", "hello", "there", "world", "<|assistant|>"]  # the words
     r = await c.post("/detokenize", json={"model": "m", "tokens": [0, 1, 33]})
     assert r.json() == {"prompt": " the router router"}  # the words simulated engines write for them
     for path, body, status, param in [
