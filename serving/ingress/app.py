@@ -108,6 +108,9 @@ def build_app(gw: Gateway) -> Starlette:
             parsed = parse(await body_of(request))
             region = gw.client_region(request.headers.get("x-client-region"))
             extra = tuple((k, v) for k in _HEADERS if (v := request.headers.get(k)) is not None)
+            # completions' `echo`: the prompt's text first (ids: as the model's tokenizer reads them)
+            shown = "" if not parsed.echo else parsed.prompt or \
+                await gw.token_texts(parsed.model, list(parsed.prompt_token_ids or ()), whole=True)
             job = gw.prepare(parsed, principal, region, rid, extra + tuple(echo.items()))
             request.state.labels = (principal.tenant, job.model, "")
             stream = await gw.start(job)
@@ -121,9 +124,9 @@ def build_app(gw: Gateway) -> Starlette:
                 resp.live_usage = lambda: usage(stream.prompt_tokens, stream.completion_tokens, stream.cached_tokens)
             def in_band(e: ProximaError) -> None:  # after the 200: counted as a stream-phase error
                 m.errors.labels(request.url.path, str(e.status), e.code or e.type, "stream", *labels).inc()
-            return StreamingResponse(_events(stream, resp, in_band), media_type=sse.MEDIA_TYPE,
+            return StreamingResponse(_events(stream, resp, in_band, shown), media_type=sse.MEDIA_TYPE,
                                      headers={**stream.headers(), **echo, "cache-control": "no-cache"})
-        part, lps = await _whole(stream)
+        part, lps = await _whole(stream, shown)
         # checked on the answer's content (a reasoning model's thinking is not the JSON)
         redo = getattr(gw.delegation, "cascade", lambda job, text: None)(stream.job, part.content)
         if redo is not None:  # the small tier's answer failed its check: the large tier redoes it
@@ -131,7 +134,7 @@ def build_app(gw: Gateway) -> Starlette:
                 stream = await gw.start(redo)
             except ProximaError as e:
                 return _error(e, echo)
-            part, lps = await _whole(stream)
+            part, lps = await _whole(stream, shown)
             request.state.labels = _labels(stream)
         u = usage(stream.prompt_tokens, stream.completion_tokens, stream.cached_tokens)
         body = resp.full(part.content, stream.answer_finish_reason, u, part.tool_calls, part.reasoning, lps)
@@ -263,11 +266,11 @@ def _labels(stream: Stream) -> tuple[str, str, str]:
     return stream.job.principal.tenant, stream.job.model, d.region if d is not None else ""
 
 
-async def _whole(stream: Stream) -> tuple[Part, list[TokenLogprob] | None]:
+async def _whole(stream: Stream, shown: str = "") -> tuple[Part, list[TokenLogprob] | None]:
     """The whole answer: what the stream's reader made of it (the text as content without
-    one), and its tokens' logprobs if asked. The reader sees every chunk before the stream is
-    accounted, so the agent-step record has its tool calls."""
-    text, part, reader = [], Part(), stream.reader
+    one, after `shown`: an echoed prompt), and its tokens' logprobs if asked. The reader sees
+    every chunk before the stream is accounted, so the agent-step record has its tool calls."""
+    text, part, reader = [shown], Part(), stream.reader
     lps: list[TokenLogprob] | None = None if stream.job.parsed.logprobs is None else []
     async for c in stream.chunks():
         if lps is not None and c.logprobs:
@@ -283,17 +286,18 @@ async def _whole(stream: Stream) -> tuple[Part, list[TokenLogprob] | None]:
     return part, lps
 
 
-async def _events(stream: Stream, resp: Responder,
-                  in_band: Callable[[ProximaError], None]) -> AsyncIterator[bytes]:
-    """SSE body: one event per engine chunk (fewer while tags or tool calls are held back),
-    the usage event if asked, then [DONE]."""
+async def _events(stream: Stream, resp: Responder, in_band: Callable[[ProximaError], None],
+                  shown: str = "") -> AsyncIterator[bytes]:
+    """SSE body: one event per engine chunk (fewer while tags or tool calls are held back; the
+    first after `shown`, an echoed prompt), the usage event if asked, then [DONE]."""
     first = True
     reader = stream.reader
     held: tuple[TokenLogprob, ...] = ()  # logprobs of tokens whose text is held back
     try:
         async for c in stream.chunks():
             if reader is None:
-                yield sse.event(resp.chunk(c.text, c.finish_reason, first, logprobs=c.logprobs))
+                text, shown = shown + c.text, ""
+                yield sse.event(resp.chunk(text, c.finish_reason, first, logprobs=c.logprobs))
             else:  # reasoning and tool calls are read out of the text as it comes
                 part = reader.take(c.text, c.finish_reason)
                 reason = reader.finish_reason(c.finish_reason)

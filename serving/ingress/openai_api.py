@@ -7,8 +7,8 @@
 
 Every bad input becomes serving.errors.InvalidRequest (400) naming the field
 in `param`: malformed JSON, wrong types, empty `messages`, `max_tokens` < 1,
-unsupported options (`n` > 1, `echo`, `suffix`: refused, not silently
-dropped). Model existence and context length are checked
+unsupported options (`n` > 1, `echo` with `logprobs`, `suffix`: refused, not
+silently dropped). Model existence and context length are checked
 later by the pipeline, which knows the deployment. Unknown fields are ignored,
 as vLLM's server does, so newer clients keep working.
 
@@ -237,6 +237,7 @@ class Parsed:
     structured_outputs: dict[str, Any] | None = None  # vLLM's, one constraint (json, regex, choice, ...)
     logprobs: int | None = None  # None: none; k: each token's and its k most likely alternatives'
     continuous_usage: bool = False  # streamed: the usage so far in every chunk
+    echo: bool = False  # completions: the prompt's text comes back before the answer
 
 
 def _load(body: bytes) -> Any:
@@ -413,8 +414,8 @@ def parse_chat(body: bytes | dict[str, Any]) -> Parsed:
 
 def parse_completion(body: bytes | dict[str, Any]) -> Parsed:
     r: CompletionRequest = _validate(CompletionRequest, body)
-    if r.echo:
-        raise InvalidRequest("`echo` is not supported.", param="echo")
+    if r.echo and r.logprobs is not None:
+        raise InvalidRequest("`echo` with `logprobs` (the prompt's own logprobs) is not supported.", param="echo")
     if r.suffix:
         raise InvalidRequest("`suffix` is not supported.", param="suffix")
     ids: tuple[int, ...] | None = None
@@ -430,7 +431,7 @@ def parse_completion(body: bytes | dict[str, Any]) -> Parsed:
     if not prompt and not ids:
         raise InvalidRequest("The prompt must not be empty.", param="prompt")
     return Parsed("completion", prompt=prompt, prompt_token_ids=ids, max_tokens=r.max_tokens, **_common(r),
-                  logprobs=r.logprobs)
+                  logprobs=r.logprobs, echo=r.echo)
 
 
 class DetokenizeRequest(_Body):

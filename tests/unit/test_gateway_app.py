@@ -652,3 +652,19 @@ async def test_vllms_structured_outputs_reach_the_engine_and_a_simulated_one_pic
     r = await c.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 50,
                                              "structured_outputs": {"json": '{"type": "integer", "minimum": 3}'}})
     assert json.loads(r.json()["choices"][0]["text"]) >= 3
+
+
+async def test_echo_gives_the_prompt_before_the_answer_whole_and_streamed(tiny_tokenizer):
+    c, _, _ = make()
+    r = await c.post("/v1/completions", json={"model": "m", "prompt": "route this", "max_tokens": 2, "echo": True})
+    text = r.json()["choices"][0]["text"]
+    assert text.startswith("route this") and len(text.split()) == 4 and r.json()["usage"]["completion_tokens"] == 2
+    r = await c.post("/v1/completions", json={"model": "m", "prompt": "route this", "max_tokens": 2, "echo": True,
+                                             "stream": True})
+    texts = [e["choices"][0]["text"] for e in events(r.text) if e["choices"]]
+    assert texts[0].startswith("route this") and "".join(texts).count("route this") == 1
+    path, tok = tiny_tokenizer  # ids: as the model's own tokenizer reads them
+    c, _, _ = make({**CONFIG, "models": [{"name": "m", "max_model_len": 4096, "tokenizer": path}]})
+    ids = tok("zo ba").input_ids
+    r = await c.post("/v1/completions", json={"model": "m", "prompt": ids, "max_tokens": 1, "echo": True})
+    assert r.json()["choices"][0]["text"].startswith(tok.decode(ids))

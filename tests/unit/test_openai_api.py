@@ -100,7 +100,7 @@ BAD_COMPLETION = [
     ("prompt-empty", {"prompt": ""}, "prompt"),
     ("prompt-object", {"prompt": {"a": 1}}, "prompt"),
     ("two-prompts", {"prompt": ["a", "b"]}, "prompt"),
-    ("echo", {"prompt": "a", "echo": True}, "echo"),
+    ("echo-with-logprobs", {"prompt": "a", "echo": True, "logprobs": 1}, "echo"),
     ("suffix", {"prompt": "def f(", "suffix": "return x"}, "suffix"),
     ("logprobs-six", {"prompt": "a", "logprobs": 6}, "logprobs"),  # OpenAI's limit: 5
     ("max-tokens-zero", {"prompt": "a", "max_tokens": 0}, "max_tokens"),
