@@ -2,7 +2,8 @@
 
     SERVE_ENV          the settings, as Ray Serve names them
     apply_serve_env()  sets any of them the environment does not set already
-    python -m serving.ray.runtime CMD...   runs CMD with them (`make run` does)
+    python -m serving.ray.runtime CMD...   runs CMD with them (`make run` does), and
+                                           turns a SIGTERM into the SIGINT it stops cleanly on
 
 Ray Serve ships them as part of its `RAY_SERVE_THROUGHPUT_OPTIMIZED` preset.
 That preset also turns on direct ingress (each ingress replica serves HTTP on
@@ -22,11 +23,22 @@ They must be in the environment of the process that starts Ray (`ray start`,
 `serve run`, the KubeRay container), so every Serve process inherits them;
 the gateway benchmark sets them before its `ray.init`, for both apps alike.
 Measured effect in docs/configuration.md.
+
+Process managers (docker stop, systemd, Kubernetes) stop a program with
+SIGTERM. `serve run` dies on it at once, with Ray's signal handler printing a
+stack, and the ingress never drains (budget charges still being recorded are
+left to the ledger's TTL). On SIGINT (Ctrl-C) it shuts Serve down gracefully:
+each ingress replica finishes its charges and telemetry. So the command runs as
+a child, and a SIGTERM to this process reaches it as SIGINT (a second one as
+SIGTERM); a Ctrl-C in a terminal reaches the child directly (its process
+group), so this process only waits, and exits with the child's status.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 from typing import MutableMapping
 
@@ -49,7 +61,18 @@ def main(argv: list[str] | None = None) -> None:
     if not argv:
         raise SystemExit("usage: python -m serving.ray.runtime serve run deployments/local.yaml")
     apply_serve_env()
-    os.execvp(argv[0], argv)
+    # SIGINT as Python's default in the child even where this process was started with it
+    # ignored (a background job of a non-interactive shell): it is how the child is stopped
+    child = subprocess.Popen(argv, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's Ctrl-C reaches the child itself
+    asked = []
+
+    def stop(*_: object) -> None:  # the first SIGTERM asks the child to stop; another one insists
+        child.send_signal(signal.SIGTERM if asked else signal.SIGINT)
+        asked.append(1)
+
+    signal.signal(signal.SIGTERM, stop)
+    raise SystemExit(child.wait())
 
 
 if __name__ == "__main__":
