@@ -144,17 +144,30 @@ class Channel:
         """Send one call; the future resolves to its value, or raises ChannelClosed,
         RemoteError, or TimeoutError after `timeout_s` (a timer on the loop: awaiting the
         future directly saves the two extra loop turns asyncio.wait_for takes)."""
-        if self.closed:
-            raise ChannelClosed("channel closed")
         call_id = next(self._ids)
+        self._write(_frame((call_id, method, args)))  # (no reply is read before the future exists)
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._pending[call_id] = fut
         if timeout_s is not None:
             timer = loop.call_later(timeout_s, self._expire, call_id)
             fut.add_done_callback(lambda _: timer.cancel())
-        self._writer.write(_frame((call_id, method, args)))
         return fut
+
+    def _write(self, frame: bytes) -> None:
+        """One frame out, or ChannelClosed: the connection can be gone before the reader has
+        seen it go (uvloop raises on a write to a closed transport; asyncio drops it)."""
+        if self.closed:
+            raise ChannelClosed("channel closed")
+        try:
+            if self._writer.is_closing():
+                raise ConnectionResetError("the connection is closing")
+            self._writer.write(frame)
+        except (RuntimeError, ConnectionError, OSError) as e:
+            exc = ChannelClosed(f"router channel lost: {type(e).__name__}")
+            self._reader.cancel()
+            self._shut(exc)
+            raise exc from None
 
     def _expire(self, call_id: int) -> None:
         fut = self._pending.pop(call_id, None)
@@ -163,9 +176,7 @@ class Channel:
 
     def send(self, method: str, *args: Any) -> None:
         """Fire and forget (no reply); lost if the connection breaks before it is read."""
-        if self.closed:
-            raise ChannelClosed("channel closed")
-        self._writer.write(_frame((0, method, args)))
+        self._write(_frame((0, method, args)))
 
     def close(self) -> None:
         if not self.closed:

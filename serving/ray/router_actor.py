@@ -364,9 +364,11 @@ class RayRouter:
     def _send(self, method: str, *args: Any) -> None:
         ch = self._channel()
         if ch is not None:
-            ch.send(method, *args)
-        else:
-            getattr(self.handle, method).remote(*args)
+            try:
+                return ch.send(method, *args)
+            except chan.ChannelClosed:  # gone under us (the router restarting): Ray carries it
+                self.channel_lost += 1
+        getattr(self.handle, method).remote(*args)
 
     async def _ask(self, method: str, *args: Any, retry_s: float | None = None) -> Any:
         """One actor call, repeated while the router is down, restarting or rebuilding."""

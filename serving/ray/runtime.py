@@ -61,17 +61,19 @@ def main(argv: list[str] | None = None) -> None:
     if not argv:
         raise SystemExit("usage: python -m serving.ray.runtime serve run deployments/local.yaml")
     apply_serve_env()
+    first = iter([signal.SIGINT])  # next() is one step: a SIGTERM inside the handler sees it taken
+    child: subprocess.Popen | None = None
+
+    def stop(*_: object) -> None:  # the first SIGTERM asks the child to stop; another one insists
+        sig = next(first, signal.SIGTERM)
+        if child is not None:
+            child.send_signal(sig)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's Ctrl-C reaches the child itself
     # SIGINT as Python's default in the child even where this process was started with it
     # ignored (a background job of a non-interactive shell): it is how the child is stopped
     child = subprocess.Popen(argv, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's Ctrl-C reaches the child itself
-    asked = []
-
-    def stop(*_: object) -> None:  # the first SIGTERM asks the child to stop; another one insists
-        child.send_signal(signal.SIGTERM if asked else signal.SIGINT)
-        asked.append(1)
-
-    signal.signal(signal.SIGTERM, stop)
     raise SystemExit(child.wait())
 
 

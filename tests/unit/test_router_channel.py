@@ -132,12 +132,11 @@ class _Remote:
     def __init__(self, fn):
         self.fn, self.calls = fn, 0
 
-    def remote(self, *args):
+    def remote(self, *args):  # like an ObjectRef: awaited for an answer, or left (fire and forget)
         self.calls += 1
-
-        async def answer():
-            return self.fn(*args)
-        return answer()
+        ref = asyncio.get_running_loop().create_future()
+        ref.set_result(self.fn(*args))
+        return ref
 
 
 class FakeActor:
@@ -251,3 +250,33 @@ def test_a_router_that_never_answers_times_out_to_ray():
     out, waited, rr = asyncio.run(main())
     assert out == ("over ray", "r2") and 0.1 <= waited < 1.0
     assert rr.channel_lost == 1 and (rr._chan is None or rr._chan.closed)
+
+
+def test_a_connection_closed_before_the_reader_noticed_is_a_closed_channel():
+    async def main():
+        calls = Calls()
+        server = await chan.serve(calls, "127.0.0.1", TOKEN)
+        actor = FakeActor(("127.0.0.1", server.port, TOKEN))
+        rr = RayRouter(actor, channel_retry_s=0.05)
+        await rr.route(_req(0))
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if rr._chan is not None:
+                break
+        ch = rr._chan
+        ch._writer.close()  # gone under the caller, the reader not told yet (uvloop then raises on write)
+        with pytest.raises(chan.ChannelClosed):
+            ch.send("events", [])
+        assert ch.closed
+        ch2 = await chan.Channel.open("127.0.0.1", server.port, TOKEN)
+        ch2._writer.close()
+        with pytest.raises(chan.ChannelClosed):
+            ch2.call("route", _req(1))
+        rr._chan = ch2 = await chan.Channel.open("127.0.0.1", server.port, TOKEN)
+        rr.finished("r1", True)  # a buffered event whose send finds the connection gone...
+        ch2._writer.close()
+        out = await rr.route(_req(2))  # ... and the call after it: both go over Ray, no error
+        server.close()
+        return out, actor
+    out, actor = asyncio.run(main())
+    assert out == ("over ray", "r2") and actor.events.calls == 1
