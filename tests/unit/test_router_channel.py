@@ -148,17 +148,24 @@ class FakeActor:
         self.channel = _Remote(lambda: address)
 
 
+async def _client_with_channel():
+    """A RayRouter over a fake actor and a real channel server, its first call made over Ray
+    (the channel opens in the background meanwhile), and the channel open."""
+    calls = Calls()
+    server = await chan.serve(calls, "127.0.0.1", TOKEN)
+    actor = FakeActor(("127.0.0.1", server.port, TOKEN))
+    rr = RayRouter(actor, channel_retry_s=0.05)
+    first = await rr.route(_req(0))
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if rr._chan is not None:
+            break
+    return calls, server, actor, rr, first
+
+
 def test_router_client_uses_the_channel_once_open_and_ray_when_it_is_lost():
     async def main():
-        calls = Calls()
-        server = await chan.serve(calls, "127.0.0.1", TOKEN)
-        actor = FakeActor(("127.0.0.1", server.port, TOKEN))
-        rr = RayRouter(actor, channel_retry_s=0.05)
-        first = await rr.route(_req(0))  # the channel opens in the background meanwhile
-        for _ in range(100):
-            await asyncio.sleep(0.01)
-            if rr._chan is not None:
-                break
+        calls, server, actor, rr, first = await _client_with_channel()
         second = await rr.route(_req(1))
         rr.finished("r1", True)
         rr.flush()
@@ -254,15 +261,7 @@ def test_a_router_that_never_answers_times_out_to_ray():
 
 def test_a_connection_closed_before_the_reader_noticed_is_a_closed_channel():
     async def main():
-        calls = Calls()
-        server = await chan.serve(calls, "127.0.0.1", TOKEN)
-        actor = FakeActor(("127.0.0.1", server.port, TOKEN))
-        rr = RayRouter(actor, channel_retry_s=0.05)
-        await rr.route(_req(0))
-        for _ in range(100):
-            await asyncio.sleep(0.01)
-            if rr._chan is not None:
-                break
+        _, server, actor, rr, _ = await _client_with_channel()
         ch = rr._chan
         ch._writer.close()  # gone under the caller, the reader not told yet (uvloop then raises on write)
         with pytest.raises(chan.ChannelClosed):
