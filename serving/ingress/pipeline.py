@@ -240,6 +240,13 @@ class Gateway:
                    cache_salt=self._salt(principal), session_id=h.get(SESSION_HEADER), headers=headers,
                    trace=trace, created=time.time())
 
+    def context_limit(self, model: str) -> int:
+        """A served model's context length; a model not served (an alias either) is a 404."""
+        limit = self.limits.get(model)
+        if limit is None:
+            raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
+        return limit
+
     def _salt(self, principal: Principal) -> str | None:
         tenant = self.config.auth.tenants.get(principal.tenant)
         return cache_salt(principal.tenant, self.config.auth.cache_salt_secret,
@@ -248,11 +255,10 @@ class Gateway:
     async def prompt_tokens(self, parsed: Parsed, principal: Principal) -> list[int]:
         """POST /tokenize: the ids `parsed.model` would get for this prompt (its own tokenizer and
         template, else the word tokenizer's), as vLLM's /tokenize counts them."""
-        if parsed.model not in self.limits:
-            if parsed.model in self.delegation.aliases:
-                raise InvalidRequest(f"`{parsed.model}` picks a model per request; tokenize with a "
-                                     "model's own name.", param="model")
-            raise ModelNotFound(f"The model `{parsed.model}` does not exist.", param="model")
+        if parsed.model in self.delegation.aliases and parsed.model not in self.limits:
+            raise InvalidRequest(f"`{parsed.model}` picks a model per request; tokenize with a "
+                                 "model's own name.", param="model")
+        self.context_limit(parsed.model)
         if parsed.model not in self.hf:
             return list(parsed.prompt_token_ids or self.tokenizer(parsed.prompt))
         job = Job("tokenize", parsed, principal, self.config.home_region, parsed.model, (), 0,
@@ -269,8 +275,7 @@ class Gateway:
     async def token_texts(self, model: str, ids: list[int], whole: bool) -> list[str] | str:
         """The tokens' own strings (whole: False), or the text they decode to (POST /detokenize).
         Ids outside the model's vocabulary are a 400."""
-        if model not in self.limits:
-            raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
+        self.context_limit(model)
         hf = self.hf.get(model)
         size = len(hf.tok) if hf is not None else VOCAB_SIZE
         bad = next((t for t in ids if t >= size), None)
@@ -297,9 +302,7 @@ class Gateway:
 
     def bind(self, job: Job) -> Job:
         """The model is final: its own ids (`tokenize`), the context limit, the block hashes."""
-        limit = self.limits.get(job.model)
-        if limit is None:
-            raise ModelNotFound(f"The model `{job.model}` does not exist.", param="model")
+        limit = self.context_limit(job.model)
         job = self.tokenize(job)
         if job.prompt_tokens + job.max_tokens > limit:
             raise ContextLengthExceeded(
