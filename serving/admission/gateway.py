@@ -1,6 +1,6 @@
 """Budgets and residency wired into the ingress pipeline's admission seam.
 
-    BudgetAdmission(ledger, policies).admit(job)   reserve prompt + max_tokens (429 if over)
+    BudgetAdmission(ledger, policies).admit(job)   reserve prompt + n x max_tokens (429 if over)
     BudgetAdmission(ledger, policies).settle(...)  reconcile to the real usage, exactly once
 
 Neither waits on the ledger without bound: a reservation it does not answer
@@ -57,12 +57,12 @@ class BudgetAdmission:
 
     async def admit(self, job: Any) -> Reservation:
         tenant = job.principal.tenant
-        tokens = job.prompt_tokens + job.max_tokens
+        tokens = job.prompt_tokens + job.completion_budget  # max_tokens for each of n choices
         if self.unlimited(tenant):
             return Reservation(job.request_id, tenant, tokens, utc_day(time.time()), job.session_id)
         try:
             return await asyncio.wait_for(admit(self.ledger, job.request_id, tenant, job.prompt_tokens,
-                                                job.max_tokens, job.session_id), self.reserve_timeout_s)
+                                                job.completion_budget, job.session_id), self.reserve_timeout_s)
         except asyncio.TimeoutError:
             # It may still land: release it once it does (the actor runs one caller's calls in order).
             self._background(Reservation(job.request_id, tenant, tokens, utc_day(time.time()),

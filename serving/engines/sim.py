@@ -17,6 +17,8 @@ import math
 import time
 from typing import AsyncIterator, Callable
 
+import xxhash
+
 from serving.engines.base import Chunk, GenerateRequest, TokenLogprob, default_seed
 from serving.engines.profiles import EngineProfile, get_profile
 from serving.engines.sim_json import shaped_pieces
@@ -30,6 +32,15 @@ _NO_STEP = (0.0, 0.0, 0)
 
 
 _UNIFORM = -math.log(VOCAB_SIZE)
+_MASK = (1 << 64) - 1
+
+
+def _token(position: int) -> int:
+    """The token a simulated answer has at `position` (its seed's start + i): scattered over the
+    vocabulary, so answers from different starts differ all along, not only in where they begin."""
+    x = position & _MASK
+    x = ((x ^ (x >> 31)) * 0x9E3779B97F4A7C15) & _MASK
+    return (x >> 32) % VOCAB_SIZE
 
 
 def sim_logprobs(ids: tuple[int, ...], pieces: list[str], k: int | None) -> tuple[TokenLogprob, ...] | None:
@@ -116,7 +127,9 @@ class SimEngine:
         seed = default_seed(request.request_id) if request.seed is None else request.seed
         # structured outputs: the answer is this JSON, then ends (never continued: offset 0)
         shaped = shaped_pieces(request, seed)
-        seed += request.token_offset  # token i of the full answer is (seed + i) % vocab
+        # token i of the full answer is _token(start + i), start a hash of the seed: seeds that
+        # differ by one (vLLM's choices of n: seed + i) give unrelated answers, not shifted ones
+        seed = xxhash.xxh64_intdigest(seed.to_bytes(16, "little", signed=True)) + request.token_offset
         stops = StopStrings(request.stop) if request.stop else None
         done = False
         try:
@@ -126,7 +139,7 @@ class SimEngine:
                     done = True
                     raise item
                 n, finished, out = item  # `out` as of emission: the queue may lag the core
-                ids = tuple((seed + out - n + k) % VOCAB_SIZE for k in range(n))
+                ids = tuple(_token(seed + out - n + k) for k in range(n))
                 complete = False  # the JSON is whole: the answer stops
                 if shaped is None:
                     pieces = [_piece(t) for t in ids]

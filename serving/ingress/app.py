@@ -19,8 +19,10 @@ request is counted by route, status, tenant, model and region.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from contextlib import aclosing
 from typing import Any, AsyncIterator, Callable
 
 from starlette.applications import Starlette
@@ -38,7 +40,7 @@ from serving.ingress.openai_api import (Parsed, Responder, parse_chat, parse_com
                                         parse_tokenize, usage)
 from serving.ingress.openapi import openapi_schema
 from serving.ingress.pipeline import Gateway
-from serving.ingress.stream import Stream
+from serving.ingress.stream import Choices, Stream
 from serving.ingress.tools import whole_calls
 from serving.observability.fleet import render_gateway
 from serving.observability.logs import request_context
@@ -113,32 +115,33 @@ def build_app(gw: Gateway) -> Starlette:
                 await gw.token_texts(parsed.model, list(parsed.prompt_token_ids or ()), whole=True)
             job = gw.prepare(parsed, principal, region, rid, extra + tuple(echo.items()))
             request.state.labels = (principal.tenant, job.model, "")
-            stream = await gw.start(job)
+            choices = await gw.start(job)
         except ProximaError as e:
             request.state.error = e.code or e.type
             return _error(e, echo)
-        request.state.labels = labels = _labels(stream)
+        request.state.labels = labels = _labels(choices)
         resp = Responder(parsed.kind, rid, job.model, parsed.include_usage)
         if parsed.stream:
             if parsed.continuous_usage:
-                resp.live_usage = lambda: usage(stream.prompt_tokens, stream.completion_tokens, stream.cached_tokens)
+                resp.live_usage = lambda: _usage(choices)
             def in_band(e: ProximaError) -> None:  # after the 200: counted as a stream-phase error
                 m.errors.labels(request.url.path, str(e.status), e.code or e.type, "stream", *labels).inc()
-            return StreamingResponse(_events(stream, resp, in_band, shown), media_type=sse.MEDIA_TYPE,
-                                     headers={**stream.headers(), **echo, "cache-control": "no-cache"})
-        part, lps = await _whole(stream, shown)
-        # checked on the answer's content (a reasoning model's thinking is not the JSON)
-        redo = getattr(gw.delegation, "cascade", lambda job, text: None)(stream.job, part.content)
-        if redo is not None:  # the small tier's answer failed its check: the large tier redoes it
+            return StreamingResponse(_events(choices, resp, in_band, shown), media_type=sse.MEDIA_TYPE,
+                                     headers={**choices.headers(), **echo, "cache-control": "no-cache"})
+        answers = await _answers(choices, shown)
+        # checked on each answer's content (a reasoning model's thinking is not the JSON)
+        check = getattr(gw.delegation, "cascade", lambda job, text: None)
+        redo = next((r for part, _ in answers if (r := check(choices.job, part.content)) is not None), None)
+        if redo is not None:  # a small tier's answer failed its check: the large tier redoes the request
             try:
-                stream = await gw.start(redo)
+                choices = await gw.start(redo)
             except ProximaError as e:
                 return _error(e, echo)
-            part, lps = await _whole(stream, shown)
-            request.state.labels = _labels(stream)
-        u = usage(stream.prompt_tokens, stream.completion_tokens, stream.cached_tokens)
-        body = resp.full(part.content, stream.answer_finish_reason, u, part.tool_calls, part.reasoning, lps)
-        return _json(body, headers={**stream.headers(), **echo})
+            answers = await _answers(choices, shown)
+            request.state.labels = _labels(choices)
+        body = resp.response([resp.choice(i, part.content, s.answer_finish_reason, part.tool_calls, part.reasoning, lps)
+                              for i, (s, (part, lps)) in enumerate(zip(choices.streams, answers))], _usage(choices))
+        return _json(body, headers={**choices.headers(), **echo})
 
     async def chat(request: Request) -> Response:
         return await completions(request, parse_chat)
@@ -261,9 +264,31 @@ def build_app(gw: Gateway) -> Starlette:
     return Starlette(routes=routes, exception_handlers={HTTPException: not_found})
 
 
-def _labels(stream: Stream) -> tuple[str, str, str]:
-    d = stream.decision
-    return stream.job.principal.tenant, stream.job.model, d.region if d is not None else ""
+def _labels(choices: Choices) -> tuple[str, str, str]:
+    d = choices.stream.decision
+    return choices.job.principal.tenant, choices.job.model, d.region if d is not None else ""
+
+
+def _usage(choices: Choices) -> dict[str, Any]:
+    """The request's usage: the prompt once, every choice's completion tokens."""
+    return usage(choices.prompt_tokens, choices.completion_tokens, choices.cached_tokens)
+
+
+async def _answers(choices: Choices, shown: str = "") -> list[tuple[Part, list[TokenLogprob] | None]]:
+    """Every choice's whole answer, read together; one that fails fails the request (the
+    others are closed)."""
+    if len(choices.streams) == 1:
+        return [await _whole(choices.stream, shown)]
+    tasks = [asyncio.ensure_future(_whole(s, shown)) for s in choices.streams]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for s in choices.streams:  # one whose task never ran is still open: its engine aborts
+            await s.aclose()
+        raise
 
 
 async def _whole(stream: Stream, shown: str = "") -> tuple[Part, list[TokenLogprob] | None]:
@@ -272,13 +297,14 @@ async def _whole(stream: Stream, shown: str = "") -> tuple[Part, list[TokenLogpr
     every chunk before the stream is accounted, so the agent-step record has its tool calls."""
     text, part, reader = [shown], Part(), stream.reader
     lps: list[TokenLogprob] | None = None if stream.job.parsed.logprobs is None else []
-    async for c in stream.chunks():
-        if lps is not None and c.logprobs:
-            lps.extend(c.logprobs)
-        if reader is not None:
-            part += reader.take(c.text, c.finish_reason)
-        else:
-            text.append(c.text)
+    async with aclosing(stream.chunks()) as chunks:
+        async for c in chunks:
+            if lps is not None and c.logprobs:
+                lps.extend(c.logprobs)
+            if reader is not None:
+                part += reader.take(c.text, c.finish_reason)
+            else:
+                text.append(c.text)
     if reader is None:
         return Part("".join(text)), lps
     part += reader.end()  # nothing, unless the engine ended without a finish_reason
@@ -286,18 +312,17 @@ async def _whole(stream: Stream, shown: str = "") -> tuple[Part, list[TokenLogpr
     return part, lps
 
 
-async def _events(stream: Stream, resp: Responder, in_band: Callable[[ProximaError], None],
-                  shown: str = "") -> AsyncIterator[bytes]:
-    """SSE body: one event per engine chunk (fewer while tags or tool calls are held back; the
-    first after `shown`, an echoed prompt), the usage event if asked, then [DONE]."""
+async def _choice_events(stream: Stream, resp: Responder, shown: str = "") -> AsyncIterator[bytes]:
+    """One choice's SSE events: one per engine chunk (fewer while tags or tool calls are held
+    back; the first after `shown`, an echoed prompt)."""
     first = True
-    reader = stream.reader
+    reader, index = stream.reader, stream.job.choice
     held: tuple[TokenLogprob, ...] = ()  # logprobs of tokens whose text is held back
-    try:
-        async for c in stream.chunks():
+    async with aclosing(stream.chunks()) as chunks:
+        async for c in chunks:
             if reader is None:
                 text, shown = shown + c.text, ""
-                yield sse.event(resp.chunk(text, c.finish_reason, first, logprobs=c.logprobs))
+                yield sse.event(resp.chunk(text, c.finish_reason, first, logprobs=c.logprobs, index=index))
             else:  # reasoning and tool calls are read out of the text as it comes
                 part = reader.take(c.text, c.finish_reason)
                 reason = reader.finish_reason(c.finish_reason)
@@ -306,17 +331,61 @@ async def _events(stream: Stream, resp: Responder, in_band: Callable[[ProximaErr
                     held = lps or ()
                     continue  # held back: it may be the start of a tag or a call
                 held = ()
-                yield sse.event(resp.chunk(part.content, reason, first, part.tool_calls, part.reasoning, lps))
+                yield sse.event(resp.chunk(part.content, reason, first, part.tool_calls, part.reasoning, lps,
+                                           index=index))
             first = False
+
+
+async def _merged(gens: list[AsyncIterator[bytes]]) -> AsyncIterator[bytes]:
+    """The choices' events as they come, each choice's in order; the first error ends them all."""
+    queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=len(gens))  # a slow client holds the engines back
+    end = object()
+
+    async def pump(gen: AsyncIterator[bytes]) -> None:
+        try:
+            async for event in gen:
+                await queue.put(event)
+            await queue.put(end)
+        except Exception as e:  # to the reader; cancellation just ends the pump
+            await queue.put(e)
+
+    tasks = [asyncio.ensure_future(pump(g)) for g in gens]
+    try:
+        left = len(tasks)
+        while left:
+            item = await queue.get()
+            if item is end:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _events(choices: Choices, resp: Responder, in_band: Callable[[ProximaError], None],
+                  shown: str = "") -> AsyncIterator[bytes]:
+    """SSE body: the choices' events (serving one choice without a task in between), the
+    usage event if asked, then [DONE]."""
+    gens = [_choice_events(s, resp, shown) for s in choices.streams]
+    try:
+        async with aclosing(gens[0] if len(gens) == 1 else _merged(gens)) as events:
+            async for event in events:
+                yield event
         if resp.include_usage:
-            yield sse.event(resp.usage_chunk(usage(stream.prompt_tokens, stream.completion_tokens,
-                                                   stream.cached_tokens)))
+            yield sse.event(resp.usage_chunk(_usage(choices)))
     except ProximaError as e:  # after the first byte the status is sent: report in-band
         in_band(e)
         yield sse.event(e.body())
     except Exception:
-        log.exception("stream %s failed", stream.job.request_id)
+        log.exception("stream %s failed", choices.job.request_id)
         e = ProximaError("The server had an error while streaming.")
         in_band(e)
         yield sse.event(e.body())
+    finally:
+        for s in choices.streams:  # a choice not read to its end (an error in another): its engine aborts
+            await s.aclose()
     yield sse.DONE

@@ -7,7 +7,7 @@
 
 Every bad input becomes serving.errors.InvalidRequest (400) naming the field
 in `param`: malformed JSON, wrong types, empty `messages`, `max_tokens` < 1,
-unsupported options (`n` > 1, `echo` with `logprobs`, `suffix`: refused, not
+unsupported options (`echo` with `logprobs`, `suffix`: refused, not
 silently dropped). Model existence and context length are checked
 later by the pipeline, which knows the deployment. Unknown fields are ignored,
 as vLLM's server does, so newer clients keep working.
@@ -155,8 +155,8 @@ class _Common(_Body):
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    n: int = Field(default=1, ge=1, le=1)  # one choice per request
-    seed: int | None = None
+    n: int | None = Field(default=1, ge=1, le=128)  # choices, each its own engine request (as vLLM's)
+    seed: int | None = Field(default=None, ge=-2**63, le=2**63 - 1)  # vLLM's range (a 64-bit integer)
     stop: str | list[str] | None = None
     user: str | None = None
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
@@ -238,6 +238,7 @@ class Parsed:
     logprobs: int | None = None  # None: none; k: each token's and its k most likely alternatives'
     continuous_usage: bool = False  # streamed: the usage so far in every chunk
     echo: bool = False  # completions: the prompt's text comes back before the answer
+    n: int = 1  # choices: n engine requests over the one prompt (seed + i for choice i, as vLLM's)
 
 
 def _load(body: bytes) -> Any:
@@ -282,7 +283,7 @@ def _common(r: _Common) -> dict[str, Any]:
                 continuous_usage=bool(r.stream and r.stream_options and r.stream_options.include_usage
                                       and r.stream_options.continuous_usage_stats),
                 temperature=r.temperature, top_p=r.top_p, seed=r.seed, stop=stop,
-                ignore_eos=r.ignore_eos,
+                ignore_eos=r.ignore_eos, n=r.n or 1,
                 response_format=None if r.response_format is None else r.response_format.model_dump(
                     by_alias=True, exclude_none=True),
                 structured_outputs=_structured(r),
@@ -478,9 +479,9 @@ class Responder:
         self.created = int(time.time()) if created is None else created
         self.include_usage = include_usage
         self.live_usage: Callable[[], dict[str, Any]] | None = None  # continuous_usage_stats: the usage so far
-        self._offset = 0  # completions' text_offset: characters of answer already described
+        self._offset: dict[int, int] = {}  # completions' text_offset: characters of each choice described
 
-    def logprobs(self, lps: Sequence[TokenLogprob] | None) -> dict[str, Any] | None:
+    def logprobs(self, lps: Sequence[TokenLogprob] | None, index: int = 0) -> dict[str, Any] | None:
         """Token log-probabilities in the endpoint's own shape (chat: `content`, completions:
         `tokens`/`token_logprobs`/`top_logprobs`/`text_offset`); None when not asked for."""
         if lps is None:
@@ -490,9 +491,11 @@ class Responder:
                                  "top_logprobs": [{"token": a, "logprob": b, "bytes": list(a.encode())}
                                                   for a, b in top]} for t, v, top in lps]}
         offsets = []
+        offset = self._offset.get(index, 0)
         for t, _, _ in lps:
-            offsets.append(self._offset)
-            self._offset += len(t)
+            offsets.append(offset)
+            offset += len(t)
+        self._offset[index] = offset
         return {"tokens": [t for t, _, _ in lps], "token_logprobs": [v for _, v, _ in lps],
                 "top_logprobs": [dict(top) for _, _, top in lps], "text_offset": offsets}
 
@@ -501,7 +504,8 @@ class Responder:
 
     def chunk(self, text: str, finish_reason: str | None, first: bool = False,
               tool_calls: list[dict[str, Any]] | None = None, reasoning: str = "",
-              logprobs: Sequence[TokenLogprob] | None = None) -> dict[str, Any]:
+              logprobs: Sequence[TokenLogprob] | None = None, index: int = 0) -> dict[str, Any]:
+        """One streamed event of choice `index` (`first`: that choice's first)."""
         if self.kind == "chat":
             delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
             if reasoning:
@@ -511,11 +515,11 @@ class Responder:
             if not text and (reasoning or tool_calls):
                 delta["content"] = None
             d = self._head("chat.completion.chunk")
-            d["choices"] = [{"index": 0, "delta": delta, "logprobs": self.logprobs(logprobs),
+            d["choices"] = [{"index": index, "delta": delta, "logprobs": self.logprobs(logprobs, index),
                              "finish_reason": finish_reason}]
         else:
             d = self._head("text_completion")
-            d["choices"] = [{"index": 0, "text": text, "logprobs": self.logprobs(logprobs),
+            d["choices"] = [{"index": index, "text": text, "logprobs": self.logprobs(logprobs, index),
                              "finish_reason": finish_reason}]
         if self.include_usage:
             d["usage"] = self.live_usage() if self.live_usage is not None else None
@@ -527,22 +531,31 @@ class Responder:
         d["usage"] = u
         return d
 
+    def choice(self, index: int, text: str, finish_reason: str | None,
+               tool_calls: list[dict[str, Any]] | None = None, reasoning: str = "",
+               logprobs: Sequence[TokenLogprob] | None = None) -> dict[str, Any]:
+        """One whole choice of a non-streamed response."""
+        if self.kind != "chat":
+            return {"index": index, "text": text, "logprobs": self.logprobs(logprobs, index),
+                    "finish_reason": finish_reason}
+        msg: dict[str, Any] = {"role": "assistant", "content": text}
+        if reasoning:
+            msg["reasoning"] = reasoning
+        if tool_calls:  # whole calls, without the streaming `index`
+            msg["content"] = text or None
+            msg["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in tool_calls]
+        return {"index": index, "message": msg, "logprobs": self.logprobs(logprobs, index),
+                "finish_reason": finish_reason}
+
+    def response(self, choices: list[dict[str, Any]], u: dict[str, Any]) -> dict[str, Any]:
+        """The non-streamed response: its `choices` (from `choice`), and the usage."""
+        d = self._head("chat.completion" if self.kind == "chat" else "text_completion")
+        d["choices"] = choices
+        d["usage"] = u
+        return d
+
     def full(self, text: str, finish_reason: str | None, u: dict[str, Any],
              tool_calls: list[dict[str, Any]] | None = None, reasoning: str = "",
              logprobs: Sequence[TokenLogprob] | None = None) -> dict[str, Any]:
-        if self.kind == "chat":
-            d = self._head("chat.completion")
-            msg: dict[str, Any] = {"role": "assistant", "content": text}
-            if reasoning:
-                msg["reasoning"] = reasoning
-            if tool_calls:  # whole calls, without the streaming `index`
-                msg["content"] = text or None
-                msg["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in tool_calls]
-            d["choices"] = [{"index": 0, "message": msg, "logprobs": self.logprobs(logprobs),
-                             "finish_reason": finish_reason}]
-        else:
-            d = self._head("text_completion")
-            d["choices"] = [{"index": 0, "text": text, "logprobs": self.logprobs(logprobs),
-                             "finish_reason": finish_reason}]
-        d["usage"] = u
-        return d
+        """A non-streamed response of one choice."""
+        return self.response([self.choice(0, text, finish_reason, tool_calls, reasoning, logprobs)], u)

@@ -8,10 +8,12 @@
                  (hf_tokenizer, on the gateway's tokenizer thread; engines then get ids),
                  context-length check, block hashes
     routing      RouterPort.route(RouteRequest) -> Decision (the central router)
-    dispatch     EnginePort.open(decision, GenerateRequest) -> chunks, through
+    dispatch     EnginePort.open(decision, GenerateRequest) -> chunks (each of `n`
+                 choices its own engine request: stream.Choices), through
                  serving.failover.stream_with_failover: another replica before the
                  first token (RouteRequest.exclude), continuation after it
-    accounting   Stream: router.finished, Admission.settle(ticket, used), metrics
+    accounting   Stream: router.finished, Admission.settle(ticket, used) (once for
+                 all choices), metrics
 
 The seams: admission and delegation are objects passed to `Gateway(...)`
 (serving/admission and serving/delegation plug in there); failover policy is
@@ -95,10 +97,16 @@ class Job:
     tokens_of: str | None = None  # whose tokenizer made prompt_token_ids (None: the word tokenizer)
     tool_parser: str | None = None  # the final model's (bind): how its answer is read for tool calls
     reasoning_parser: str | None = None  # and for its reasoning
+    choice: int = 0  # which of the request's n choices (serving.ingress.stream.Choices)
 
     @property
     def prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def completion_budget(self) -> int:
+        """The most tokens the request's answers may take together (max_tokens each of n)."""
+        return self.max_tokens * self.parsed.n
 
     @property
     def model_tokens(self) -> bool:
@@ -117,8 +125,9 @@ class Job:
         if reads_tags(p.tool_choice, self.tool_parser):  # the call tags must reach the parser
             sampling += (("skip_special_tokens", False),)
         rf = p.tool_format or (p.response_format if is_json_format(p.response_format) else None)
+        seed = None if p.seed is None else p.seed + self.choice  # vLLM's seeds for the choices of n
         return GenerateRequest(self.request_id, self.prompt_token_ids, text, self.max_tokens,
-                               self.model, self.cache_salt, p.temperature, p.top_p, p.seed, p.stop,
+                               self.model, self.cache_salt, p.temperature, p.top_p, seed, p.stop,
                                ignore_eos=p.ignore_eos, sampling=sampling, block_hashes=self.block_hashes,
                                response_format=rf, structured_outputs=p.structured_outputs, logprobs=p.logprobs,
                                trace_headers=self.trace_headers())
@@ -314,9 +323,10 @@ class Gateway:
         tool_parser, reasoning_parser = self.parsers[job.model]
         return replace(job, block_hashes=hashes, tool_parser=tool_parser, reasoning_parser=reasoning_parser)
 
-    async def start(self, job: Job) -> "Stream":
-        """Admission, delegation, bind, then routing and dispatch up to the first chunk."""
-        from serving.ingress.stream import Stream
+    async def start(self, job: Job) -> "Choices":
+        """Admission, delegation, bind, then routing and dispatch of each of the request's
+        `n` choices up to its first chunk."""
+        from serving.ingress.stream import Choices
 
         try:
             if job.model in self.hf:  # admission counts the model's own tokens
@@ -333,9 +343,9 @@ class Gateway:
             await self.admission.settle(job, ticket, 0)
             self.observer.rejected(job, e)
             raise
-        stream = Stream(self, job, ticket)
-        await stream.open()
-        return stream
+        choices = Choices(self, job, ticket)
+        await choices.open()
+        return choices
 
     async def _off_loop(self, fn: Callable[[Any], _T], arg: Any) -> _T:
         """A tokenizer's CPU work, on the tokenizer thread: the event loop goes on serving streams."""

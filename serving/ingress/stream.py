@@ -8,6 +8,16 @@ chunks; `aclose()` (called on completion, error or client disconnect) closes
 the engine stream, which aborts the engine's work, and does the accounting
 exactly once: router.finished (via the failover loop's `done`), admission
 settle with the tokens really used, metrics.
+
+A request for `n` choices is `n` Streams (`Choices`), each its own engine
+request over the one prompt, with its own id (`<id>-<i>`), failover and
+reader, as vLLM's server makes them (choice i samples with seed + i). The
+first choice is opened first, so the prompt's blocks are on its replica when
+the others are routed (the router sends them there unless it is loaded);
+the others are opened together. The response starts when every choice has
+its first chunk: a choice that cannot be opened is the request's error, and
+the choices already open are closed. Admission settles once, when every
+choice has closed: the prompt once, and every choice's completion tokens.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import aclosing
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from serving.engines.base import Chunk, GenerateRequest
@@ -28,8 +39,9 @@ if TYPE_CHECKING:
 
 
 class Stream:
-    def __init__(self, gw: "Gateway", job: "Job", ticket: Any):
+    def __init__(self, gw: "Gateway", job: "Job", ticket: Any, group: "Choices | None" = None):
         self.gw, self.job, self.ticket = gw, job, ticket
+        self.group = group  # the request's choices, which settle together (None: settles alone)
         self.decision: Decision | None = None  # the decision whose replica produced the chunks
         self._routed: Decision | None = None
         self.first: Chunk | None = None
@@ -127,10 +139,32 @@ class Stream:
         finally:
             # Shielded: on a client disconnect this task is being cancelled, and the
             # settlement must happen anyway (it goes on in its own task).
-            used = self.prompt_tokens + self.completion_tokens
-            settle = asyncio.ensure_future(self.gw.admission.settle(self.job, self.ticket, used))
+            settle = asyncio.ensure_future(self._settle())
             self.gw.observer.done(self, ok)
             await asyncio.shield(settle)
+
+    async def discard(self) -> None:
+        """A choice never opened (an earlier one failed to): no engine work to account, only
+        its share of the settlement."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._it.aclose()
+        await self._settle()
+
+    async def _settle(self) -> None:
+        if self.group is None:
+            await self.gw.admission.settle(self.job, self.ticket, self.prompt_tokens + self.completion_tokens)
+        else:
+            await self.group.settle(self)
+
+    @property
+    def charged(self) -> int:
+        """Tokens this stream adds to the request's charge (a choice after the first: its
+        completion only; the prompt is charged once)."""
+        if self.ticket is None:
+            return 0
+        return self.completion_tokens + (self.prompt_tokens if self.job.choice == 0 else 0)
 
     def _take(self, c: Chunk) -> None:
         if c.prompt_tokens:
@@ -153,3 +187,68 @@ class Stream:
             h["x-proxima-replica"] = d.replica_id
             h["x-proxima-predicted-ttft-ms"] = f"{d.predicted_ttft_ms:.1f}"
         return h
+
+
+class Choices:
+    """A request's answers: one Stream per choice (`n`), opened and settled together."""
+
+    def __init__(self, gw: "Gateway", job: "Job", ticket: Any):
+        self.gw, self.job, self.ticket = gw, job, ticket
+        n = job.parsed.n
+        if n == 1:
+            self.streams = [Stream(gw, job, ticket)]
+        else:
+            self.streams = [Stream(gw, replace(job, request_id=f"{job.request_id}-{i}", choice=i), ticket, self)
+                            for i in range(n)]
+        self._settled: list[Stream] = []
+
+    async def open(self) -> None:
+        """Every choice up to its first chunk: the first, then the others together. If one
+        cannot be opened, the others are closed and its error is raised."""
+        first, rest = self.streams[0], self.streams[1:]
+        try:
+            await first.open()
+        except BaseException:
+            for s in rest:
+                await s.discard()
+            raise
+        if not rest:
+            return
+        tasks = [asyncio.ensure_future(s.open()) for s in rest]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # each failed one closed itself
+            for s in self.streams:
+                await s.aclose(ok=False)
+            raise
+
+    async def settle(self, stream: Stream) -> None:
+        """One choice has closed; the last one settles the request: the prompt once, every
+        choice's completion."""
+        self._settled.append(stream)
+        if len(self._settled) == len(self.streams):
+            await self.gw.admission.settle(self.job, self.ticket, self.prompt_tokens + self.completion_tokens)
+
+    @property
+    def stream(self) -> Stream:
+        """The first choice: it names the replica in the response headers."""
+        return self.streams[0]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.streams[0].prompt_tokens
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(s.completion_tokens for s in self.streams)
+
+    @property
+    def cached_tokens(self) -> int:
+        """The first choice's: the prompt as it was found in the cache (the others find it there)."""
+        return self.streams[0].cached_tokens
+
+    def headers(self) -> dict[str, str]:
+        return self.streams[0].headers()

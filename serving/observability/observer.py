@@ -107,7 +107,7 @@ class Observer:
         tenant, model = job.principal.tenant, job.model
         region = d.region if d is not None else ""
         e2e = time.perf_counter() - s.t0
-        charged = s.prompt_tokens + s.completion_tokens if s.ticket is not None else 0
+        charged = s.charged
         if d is not None:
             key = (region, model, tenant)
             ch = self._done.get(key)
@@ -174,6 +174,8 @@ def step_record(job: "Job", s: "Stream | None", e2e_s: float | None, charged: in
         "prompt_tokens": job.prompt_tokens, "completion_tokens": 0, "budget_charged_tokens": charged,
         "ttft_ms": None, "e2e_ms": None, "finish_reason": None, "tool_calls": [], "attempts": [],
     }
+    if job.parsed.n > 1:  # one record per choice, each its own engine request
+        rec["choice"] = job.choice
     if s is not None:
         rec.update(prompt_tokens=s.prompt_tokens, completion_tokens=s.completion_tokens,
                    cached_tokens=s.cached_tokens,

@@ -264,3 +264,21 @@ async def test_vllms_structured_outputs_choice_through_the_gateway(gateway):
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]  # a random-weight model, held to the choices by vLLM's grammar
     assert choice["message"]["content"] in ("route east", "route west") and choice["finish_reason"] == "stop"
+
+
+async def test_n_choices_are_the_answers_vllms_own_server_gives(gateway, vllm_servers):
+    """n choices are n engine requests with seeds seed + i, as vLLM's server makes its children:
+    the same texts as vLLM's own n, choice by choice, and the usage counts the prompt once."""
+    client, _ = gateway
+    body = {"model": "tiny", "n": 3, "seed": 11, "temperature": 1.0, "max_tokens": 6, "ignore_eos": True,
+            "messages": [{"role": "user", "content": "zo ba route this"}]}
+    ours = await client.post("/v1/chat/completions", json=body)
+    async with httpx.AsyncClient(timeout=60) as direct:
+        theirs = await direct.post(vllm_servers.urls[0] + "/v1/chat/completions", json=body)
+    assert ours.status_code == theirs.status_code == 200, (ours.text, theirs.text)
+    texts = [c["message"]["content"] for c in ours.json()["choices"]]
+    assert texts == [c["message"]["content"] for c in theirs.json()["choices"]]
+    assert len(set(texts)) > 1
+    u, v = ours.json()["usage"], theirs.json()["usage"]
+    assert (u["prompt_tokens"], u["completion_tokens"]) == (v["prompt_tokens"], v["completion_tokens"]) == \
+           (u["prompt_tokens"], 18)
