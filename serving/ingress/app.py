@@ -126,8 +126,8 @@ def build_app(gw: Gateway) -> Starlette:
                 resp.live_usage = lambda: _usage(choices)
             def in_band(e: ProximaError) -> None:  # after the 200: counted as a stream-phase error
                 m.errors.labels(request.url.path, str(e.status), e.code or e.type, "stream", *labels).inc()
-            return StreamingResponse(_events(choices, resp, in_band, shown), media_type=sse.MEDIA_TYPE,
-                                     headers={**choices.headers(), **echo, "cache-control": "no-cache"})
+            return _SSE(choices, _events(choices, resp, in_band, shown),
+                        headers={**choices.headers(), **echo, "cache-control": "no-cache"})
         answers = await _answers(choices, shown)
         # checked on each answer's content (a reasoning model's thinking is not the JSON)
         check = getattr(gw.delegation, "cascade", lambda job, text: None)
@@ -264,6 +264,23 @@ def build_app(gw: Gateway) -> Starlette:
     return Starlette(routes=routes, exception_handlers={HTTPException: not_found})
 
 
+class _SSE(StreamingResponse):
+    """The SSE response of an answer that is open on the engines: however the response ends,
+    its streams are closed (engines abort, the router and the budget are settled). A client
+    gone before the first byte leaves the body never started, so its own cleanup never runs."""
+
+    def __init__(self, choices: Choices, body: AsyncIterator[bytes], headers: dict[str, str]):
+        super().__init__(body, media_type=sse.MEDIA_TYPE, headers=headers)
+        self.choices = choices
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            await self.choices.aclose()
+
+
 def _labels(choices: Choices) -> tuple[str, str, str]:
     d = choices.stream.decision
     return choices.job.principal.tenant, choices.job.model, d.region if d is not None else ""
@@ -286,8 +303,7 @@ async def _answers(choices: Choices, shown: str = "") -> list[tuple[Part, list[T
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for s in choices.streams:  # one whose task never ran is still open: its engine aborts
-            await s.aclose()
+        await choices.aclose()  # one whose task never ran is still open: its engine aborts
         raise
 
 
@@ -386,6 +402,5 @@ async def _events(choices: Choices, resp: Responder, in_band: Callable[[ProximaE
         in_band(e)
         yield sse.event(e.body())
     finally:
-        for s in choices.streams:  # a choice not read to its end (an error in another): its engine aborts
-            await s.aclose()
+        await choices.aclose()  # a choice not read to its end (an error in another): its engine aborts
     yield sse.DONE

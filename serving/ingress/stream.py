@@ -232,6 +232,11 @@ class Choices:
         if len(self._settled) == len(self.streams):
             await self.gw.admission.settle(self.job, self.ticket, self.prompt_tokens + self.completion_tokens)
 
+    async def aclose(self) -> None:
+        """Close every choice not closed yet (their engines abort; each is accounted once)."""
+        for s in self.streams:
+            await s.aclose()
+
     @property
     def stream(self) -> Stream:
         """The first choice: it names the replica in the response headers."""

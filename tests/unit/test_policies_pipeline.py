@@ -464,3 +464,50 @@ async def test_tokenize_needs_a_key_and_a_model_of_its_own_and_charges_nothing(g
         b = await c.get("/v1/budgets", headers=auth("acme"))
     day = next(x for x in b.json()["budgets"] if x["name"] == "tokens_per_day")
     assert (day["used"], day["reserved"]) == (0, 0)
+
+
+async def _asgi_post(app, body: dict, headers: dict, send_fails: bool, spec: str) -> list:
+    """POST to the ASGI app as a server does, for a client already gone: `receive` says so
+    at once; with `send_fails`, sending the response's start raises as a closed socket does
+    (ASGI 2.4 servers). Returns what was sent."""
+    raw = json.dumps(body).encode()
+    sent: list = []
+    gave_body = False
+
+    async def receive():
+        nonlocal gave_body
+        if not gave_body:
+            gave_body = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if send_fails:
+            raise OSError("the client closed the connection")
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": spec}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "query_string": b"", "root_path": "", "server": ("gw", 80), "client": ("127.0.0.1", 1),
+             "headers": [(k.lower().encode(), v.encode()) for k, v in
+                         {**headers, "content-type": "application/json", "content-length": str(len(raw))}.items()]}
+    try:
+        await app(scope, receive, send)
+    except Exception:  # the server's own business (starlette raises ClientDisconnect)
+        pass
+    return sent
+
+
+@pytest.mark.parametrize("spec,send_fails", [("2.4", True), ("2.3", False)], ids=["asgi-2.4", "asgi-2.3"])
+@pytest.mark.parametrize("n", [1, 2])
+async def test_a_stream_whose_client_left_before_its_first_byte_is_aborted_and_charged(gw, spec, send_fails, n):
+    for e in gw.engines_by_id.values():
+        e.time_scale = 1.0  # slow: the answer would go on for seconds
+    app = build_app(gw)
+    await _asgi_post(app, chat("acme", max_tokens=100, stream=True, n=n), auth("acme"), send_fails, spec)
+    await asyncio.sleep(0.05)
+    assert gw.router.router.inflight == 0
+    assert not any(e.core.running or e.core.waiting for e in gw.engines_by_id.values())  # aborted
+    async with client(gw) as c:
+        day = day_budget((await c.get("/v1/budgets", headers=auth("acme"))).json())
+    assert day["reserved"] == 0 and 0 < day["used"] < 100  # the prompt and what was made, not max_tokens
