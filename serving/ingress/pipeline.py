@@ -335,6 +335,7 @@ class Gateway:
         except BaseException as e:
             self.observer.rejected(job, e)
             raise
+        admitted = job
         try:
             job = await self.delegation.resolve(job)
             retokenize = job.model in self.hf and job.tokens_of != job.model  # delegation chose another
@@ -343,6 +344,16 @@ class Gateway:
             await self.admission.settle(job, ticket, 0)
             self.observer.rejected(job, e)
             raise
+        if job.prompt_tokens + job.completion_budget > admitted.prompt_tokens + admitted.completion_budget:
+            # The tier delegation chose counts the prompt in more tokens than admission did (an
+            # alias is admitted on word ids): the hold is made again for what the request can
+            # really use, under an id of its own (a settled id is never charged twice).
+            await self.admission.settle(admitted, ticket, 0)
+            try:
+                ticket = await self.admission.admit(replace(job, request_id=job.request_id + "~bound"))
+            except BaseException as e:
+                self.observer.rejected(job, e)
+                raise
         choices = Choices(self, job, ticket)
         await choices.open()
         return choices

@@ -20,6 +20,7 @@ from serving.ingress.metrics import GatewayMetrics
 from serving.ingress.pipeline import Gateway
 from serving.ingress.policies import gateway_policies
 from serving.routing import Router
+from tests.unit.test_gateway_app import tiny_tokenizer  # noqa: F401 (fixture)
 
 KEYS = {"acme": "sk-acme", "euco": "sk-euco"}
 
@@ -511,3 +512,32 @@ async def test_a_stream_whose_client_left_before_its_first_byte_is_aborted_and_c
     async with client(gw) as c:
         day = day_budget((await c.get("/v1/budgets", headers=auth("acme"))).json())
     assert day["reserved"] == 0 and 0 < day["used"] < 100  # the prompt and what was made, not max_tokens
+
+
+async def test_an_alias_is_held_to_the_tokens_its_tier_counts_not_the_words(tiny_tokenizer):  # noqa: F811
+    """`auto` is admitted on word ids (no tier is chosen yet); the chosen tier's own tokenizer may
+    count the prompt in many more tokens: the hold is made again for those, so a cap holds."""
+    path, _ = tiny_tokenizer
+    models = [{"name": n, "default_max_tokens": 32, "tokenizer": path, "max_model_len": 4096} for n in ("big", "small")]
+    acme = {**CONFIG["auth"]["tenants"]["acme"], "budget": {"tokens_per_day": 400}}
+    cfg = load_config(CONFIG | {"models": models, "auth": {"tenants": {**CONFIG["auth"]["tenants"], "acme": acme}}})
+    engines = {f"us-{m}-0": SimEngine(f"us-{m}-0", "us", m, profile="llama3-1b-h100") for m in ("big", "small")}
+    router = LocalRouter(Router("latency", seed=0, default_profile="llama3-1b-h100"), LocalEngines(engines))
+    gw = Gateway(cfg, router, router.engines, **gateway_policies(cfg, router))
+    text = "abcdefghij" * 100  # one word; hundreds of the tokenizer's tokens
+    try:
+        async with client(gw) as c:
+            body = {"model": "auto", "max_tokens": 8, "messages": [{"role": "user", "content": text}]}
+            r = await c.post("/v1/chat/completions", json=body, headers=auth("acme"))
+            assert r.status_code == 429, r.text
+            assert "tokens_per_day" in r.json()["error"]["message"]
+            day = day_budget((await c.get("/v1/budgets", headers=auth("acme"))).json())
+            assert day["used"] == 0 and day["reserved"] == 0
+            body["messages"][0]["content"] = "abcdefghij" * 10  # fits once counted right
+            r = await c.post("/v1/chat/completions", json=body, headers=auth("acme"))
+            assert r.status_code == 200, r.text
+            day = day_budget((await c.get("/v1/budgets", headers=auth("acme"))).json())
+            assert day["used"] == r.json()["usage"]["total_tokens"] and day["reserved"] == 0
+    finally:
+        for e in engines.values():
+            await e.close()
