@@ -20,19 +20,52 @@ KV blocks).
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, Literal, Sequence
+from typing import Annotated, Any, Callable, Literal, Sequence, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from serving.engines.base import SAMPLING, TokenLogprob
 from serving.errors import InvalidRequest
 from serving.ingress.tools import guided_format
 
+log = logging.getLogger(__name__)
+
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: Any) -> Any:
+        """`null` for a field that cannot be null is the field left out, as OpenAI's and vLLM's
+        servers take it (the SDK sends `"stream": null` for a `None` it was given)."""
+        if isinstance(data, dict) and None in data.values():
+            keep = _nullable(cls)
+            return {k: v for k, v in data.items() if v is not None or k in keep}
+        return data
+
+
+_NULLABLE: dict[type, frozenset[str]] = {}
+
+
+def _nullable(cls: type[BaseModel]) -> frozenset[str]:
+    """The names (and aliases) of `cls`'s fields that take None as a value of their own; the
+    others' None means unset."""
+    out = _NULLABLE.get(cls)
+    if out is None:
+        names = set()
+        for name, f in cls.model_fields.items():
+            if not f.is_required() and f.default is None or _takes_none(f.annotation):
+                names.update((name, f.alias or name))
+        out = _NULLABLE[cls] = frozenset(names)
+    return out
+
+
+def _takes_none(annotation: Any) -> bool:
+    return annotation is None or type(None) in get_args(annotation)
 
 
 class StreamOptions(_Body):
@@ -56,7 +89,24 @@ class RefusalPart(_Body):  # an assistant's earlier refusal, as OpenAI returns i
 
 class FunctionCall(_Body):
     name: str
-    arguments: str  # JSON, as the model wrote it
+    arguments: str | dict[str, Any] | None = None  # JSON, as the model wrote it (or an object)
+    _object: dict[str, Any] | None = PrivateAttr(default=None)
+
+    def object(self) -> dict[str, Any]:
+        """The arguments as an object, as vLLM gives them to a template: a string that is not a
+        JSON object (a call cut by max_tokens, as the gateway itself may have returned it) is
+        `{}`, so the conversation can go on; failing here would fail every later turn too."""
+        if self._object is None:
+            args = self.arguments
+            if isinstance(args, str) and args:
+                try:
+                    args = json.loads(args)
+                except ValueError:
+                    log.warning("tool call %r has arguments that are not JSON (%d characters); "
+                                "the template gets {}", self.name[:64], len(args))
+                    args = None
+            self._object = args if isinstance(args, dict) else {}
+        return self._object
 
 
 class ToolCall(_Body):
@@ -312,7 +362,7 @@ def render_messages(messages: list[Message], tools: tuple[dict[str, Any], ...] =
     for m in messages:
         text = m.text(" ")
         for c in m.tool_calls or ():
-            text += f' <tool_call> {{"name": {json.dumps(c.function.name)}, "arguments": {c.function.arguments}}} </tool_call>'
+            text += f' <tool_call> {{"name": {json.dumps(c.function.name)}, "arguments": {json.dumps(c.function.object())}}} </tool_call>'
         parts.append(f"<|{m.role}|> {text}")
     return " ".join(parts) + (" <|assistant|>" if generation_prompt else "")
 
@@ -340,15 +390,9 @@ def _template_message(i: int, m: Message) -> dict[str, Any]:
     if (thought := m.reasoning if m.reasoning is not None else m.reasoning_content) is not None:
         out["reasoning"] = out["reasoning_content"] = thought  # both keys, as vLLM passes them
     if m.tool_calls:
-        calls = []
-        for j, c in enumerate(m.tool_calls):
-            try:
-                args = json.loads(c.function.arguments)
-            except ValueError:
-                raise InvalidRequest("Tool call arguments must be JSON.",
-                                     param=f"messages.{i}.tool_calls.{j}.function.arguments") from None
-            calls.append({"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": args}})
-        out["tool_calls"] = calls
+        out["tool_calls"] = [{"id": c.id, "type": "function",
+                              "function": {"name": c.function.name, "arguments": c.function.object()}}
+                             for c in m.tool_calls]
     return out
 
 

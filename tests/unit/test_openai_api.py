@@ -83,9 +83,26 @@ BAD_CHAT = [
      "chat_template_kwargs", "may not set ['chat_template', 'tokenize']"),
     ("template-kwargs-list", body(chat_template_kwargs=[1]), "chat_template_kwargs", "valid dictionary"),
     ("tool-call-arguments", body(messages=[{"role": "assistant", "tool_calls": [
-        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]),
-     "messages.0.tool_calls.0.function.arguments", "must be JSON"),
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": 3}}]}]),
+     "messages.0.tool_calls.0.function.arguments", "valid string"),
 ]
+
+
+@pytest.mark.parametrize("args,want", [
+    ('{"city": "Pa', {}),  # cut by max_tokens, as the gateway itself returns such a call
+    ("", {}), (None, {}), ("[1]", {}), ("42", {}),
+    ('{"city": "Paris"}', {"city": "Paris"}), ({"city": "Paris"}, {"city": "Paris"}),
+], ids=["cut", "empty", "null", "array", "number", "json", "object"])
+def test_earlier_tool_call_arguments_that_are_no_json_object_reach_the_template_as_empty(args, want, caplog):
+    """vLLM's rule: failing the request would fail every later turn of the conversation too."""
+    call = {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": args}}
+    p = parse_chat(body(messages=[{"role": "user", "content": "weather?"},
+                                  {"role": "assistant", "content": None, "tool_calls": [call]},
+                                  {"role": "tool", "tool_call_id": "c", "content": "sunny"}]))
+    assert p.messages[1]["tool_calls"][0]["function"]["arguments"] == want
+    assert json.dumps(want) in p.prompt
+    warned = [r for r in caplog.records if "not JSON" in r.message]
+    assert len(warned) == (args == '{"city": "Pa') and "Pa" not in caplog.text  # once, and no content logged
 
 
 @pytest.mark.parametrize("raw,param,fragment", [c[1:] for c in BAD_CHAT], ids=[c[0] for c in BAD_CHAT])
@@ -228,3 +245,16 @@ def test_sse_event_bytes(obj, wire):
 def test_sse_done_and_media_type():
     assert sse.DONE == b"data: [DONE]\n\n"
     assert sse.MEDIA_TYPE == "text/event-stream"
+
+
+def test_null_for_a_field_that_cannot_be_null_is_the_field_left_out():
+    """The openai SDK sends `null` for a `None` it is given (`n=None`, `stream=None`)."""
+    p = parse_chat(body(stream=None, n=None, ignore_eos=None, add_generation_prompt=None,
+                        stream_options={"include_usage": None}, temperature=None))
+    assert (p.stream, p.n, p.ignore_eos, p.include_usage, p.temperature) == (False, 1, False, False, None)
+    assert parse_completion({"model": "m", "prompt": "x", "echo": None}).echo is False
+    assert parse_completion({"model": "m", "prompt": "x"}).max_tokens == 16
+    assert parse_completion({"model": "m", "prompt": "x", "max_tokens": None}).max_tokens is None  # the model's
+    with pytest.raises(InvalidRequest) as e:
+        parse_chat(body(messages=None))
+    assert e.value.param == "messages"
