@@ -145,6 +145,9 @@ class BudgetLimits(_Strict):
     session_tokens_per_minute: int | None = Field(default=None, gt=0)
 
 
+_EMPTY_KEY = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"  # sha256(b"")
+
+
 class TenantConfig(_Strict):
     api_keys_sha256: list[str] = Field(default_factory=list)
     allowed_regions: list[str] | None = None
@@ -172,6 +175,24 @@ class AuthConfig(_Strict):
         if v is not None and not _HEX64.match(v):
             raise ValueError("not a lowercase sha256 hex digest (64 hex characters)")
         return v
+
+    @model_validator(mode="after")
+    def _one_owner_per_key(self) -> "AuthConfig":
+        """A key names one principal: a hash under two tenants (or a tenant and the admin) would
+        let one tenant's key act as the other; the empty key's hash would admit a request with
+        no key at all."""
+        owner: dict[str, str] = {}
+        for name, t in self.tenants.items():
+            for h in t.api_keys_sha256:
+                if h in owner and owner[h] != name:
+                    raise ValueError(f"the same API key hash is configured for tenants {owner[h]!r} and {name!r}")
+                owner[h] = name
+        if self.admin_key_sha256 is not None and self.admin_key_sha256 in owner:
+            raise ValueError(f"the admin key hash is also tenant {owner[self.admin_key_sha256]!r}'s API key")
+        if _EMPTY_KEY in owner or self.admin_key_sha256 == _EMPTY_KEY:
+            raise ValueError("a key hash is the sha256 of the empty string: it would admit requests "
+                             "that send no key")
+        return self
 
     @property
     def open(self) -> bool:

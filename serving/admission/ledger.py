@@ -150,7 +150,8 @@ class Ledger:
         out: dict = {"object": "budget", "tenant": tenant, "day": day, "budgets": []}
 
         def cap(name: str, limit: int | None, key: tuple[str, str], resets: float | None) -> None:
-            used, held = self.used[(tenant, *key)], self.held[(tenant, *key)]
+            # .get: a read inserts nothing (a client may ask about any session id)
+            used, held = self.used.get((tenant, *key), 0), self.held.get((tenant, *key), 0)
             out["budgets"].append({
                 "name": name, "limit": limit, "used": used, "reserved": held,
                 "remaining": None if limit is None else max(0, limit - used - held),
@@ -159,7 +160,7 @@ class Ledger:
         cap("tokens_per_day", p.tokens_per_day, ("day", day), round(_to_midnight(now), 1))
         if session is not None:
             cap("session_tokens", p.session_tokens, ("session", session), None)
-        for name, b in self._buckets(tenant, session, p, now):
+        for name, b in self._buckets(tenant, session, p, now, create=False):
             out["budgets"].append({"name": name, "limit": int(b.capacity),
                                    "remaining": b.remaining(now), "resets_in_s": 60.0})
         return out
@@ -184,7 +185,8 @@ class Ledger:
         raise _exceeded(tenant, name, limit, used + held, tokens, wait, why)
 
     def _buckets(self, tenant: str, session: str | None, p: BudgetPolicy,
-                 now: float) -> list[tuple[str, TokenBucket]]:
+                 now: float, create: bool = True) -> list[tuple[str, TokenBucket]]:
+        """The rate buckets that apply; `create` False: a missing one is shown full, not kept."""
         out = []
         for name, key, rate in (("tokens_per_minute", (tenant, None), p.tokens_per_minute),
                                 ("session_tokens_per_minute", (tenant, session),
@@ -193,7 +195,9 @@ class Ledger:
                 continue
             b = self.buckets.get(key)
             if b is None or b.capacity != rate:
-                b = self.buckets[key] = TokenBucket(rate, now)
+                b = TokenBucket(rate, now)
+                if create:
+                    self.buckets[key] = b
             out.append((name, b))
         return out
 

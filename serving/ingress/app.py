@@ -44,6 +44,7 @@ from serving.ingress.stream import Choices, Stream
 from serving.ingress.tools import whole_calls
 from serving.observability.fleet import render_gateway
 from serving.observability.logs import request_context
+from serving.observability.steps import check_headers
 
 log = logging.getLogger("proxima.ingress")
 _HEADERS = ("x-session-id", "x-agent-step", "x-proxima-tier", "traceparent", "tracestate",
@@ -224,7 +225,9 @@ def build_app(gw: Gateway) -> Starlette:
         ledger = getattr(gw.admission, "ledger", None)
         if ledger is None:
             raise NotFound("Token budgets are not enabled on this gateway.")
-        return _json(await ledger.remaining(principal.tenant, request.headers.get("x-session-id")))
+        session = request.headers.get("x-session-id")
+        check_headers(session, None)
+        return _json(await ledger.remaining(principal.tenant, session))
 
     async def admin_router(request: Request) -> Response:
         gw.auth.require_admin(request.headers.get("authorization"))

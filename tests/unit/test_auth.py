@@ -83,3 +83,16 @@ def test_every_stored_digest_is_compared(monkeypatch):
     monkeypatch.setattr(mod, "hmac", H)
     a.authenticate("Bearer sk-acme-1")
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("tenants,admin,fragment", [
+    ({"acme": ["sk-1"], "zeta": ["sk-1"]}, None, "tenants 'acme' and 'zeta'"),
+    ({"acme": ["sk-1"]}, "sk-1", "also tenant 'acme'"),
+    ({"acme": [""]}, None, "empty string"),
+    ({"acme": ["sk-1"]}, "", "empty string"),
+], ids=["two-tenants", "tenant-and-admin", "empty-tenant-key", "empty-admin-key"])
+def test_a_key_hash_names_one_principal_and_never_the_empty_key(tenants, admin, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        AuthConfig(admin_key_sha256=None if admin is None else hash_key(admin),
+                   tenants={t: {"api_keys_sha256": [hash_key(k) for k in keys]} for t, keys in tenants.items()})
+    AuthConfig(tenants={"acme": {"api_keys_sha256": [hash_key("sk-1"), hash_key("sk-1")]}})  # its own twice: fine

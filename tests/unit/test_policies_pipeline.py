@@ -541,3 +541,16 @@ async def test_an_alias_is_held_to_the_tokens_its_tier_counts_not_the_words(tiny
     finally:
         for e in engines.values():
             await e.close()
+
+
+async def test_reading_budgets_checks_the_session_header_and_keeps_nothing(gw):
+    local = gw.admission.ledger.ledger  # LocalLedger -> the Ledger
+    async with client(gw) as c:
+        bad = await c.get("/v1/budgets", headers=auth("acme", **{"x-session-id": "x" * 5000}))
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "x-session-id"
+        before = (len(local.used), len(local.held), len(local.buckets))
+        for i in range(50):
+            r = await c.get("/v1/budgets", headers=auth("acme", **{"x-session-id": f"probe-{i}"}))
+            assert r.status_code == 200
+            assert {b["name"]: b["remaining"] for b in r.json()["budgets"]}["session_tokens"] == 150
+        assert (len(local.used), len(local.held), len(local.buckets)) == before
