@@ -232,8 +232,8 @@ class _Common(_Body):
 
 class ChatRequest(_Common):
     messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=2**31 - 1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=2**31 - 1)
     tools: list[Tool] | None = Field(default=None, min_length=1)
     # vLLM's extensions for a model's own chat template
     add_generation_prompt: bool = True
@@ -252,7 +252,7 @@ TokenId = Annotated[int, Field(ge=0, lt=2**31)]  # token ids are hashed as 32-bi
 
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[TokenId] = Field()
-    max_tokens: int | None = Field(default=16, ge=1)
+    max_tokens: int | None = Field(default=16, ge=1, le=2**31 - 1)
     echo: bool = False
     suffix: str | None = None  # fill-in-the-middle: refused
     logprobs: int | None = Field(default=None, ge=0, le=5)

@@ -309,16 +309,26 @@ class Gateway:
                            tokens_of=None)
         return job
 
-    def bind(self, job: Job) -> Job:
-        """The model is final: its own ids (`tokenize`), the context limit, the block hashes."""
+    def fit(self, job: Job) -> Job:
+        """The context limit of `job.model` (tokenized): a `max_tokens` the client left out (the
+        model's default) is cut to the context the prompt leaves, as vLLM's server fills it; one
+        the client set must fit with the prompt (400)."""
         limit = self.context_limit(job.model)
-        job = self.tokenize(job)
-        if job.prompt_tokens + job.max_tokens > limit:
+        room = limit - job.prompt_tokens
+        if job.parsed.max_tokens is None and job.max_tokens > room > 0:
+            return replace(job, max_tokens=room)
+        if job.max_tokens > room:
+            asked = "" if job.parsed.max_tokens is not None else " (the model's default, as none was given)"
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {limit} tokens. However, you requested "
                 f"{job.prompt_tokens + job.max_tokens} tokens ({job.prompt_tokens} in the messages, "
-                f"{job.max_tokens} in the completion). Please reduce the length of the messages "
+                f"{job.max_tokens} in the completion{asked}). Please reduce the length of the messages "
                 "or completion.", param="messages" if job.parsed.kind == "chat" else "prompt")
+        return job
+
+    def bind(self, job: Job) -> Job:
+        """The model is final: its own ids (`tokenize`), the context limit, the block hashes."""
+        job = self.fit(self.tokenize(job))
         hashes = block_hashes(job.prompt_token_ids, self.block_size, job.model, job.cache_salt)
         tool_parser, reasoning_parser = self.parsers[job.model]
         return replace(job, block_hashes=hashes, tool_parser=tool_parser, reasoning_parser=reasoning_parser)
@@ -331,6 +341,8 @@ class Gateway:
         try:
             if job.model in self.hf:  # admission counts the model's own tokens
                 job = await self._off_loop(self.tokenize, job)
+            if job.model in self.limits:  # over the context is a 400 whatever the budget says
+                job = self.fit(job)
             ticket = await self.admission.admit(job)
         except BaseException as e:
             self.observer.rejected(job, e)

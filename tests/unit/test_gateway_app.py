@@ -158,6 +158,16 @@ async def test_context_length_checked_against_the_model():
     assert r.json()["error"]["param"] == "prompt"
     ok = await c.post("/v1/completions", json={"model": "m", "prompt": "x " * 4092, "max_tokens": 4})
     assert ok.status_code == 200 and ok.json()["object"] == "text_completion"
+    # max_tokens left out: the model's default (4), cut to the context the prompt leaves, as vLLM fills it
+    near = await c.post("/v1/chat/completions", json=chat("x " * 4091))
+    prompt = near.json()["usage"]["prompt_tokens"]
+    assert near.status_code == 200 and prompt > 4092
+    assert near.json()["usage"]["completion_tokens"] == 4096 - prompt
+    assert near.json()["choices"][0]["finish_reason"] == "length"
+    full = await c.post("/v1/completions", json={"model": "m", "prompt": "x " * 4096, "max_tokens": None})
+    assert full.status_code == 400 and "the model's default" in full.json()["error"]["message"]
+    huge = await c.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2**63})
+    assert huge.status_code == 400 and huge.json()["error"]["param"] == "max_tokens"
 
 
 async def test_keys_tenants_and_residency_over_http():

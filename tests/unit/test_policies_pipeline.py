@@ -554,3 +554,9 @@ async def test_reading_budgets_checks_the_session_header_and_keeps_nothing(gw):
             assert r.status_code == 200
             assert {b["name"]: b["remaining"] for b in r.json()["budgets"]}["session_tokens"] == 150
         assert (len(local.used), len(local.held), len(local.buckets)) == before
+
+
+async def test_a_request_over_the_context_is_a_400_even_for_a_capped_tenant(gw):
+    async with client(gw) as c:
+        r = await c.post("/v1/chat/completions", json=chat("acme", max_tokens=10**6), headers=auth("acme"))
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
