@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Annotated, Any, Callable, Literal, Sequence, get_args
@@ -291,11 +292,21 @@ class Parsed:
     n: int = 1  # choices: n engine requests over the one prompt (seed + i for choice i, as vLLM's)
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def _load(body: bytes) -> Any:
     try:
-        return json.loads(body)
+        raw = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise InvalidRequest(f"We could not parse the JSON body of your request: {e}") from None
+    if _SURROGATE_ESCAPE.search(body):  # a \uD800-\uDFFF escape: fine in pairs, no text alone
+        try:
+            json.dumps(raw, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise InvalidRequest("The JSON body of your request has a lone surrogate escape (\\uD800-\\uDFFF "
+                                 "without its pair): it is no Unicode text.") from None
+    return raw
 
 
 def _validate(cls: type[_Body], body: bytes | dict[str, Any]) -> Any:

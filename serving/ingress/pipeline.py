@@ -168,6 +168,12 @@ class Delegation:
 _RID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
+def _shown(value: str, most: int = 128) -> str:
+    """A client's value as an error message quotes it: at most `most` characters (a 2 MB model
+    name is not sent back whole)."""
+    return f"`{value}`" if len(value) <= most else f"`{value[:most]}...` ({len(value)} characters)"
+
+
 class Gateway:
     def __init__(self, config: Config, router: RouterPort, engines: EnginePort, *,
                  admission: Admission | None = None, delegation: Delegation | None = None,
@@ -221,7 +227,7 @@ class Gateway:
         if not header:
             return self.config.home_region
         if header not in self.config.regions:
-            raise InvalidRequest(f"Unknown client region {header!r} in x-client-region; known: "
+            raise InvalidRequest(f"Unknown client region {_shown(header)} in x-client-region; known: "
                                  f"{sorted(self.config.regions)}.", param="x-client-region")
         return header
 
@@ -232,7 +238,7 @@ class Gateway:
         without its own tokenizer (and for an alias: admission and delegation count them);
         a model with one is tokenized by `start`, on the tokenizer thread."""
         if parsed.model not in self.limits and parsed.model not in self.delegation.aliases:
-            raise ModelNotFound(f"The model `{parsed.model}` does not exist.", param="model")
+            raise ModelNotFound(f"The model {_shown(parsed.model)} does not exist.", param="model")
         ids = parsed.prompt_token_ids or (() if parsed.model in self.hf else tuple(self.tokenizer(parsed.prompt)))
         max_tokens = parsed.max_tokens
         if max_tokens is None:
@@ -241,7 +247,8 @@ class Gateway:
         check_headers(h.get(SESSION_HEADER), h.get(STEP_HEADER))
         unknown = sorted((parse_regions(h.get(REGIONS_HEADER)) or frozenset()) - self.config.regions.keys())
         if unknown:  # a typo must not read as "no replica in your regions" (503)
-            raise InvalidRequest(f"Unknown region(s) {unknown} in {REGIONS_HEADER}; known: "
+            raise InvalidRequest(f"Unknown region(s) {', '.join(map(_shown, unknown[:8]))}"
+                                 f"{' and more' if len(unknown) > 8 else ''} in {REGIONS_HEADER}; known: "
                                  f"{sorted(self.config.regions)}.", param=REGIONS_HEADER)
         principal = narrow(principal, h.get(REGIONS_HEADER))  # residency: a header only narrows
         trace = self.observer.tracer.start(h.get("traceparent"), h.get("tracestate"))
@@ -253,7 +260,7 @@ class Gateway:
         """A served model's context length; a model not served (an alias either) is a 404."""
         limit = self.limits.get(model)
         if limit is None:
-            raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
+            raise ModelNotFound(f"The model {_shown(model)} does not exist.", param="model")
         return limit
 
     def _salt(self, principal: Principal) -> str | None:
@@ -265,7 +272,7 @@ class Gateway:
         """POST /tokenize: the ids `parsed.model` would get for this prompt (its own tokenizer and
         template, else the word tokenizer's), as vLLM's /tokenize counts them."""
         if parsed.model in self.delegation.aliases and parsed.model not in self.limits:
-            raise InvalidRequest(f"`{parsed.model}` picks a model per request; tokenize with a "
+            raise InvalidRequest(f"{_shown(parsed.model)} picks a model per request; tokenize with a "
                                  "model's own name.", param="model")
         self.context_limit(parsed.model)
         if parsed.model not in self.hf:
@@ -289,7 +296,7 @@ class Gateway:
         size = len(hf.tok) if hf is not None else VOCAB_SIZE
         bad = next((t for t in ids if t >= size), None)
         if bad is not None:
-            raise InvalidRequest(f"Token id {bad} is out of the vocabulary of `{model}` ({size} tokens).",
+            raise InvalidRequest(f"Token id {bad} is out of the vocabulary of {_shown(model)} ({size} tokens).",
                                  param="tokens")
         if hf is not None:
             return await self._off_loop(hf.tok.decode if whole else hf.tok.convert_ids_to_tokens, ids)

@@ -678,3 +678,15 @@ async def test_echo_gives_the_prompt_before_the_answer_whole_and_streamed(tiny_t
     ids = tok("zo ba").input_ids
     r = await c.post("/v1/completions", json={"model": "m", "prompt": ids, "max_tokens": 1, "echo": True})
     assert r.json()["choices"][0]["text"].startswith(tok.decode(ids))
+
+
+async def test_errors_quote_a_clients_values_short():
+    c, _, _ = make()
+    big = "m" * 2_000_000
+    r = await c.post("/v1/chat/completions", json=chat(**{"model": big}))
+    assert r.status_code == 404 and len(r.content) < 1000 and "2000000 characters" in r.text
+    r = await c.post("/v1/chat/completions", json=chat(), headers={"x-client-region": "r" * 100_000})
+    assert r.status_code == 400 and len(r.content) < 1000
+    r = await c.post("/v1/chat/completions", json=chat(),
+                     headers={"x-proxima-regions": ",".join(f"nowhere-{i}" for i in range(5000))})
+    assert r.status_code == 400 and len(r.content) < 2000 and "and more" in r.text

@@ -258,3 +258,11 @@ def test_null_for_a_field_that_cannot_be_null_is_the_field_left_out():
     with pytest.raises(InvalidRequest) as e:
         parse_chat(body(messages=None))
     assert e.value.param == "messages"
+
+
+def test_a_lone_surrogate_escape_is_a_400_and_a_pair_is_text():
+    """Found by an API review: a lone \\ud800 passed parsing and failed the tokenizer with a 500."""
+    with pytest.raises(InvalidRequest, match="lone surrogate"):
+        parse_chat(rb'{"model": "m", "messages": [{"role": "user", "content": "a\ud800b"}]}')
+    assert "\U0001f600" in parse_chat(rb'{"model": "m", "messages": [{"role": "user", "content": "\ud83d\ude00"}]}').prompt
+    assert "\\ud800" in parse_chat(rb'{"model": "m", "messages": [{"role": "user", "content": "\\ud800"}]}').prompt
