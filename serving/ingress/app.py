@@ -350,7 +350,8 @@ async def _choice_events(stream: Stream, resp: Responder, shown: str = "") -> As
                     held = lps or ()
                     continue  # held back: it may be the start of a tag or a call
                 held = ()
-                yield sse.event(resp.chunk(part.content, reason, first, part.tool_calls, part.reasoning, lps,
+                calls = whole_calls(part.tool_calls) if len(part.tool_calls) > 1 else part.tool_calls
+                yield sse.event(resp.chunk(part.content, reason, first, calls, part.reasoning, lps,  # one entry a call
                                            index=index))
             first = False
 

@@ -373,8 +373,14 @@ async def test_a_models_tool_calls_reach_the_openai_client_whole_and_streamed():
             deltas.append((t.function.name, t.function.arguments))
         reasons.append(ch.choices[0].finish_reason)
     assert (content, calls) == ("Checking. ", {0: ["get_weather", '{"city": "Lima"}']})
-    # the name as soon as it is written, then the arguments as they come, as vLLM streams them
-    assert deltas == [("get_weather", ""), (None, '{"city": "Lima"}')]
+    # the name as soon as it is written, with what has come of the arguments, in one entry a
+    # call (OpenAI's deltas name each call once)
+    assert deltas == [("get_weather", '{"city": "Lima"}')]
+    seen = scripted(engines, ["Checking. <tool", '_call>{"name": "get_weather", "arguments": {',
+                              '"city": "Lima"}}</tool_call>'])
+    deltas = [(t.function.name, t.function.arguments) async for ch in await client.chat.completions.create(
+        **kw, stream=True) for t in ch.choices[0].delta.tool_calls or ()]
+    assert deltas == [("get_weather", "{"), (None, '"city": "Lima"}')]
     assert reasons[-1] == "tool_calls" and reasons[:-1] == [None] * (len(reasons) - 1)
     assert router.router.inflight == 0
 
