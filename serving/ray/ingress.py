@@ -83,7 +83,8 @@ class IngressDeployment:
             return telemetry_actor(actor_name("telemetry", config), obs.max_sessions, obs.max_steps_per_session)
 
         def led():
-            return start_ledger(budget_policies(cfg), cfg.budgets.ledger_path, name=actor_name("ledger", config))
+            return start_ledger(budget_policies(cfg), cfg.budgets.ledger_path, name=actor_name("ledger", config),
+                                reservation_ttl_s=cfg.budgets.reservation_ttl_s)
 
         # /metrics and session steps for the whole fleet, not this replica's
         telemetry = RayTelemetry(tel(), serve.get_replica_context().replica_id.unique_id, metrics,

@@ -53,10 +53,10 @@ class LedgerActor:
 
 
 def start_ledger(policies: dict[str, dict[str, Any]], path: str | None,
-                 name: str = LEDGER_NAME, namespace: str = "proxima"):
+                 name: str = LEDGER_NAME, namespace: str = "proxima", reservation_ttl_s: float = 900.0):
     """Get the named ledger actor, creating it if this is the first caller."""
     return LedgerActor.options(name=name, namespace=namespace, get_if_exists=True,
-                               lifetime="detached").remote(policies, path)
+                               lifetime="detached").remote(policies, path, reservation_ttl_s)
 
 
 class LedgerClient:
