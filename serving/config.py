@@ -256,6 +256,9 @@ class ObservabilitySection(_Strict):
     access_log: bool = False  # one JSON line per completion request (proxima.access)
     otlp_endpoint: str | None = None  # OTLP/HTTP traces endpoint; needs the `otel` extra
     service_name: str = "proxima-gateway"
+    # GET /metrics: "open" (as vLLM's, for a scraper on a private network) or "admin" (the admin
+    # key as a bearer token): its samples carry every tenant's name and usage
+    metrics_auth: Literal["open", "admin"] = "open"
 
 
 class PoolBounds(_Strict):
@@ -315,6 +318,8 @@ class Config(_Strict):
             raise _Keyed("regions", "at least one region is required")
         if self.home_region not in self.regions:
             raise _Keyed("home_region", f"{self.home_region!r} is not under regions {sorted(self.regions)}")
+        if self.observability.metrics_auth == "admin" and self.auth.admin_key_sha256 is None:
+            raise _Keyed("observability.metrics_auth", "`admin` needs auth.admin_key_sha256")
         for reg in (self.autoscaler.regions if self.autoscaler else {}):
             if reg not in self.regions:
                 raise _Keyed(f"autoscaler.regions.{reg}", "unknown region (not under regions)")

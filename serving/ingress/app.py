@@ -207,7 +207,17 @@ def build_app(gw: Gateway) -> Starlette:
                 "replicas": len(stats.get("replicas", {}))}
         return _json(body, 200 if up else 503)
 
+    metrics_auth = gw.config.observability.metrics_auth
+    if metrics_auth == "open" and not gw.auth.open:
+        log.warning("GET /metrics is open, and its samples name every tenant with its usage; on a "
+                    "network tenants reach, set observability.metrics_auth: admin")
+
     async def metrics(request: Request) -> Response:
+        if metrics_auth == "admin":
+            try:
+                gw.auth.require_admin(request.headers.get("authorization"))
+            except ProximaError as e:
+                return _error(e)
         return Response(await render_gateway(gw), media_type=CONTENT_TYPE)
 
     async def session_steps(request: Request) -> Response:

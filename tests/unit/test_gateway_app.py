@@ -696,3 +696,19 @@ async def test_errors_quote_a_clients_values_short():
     r = await c.post("/v1/chat/completions", json=chat(),
                      headers={"x-proxima-regions": ",".join(f"nowhere-{i}" for i in range(5000))})
     assert r.status_code == 400 and len(r.content) < 2000 and "and more" in r.text
+
+
+async def test_metrics_can_require_the_admin_key(caplog):
+    keyed = {**CONFIG, "auth": {"admin_key_sha256": hash_key("sk-admin"),
+                                "tenants": {"acme": {"api_keys_sha256": [hash_key("sk-acme")]}}}}
+    c, _, _ = make(keyed)
+    assert "GET /metrics is open" in caplog.text  # the default, said at start when tenants have keys
+    assert (await c.get("/metrics")).status_code == 200
+    c, _, _ = make({**keyed, "observability": {"metrics_auth": "admin"}})
+    assert (await c.get("/metrics")).status_code == 401
+    r = await c.get("/metrics", headers={"authorization": "Bearer sk-acme"})  # a tenant's key is not enough
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    r = await c.get("/metrics", headers={"authorization": "Bearer sk-admin"})
+    assert r.status_code == 200 and "proxima_requests_total" in r.text
+    with pytest.raises(ValueError, match="metrics_auth"):
+        load_config({**CONFIG, "observability": {"metrics_auth": "admin"}})  # no admin key to ask for
