@@ -336,8 +336,13 @@ class Gateway:
     def bind(self, job: Job) -> Job:
         """The model is final: its own ids (`tokenize`), the context limit, the block hashes."""
         job = self.fit(self.tokenize(job))
-        hashes = block_hashes(job.prompt_token_ids, self.block_size, job.model, job.cache_salt)
         tool_parser, reasoning_parser = self.parsers[job.model]
+        if job.parsed.tool_choice == "auto" and tool_parser is None:  # vLLM's rule: calls would be lost as text
+            raise InvalidRequest(
+                f"`tool_choice` \"auto\" (the default with `tools`) needs a tool parser, and model "
+                f"{_shown(job.model)} has none configured (models[].tool_parser). Use `tool_choice` "
+                "\"required\", a named function or \"none\".", param="tool_choice")
+        hashes = block_hashes(job.prompt_token_ids, self.block_size, job.model, job.cache_salt)
         return replace(job, block_hashes=hashes, tool_parser=tool_parser, reasoning_parser=reasoning_parser)
 
     async def start(self, job: Job) -> "Choices":

@@ -35,7 +35,8 @@ word template). What comes back depends on `tool_choice`:
     value is typed by the tool's parameter schema as vLLM's parser types it
     (an integer, a boolean, JSON for objects and arrays; a string otherwise).
     Streamed, a call's name leaves when written and each parameter when whole;
-- `auto` with no parser, or `none`: the answer is content.
+- `none`: the answer is content. `auto` on a model with no parser is a 400
+  (pipeline.bind), as on vLLM's server: its calls would be lost as text.
 
 An answer that does not parse (a model that ignored the format, or one cut by
 `max_tokens`) is returned as content, never dropped. Simulated engines write

@@ -416,17 +416,23 @@ async def test_required_makes_a_simulated_engine_call_the_tools():
     assert deltas[-1]["finish_reason"] == "tool_calls" and not any(d["delta"].get("content") for d in deltas)
 
 
-async def test_without_a_tool_parser_the_answer_is_content():
+async def test_auto_needs_a_tool_parser_and_none_makes_the_answer_content():
     c, engines, _ = make()
     seen = scripted(engines, HERMES)
-    r = await c.post("/v1/chat/completions", json=chat(tools=[WEATHER]))
+    for body in (chat(tools=[WEATHER]), chat(tools=[WEATHER], tool_choice="auto")):
+        r = await c.post("/v1/chat/completions", json=body)  # vLLM's rule: the calls would be lost as text
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
+        assert "models[].tool_parser" in r.json()["error"]["message"]
+    assert seen == []
+    r = await c.post("/v1/chat/completions", json=chat(tools=[WEATHER], tool_choice="none"))
     msg = r.json()["choices"][0]["message"]
     assert msg == {"role": "assistant", "content": "".join(HERMES)} and seen[0].sampling == ()
 
 
 async def test_earlier_tool_calls_reach_a_models_own_template(tiny_tokenizer):
     path, tok = tiny_tokenizer
-    c, engines, _ = make({**CONFIG, "models": [{"name": "m", "max_model_len": 4096, "tokenizer": path}]})
+    c, engines, _ = make({**CONFIG, "models": [{"name": "m", "max_model_len": 4096, "tokenizer": path,
+                                                "tool_parser": "hermes"}]})
     seen = requests_seen(engines)
     call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Lima"}'}}
     messages = [{"role": "user", "content": "weather?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
@@ -584,7 +590,7 @@ async def test_tokenize_counts_what_the_model_would_get_and_detokenize_reverses_
     body = r.json()
     assert not seen  # no engine is involved
     done = await c.post("/v1/chat/completions", json={"model": "m", "max_tokens": 2, "messages": messages,
-                                                      "tools": [WEATHER]})
+                                                      "tools": [WEATHER], "tool_choice": "none"})
     assert body["tokens"] == list(seen[0].prompt_token_ids)  # the very ids the engine got
     assert body["count"] == len(body["tokens"]) == done.json()["usage"]["prompt_tokens"]
     assert body["max_model_len"] == 4096 and body["token_strs"] == tok.convert_ids_to_tokens(body["tokens"])

@@ -31,7 +31,8 @@ def sha(k):
 
 CONFIG = {
     "home_region": "us",
-    "models": [{"name": "big", "default_max_tokens": 32}, {"name": "small", "default_max_tokens": 32}],
+    "models": [{"name": "big", "default_max_tokens": 32, "tool_parser": "hermes"},
+               {"name": "small", "default_max_tokens": 32, "tool_parser": "hermes"}],
     "regions": {"us": {"replicas": 2, "profile": "llama3-1b-h100", "models": ["big", "small"]},
                 "eu": {"replicas": 2, "profile": "llama3-1b-h100", "models": ["big", "small"]}},
     "auth": {"tenants": {"acme": {"api_keys_sha256": [sha(KEYS["acme"])],
