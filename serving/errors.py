@@ -4,7 +4,7 @@
     ├── InvalidRequest (400, invalid_request_error)
     │   ├── ContextLengthExceeded (400, code=context_length_exceeded)
     │   └── RequestTooLarge (413, code=request_too_large)
-    ├── AuthenticationError (401, authentication_error)
+    ├── AuthenticationError (401, invalid_request_error, code invalid_api_key: as OpenAI's)
     ├── PermissionDenied (403, permission_error)
     ├── NotFound (404, not_found_error)
     │   └── ModelNotFound (404, code=model_not_found)
@@ -61,7 +61,7 @@ class RequestTooLarge(InvalidRequest):
 
 
 class AuthenticationError(ProximaError):
-    status, type, code = 401, "authentication_error", "invalid_api_key"
+    status, type, code = 401, "invalid_request_error", "invalid_api_key"
 
 
 class PermissionDenied(ProximaError):

@@ -338,6 +338,8 @@ def _param(loc: tuple) -> str | None:
 
 
 def _common(r: _Common) -> dict[str, Any]:
+    if r.stream_options is not None and not r.stream:  # OpenAI's and vLLM's rule
+        raise InvalidRequest("`stream_options` can only be set when `stream` is true.", param="stream_options")
     stop = (r.stop,) if isinstance(r.stop, str) else tuple(r.stop or ())
     return dict(model=r.model, stream=r.stream,
                 include_usage=bool(r.stream and r.stream_options and r.stream_options.include_usage),

@@ -177,7 +177,7 @@ async def test_keys_tenants_and_residency_over_http():
     c, _, _ = make(cfg)
     r = await c.post("/v1/chat/completions", json=chat())
     assert r.status_code == 401
-    assert r.json()["error"]["type"] == "authentication_error"
+    assert (r.json()["error"]["type"], r.json()["error"]["code"]) == ("invalid_request_error", "invalid_api_key")
     r = await c.post("/v1/chat/completions", json=chat(), headers={"authorization": "Bearer sk-nope"})
     assert r.status_code == 401
     r = await c.post("/v1/chat/completions", json=chat(), headers={"authorization": "Bearer sk-acme"})
@@ -713,7 +713,7 @@ async def test_metrics_can_require_the_admin_key(caplog):
     c, _, _ = make({**keyed, "observability": {"metrics_auth": "admin"}})
     assert (await c.get("/metrics")).status_code == 401
     r = await c.get("/metrics", headers={"authorization": "Bearer sk-acme"})  # a tenant's key is not enough
-    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     r = await c.get("/metrics", headers={"authorization": "Bearer sk-admin"})
     assert r.status_code == 200 and "proxima_requests_total" in r.text
     with pytest.raises(ValueError, match="metrics_auth"):

@@ -155,7 +155,9 @@ def test_chat_parse_renders_messages_in_order_and_reads_options():
                            continue_final_message=True, add_generation_prompt=False))
     assert cont.prompt == "<|user|> a <|assistant|> b"  # the answer goes on from "b"
     assert cont.template_kwargs == {"add_generation_prompt": False, "continue_final_message": True}
-    assert parse_chat(body(stream_options={"include_usage": True})).include_usage is False  # only streamed
+    with pytest.raises(InvalidRequest) as e:  # only streamed, as OpenAI's and vLLM's servers say
+        parse_chat(body(stream_options={"include_usage": True}))
+    assert e.value.param == "stream_options"
     assert parse_chat(body(logprobs=False, top_logprobs=0)).kind == "chat"  # SDK defaults: nothing asked
     # penalties and vLLM's cut-offs go to the engine as given; unset ones are not sent
     assert parse_chat(body()).sampling == ()
@@ -249,9 +251,9 @@ def test_sse_done_and_media_type():
 
 def test_null_for_a_field_that_cannot_be_null_is_the_field_left_out():
     """The openai SDK sends `null` for a `None` it is given (`n=None`, `stream=None`)."""
-    p = parse_chat(body(stream=None, n=None, ignore_eos=None, add_generation_prompt=None,
-                        stream_options={"include_usage": None}, temperature=None))
+    p = parse_chat(body(stream=None, n=None, ignore_eos=None, add_generation_prompt=None, temperature=None))
     assert (p.stream, p.n, p.ignore_eos, p.include_usage, p.temperature) == (False, 1, False, False, None)
+    assert parse_chat(body(stream=True, stream_options={"include_usage": None})).include_usage is False
     assert parse_completion({"model": "m", "prompt": "x", "echo": None}).echo is False
     assert parse_completion({"model": "m", "prompt": "x"}).max_tokens == 16
     assert parse_completion({"model": "m", "prompt": "x", "max_tokens": None}).max_tokens is None  # the model's

@@ -211,7 +211,7 @@ async def test_json_cascade(gw, stream, tier, reason, replica_model):
     from dataclasses import replace as dc_replace
     gw.delegation.cfg = dc_replace(gw.delegation.cfg, cascade=True)
     body = chat("acme", model="auto", max_tokens=4, stream=stream,
-                response_format={"type": "json_object"}, stream_options={"include_usage": True})
+                response_format={"type": "json_object"}, **({"stream_options": {"include_usage": True}} if stream else {}))
     async with client(gw) as c:
         r = await c.post("/v1/chat/completions", json=body,
                          headers=auth("acme", **{"x-proxima-slo-ttft-ms": "0.001"}))
