@@ -111,10 +111,10 @@ def build_app(gw: Gateway) -> Starlette:
             parsed = parse(await body_of(request))
             region = gw.client_region(request.headers.get("x-client-region"))
             extra = tuple((k, v) for k in _HEADERS if (v := request.headers.get(k)) is not None)
+            job = gw.prepare(parsed, principal, region, rid, extra + tuple(echo.items()))
             # completions' `echo`: the prompt's text first (ids: as the model's tokenizer reads them)
             shown = "" if not parsed.echo else parsed.prompt or \
                 await gw.token_texts(parsed.model, list(parsed.prompt_token_ids or ()), whole=True)
-            job = gw.prepare(parsed, principal, region, rid, extra + tuple(echo.items()))
             request.state.labels = (principal.tenant, job.model, "")
             choices = await gw.start(job)
         except ProximaError as e:

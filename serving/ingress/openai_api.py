@@ -598,6 +598,7 @@ class Responder:
         msg: dict[str, Any] = {"role": "assistant", "content": text}
         if reasoning:
             msg["reasoning"] = reasoning
+            msg["content"] = text or None  # all thinking, no answer: null, as vLLM's
         if tool_calls:  # whole calls, without the streaming `index`
             msg["content"] = text or None
             msg["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in tool_calls]

@@ -34,7 +34,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any, AsyncIterator, Callable, Protocol, TypeVar
+from typing import Any, AsyncIterator, Callable, Iterable, Protocol, TypeVar
 
 from serving.admission.gateway import narrow
 from serving.admission.residency import HEADER as REGIONS_HEADER, parse_regions
@@ -239,6 +239,8 @@ class Gateway:
         a model with one is tokenized by `start`, on the tokenizer thread."""
         if parsed.model not in self.limits and parsed.model not in self.delegation.aliases:
             raise ModelNotFound(f"The model {_shown(parsed.model)} does not exist.", param="model")
+        if parsed.prompt_token_ids and parsed.model in self.limits:
+            self.check_ids(parsed.model, parsed.prompt_token_ids, "prompt")
         ids = parsed.prompt_token_ids or (() if parsed.model in self.hf else tuple(self.tokenizer(parsed.prompt)))
         max_tokens = parsed.max_tokens
         if max_tokens is None:
@@ -292,16 +294,21 @@ class Gateway:
         """The tokens' own strings (whole: False), or the text they decode to (POST /detokenize).
         Ids outside the model's vocabulary are a 400."""
         self.context_limit(model)
+        self.check_ids(model, ids, "tokens")
+        hf = self.hf.get(model)
+        if hf is not None:
+            return await self._off_loop(hf.tok.decode if whole else hf.tok.convert_ids_to_tokens, ids)
+        # a model served by simulated engines: the words they write for these ids
+        return "".join(map(piece, ids)) if whole else [piece(t) for t in ids]
+
+    def check_ids(self, model: str, ids: Iterable[int], param: str) -> None:
+        """Token ids a client sent must be in the model's vocabulary (400 naming `param`)."""
         hf = self.hf.get(model)
         size = len(hf.tok) if hf is not None else VOCAB_SIZE
         bad = next((t for t in ids if t >= size), None)
         if bad is not None:
             raise InvalidRequest(f"Token id {bad} is out of the vocabulary of {_shown(model)} ({size} tokens).",
-                                 param="tokens")
-        if hf is not None:
-            return await self._off_loop(hf.tok.decode if whole else hf.tok.convert_ids_to_tokens, ids)
-        # a model served by simulated engines: the words they write for these ids
-        return "".join(map(piece, ids)) if whole else [piece(t) for t in ids]
+                                 param=param)
 
     def tokenize(self, job: Job) -> Job:
         """The ids of `job.model`'s own tokenizer and template if it has them (the ids vLLM's own

@@ -482,6 +482,10 @@ async def test_a_reasoning_models_thinking_leaves_as_reasoning_whole_and_streame
     assert (thought, content) == ("Lima, so get_weather.", "")
     r = await client.chat.completions.create(**kw, extra_body={"include_reasoning": False})
     assert "reasoning" not in r.choices[0].message.model_extra
+    scripted(engines, ["<think>still thinking when max_tokens came"])  # all thinking: content null, as vLLM's
+    r = await client.chat.completions.create(**kw)
+    assert (r.choices[0].message.content, r.choices[0].message.model_extra["reasoning"]) == \
+        (None, "still thinking when max_tokens came")
 
 
 async def test_a_model_with_its_own_tokenizer_is_tokenized_once_and_admission_counts_its_tokens(tiny_tokenizer):
@@ -718,3 +722,12 @@ async def test_metrics_can_require_the_admin_key(caplog):
     assert r.status_code == 200 and "proxima_requests_total" in r.text
     with pytest.raises(ValueError, match="metrics_auth"):
         load_config({**CONFIG, "observability": {"metrics_auth": "admin"}})  # no admin key to ask for
+
+
+@pytest.mark.parametrize("echo", [False, True])
+async def test_prompt_ids_out_of_the_vocabulary_are_a_400_naming_the_prompt(echo):
+    c, engines, _ = make()
+    seen = requests_seen(engines)
+    r = await c.post("/v1/completions", json={"model": "m", "prompt": [1, 2, 40_000], "echo": echo, "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and "40000" in r.text
+    assert seen == []
