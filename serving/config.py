@@ -208,6 +208,7 @@ class ServeConfig(_Strict):
     retry_attempts: int = Field(default=3, ge=1)  # replicas tried before the first token
     stream_interval_ms: float = Field(default=5.0, ge=0)  # engine -> ingress: later chunks coalesce this long
     max_request_bytes: int = Field(default=16 << 20, ge=1024)  # a larger request body: 413, not read
+    cors_allowed_origins: list[str] = Field(default_factory=list)  # browser origins (["*"]: any); none: no CORS
 
 
 class BudgetsConfig(_Strict):

@@ -27,6 +27,8 @@ from typing import Any, AsyncIterator, Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
@@ -49,6 +51,9 @@ from serving.observability.steps import check_headers
 log = logging.getLogger("proxima.ingress")
 _HEADERS = ("x-session-id", "x-agent-step", "x-proxima-tier", "traceparent", "tracestate",
             "x-proxima-regions", "x-proxima-slo-ttft-ms")
+# what a browser page may read of a response (CORS): where its request went, and its id
+_EXPOSED = ("x-request-id", "x-proxima-region", "x-proxima-replica", "x-proxima-predicted-ttft-ms",
+            "x-proxima-tier", "x-proxima-tier-reason", "x-proxima-budget", "retry-after")
 _NO_LABELS = ("", "", "")  # tenant, model, region: unknown (before auth, or not a completion)
 
 
@@ -274,7 +279,10 @@ def build_app(gw: Gateway) -> Starlette:
         Route("/admin/router", counted("/admin/router", admin_router), methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: not_found})
+    origins = gw.config.serve.cors_allowed_origins
+    middleware = [Middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
+                             allow_headers=["*"], expose_headers=list(_EXPOSED))] if origins else []
+    return Starlette(routes=routes, middleware=middleware, exception_handlers={HTTPException: not_found})
 
 
 class _SSE(StreamingResponse):

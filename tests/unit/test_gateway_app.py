@@ -731,3 +731,18 @@ async def test_prompt_ids_out_of_the_vocabulary_are_a_400_naming_the_prompt(echo
     r = await c.post("/v1/completions", json={"model": "m", "prompt": [1, 2, 40_000], "echo": echo, "max_tokens": 2})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and "40000" in r.text
     assert seen == []
+
+
+async def test_a_browser_origin_is_allowed_only_when_configured():
+    preflight = {"origin": "https://app.example", "access-control-request-method": "POST",
+                 "access-control-request-headers": "authorization, content-type"}
+    c, _, _ = make()
+    assert (await c.options("/v1/chat/completions", headers=preflight)).status_code == 405
+    c, _, _ = make({**CONFIG, "serve": {**CONFIG["serve"], "cors_allowed_origins": ["https://app.example"]}})
+    r = await c.options("/v1/chat/completions", headers=preflight)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+    assert "authorization" in r.headers["access-control-allow-headers"].lower()
+    r = await c.post("/v1/chat/completions", json=chat(max_tokens=2), headers={"origin": "https://app.example"})
+    assert r.status_code == 200 and "x-proxima-replica" in r.headers["access-control-expose-headers"]
+    r = await c.options("/v1/chat/completions", headers={**preflight, "origin": "https://evil.example"})
+    assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
