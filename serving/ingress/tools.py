@@ -35,6 +35,13 @@ word template). What comes back depends on `tool_choice`:
     value is typed by the tool's parameter schema as vLLM's parser types it
     (an integer, a boolean, JSON for objects and arrays; a string otherwise).
     Streamed, a call's name leaves when written and each parameter when whole;
+  - `pythonic`: an answer that opens with `[` (inside `<|python_start|>` and
+    `<|python_end|>` for Llama 4) is `[name(key=value, ...), ...]` with
+    Python literal values, as Llama 3.2 and 4 write them with vLLM's pythonic
+    tool templates; read with Python's
+    own parser (`ast`), never run. Streamed, each call leaves whole when its
+    `)` is written; not streamed, the whole answer is the list or it is
+    content (vLLM's rule);
 - `none`: the answer is content. `auto` on a model with no parser is a 400
   (pipeline.bind), as on vLLM's server: its calls would be lost as text.
 
@@ -48,6 +55,7 @@ over to another replica mid-call goes on parsing where it was.
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import uuid
@@ -57,6 +65,7 @@ from serving.errors import InvalidRequest
 
 _OPEN, _CLOSE = "<tool_call>", "</tool_call>"
 _PYTHON_TAG = "<|python_tag|>"
+_PY_START, _PY_END = "<|python_start|>", "<|python_end|>"  # pythonic, as Llama 4 wraps its calls
 _DECODER = json.JSONDecoder()
 # the start of a call whose name comes first and whose arguments (or parameters) are an object
 _HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\{)')
@@ -234,11 +243,79 @@ def _xml_value(schema: Any, raw: str) -> Any:
     return v
 
 
+class _PyScan:
+    """pythonic: the list `[call(...), ...]` read as it grows, quotes and brackets counted, so a
+    call is known whole at the `)` that closes it."""
+
+    __slots__ = ("at", "depth", "quote", "item_start", "last", "closed")
+
+    def __init__(self, at: int):
+        self.at = at  # where reading goes on (just after the list's "[" at first)
+        self.depth = 0  # brackets open inside the current item
+        self.quote = ""  # the quote of the string being read ("" outside strings)
+        self.item_start = -1  # where the current item began (-1: between items)
+        self.last = at  # where the item last returned began
+        self.closed = False  # the list's "]" was read
+
+    def next_item(self, buf: str) -> str | None:
+        """The next whole item's text, "]" at the list's end, None if more must come first."""
+        i, n = self.at, len(buf)
+        while i < n:
+            c = buf[i]
+            if self.quote:
+                if c == "\\":
+                    i += 2
+                    continue
+                if c == self.quote:
+                    self.quote = ""
+            elif self.item_start < 0:  # between items
+                if c in " \t\r\n,":
+                    pass
+                elif c == "]":
+                    self.at, self.closed = i + 1, True
+                    return "]"
+                else:
+                    self.item_start = i
+                    continue
+            elif c in "'\"":
+                self.quote = c
+            elif c in "([{":
+                self.depth += 1
+            elif c in ")]}":
+                self.depth -= 1
+                if self.depth <= 0:
+                    item, self.last, self.item_start, self.depth = buf[self.item_start:i + 1], self.item_start, -1, 0
+                    self.at = i + 1
+                    return item
+            elif c == "," and self.depth == 0:  # an item that is no call (a bare name, a number)
+                item, self.last, self.item_start = buf[self.item_start:i], self.item_start, -1
+                self.at = i
+                return item
+            i += 1
+        self.at = min(i, n)
+        return None
+
+
+def _python_call(text: str) -> tuple[str, str] | None:
+    """`name(key=value, ...)` as (name, arguments as JSON), values Python literals (True, None,
+    lists, dicts...), as vLLM's pythonic parser reads them; None if it is not such a call."""
+    try:
+        node = ast.parse(text.strip(), mode="eval").body
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.args):
+            return None
+        args = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+        if any(k is None for k in args):  # **kwargs
+            return None
+        return node.func.id, json.dumps(args, ensure_ascii=False)
+    except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
+        return None
+
+
 class ToolOutput:
     """One answer's text turned into content and tool calls, chunk by chunk."""
 
     __slots__ = ("mode", "name", "parallel", "stream", "calls", "names", "_buf", "_parts", "_at", "_inside",
-                 "_seen", "_json", "_args", "_xml", "_schemas")
+                 "_seen", "_json", "_args", "_xml", "_schemas", "_scan")
 
     def __init__(self, mode: str, name: str | None = None, parallel: bool | None = None, stream: bool = False,
                  tools: tuple[dict[str, Any], ...] = ()):
@@ -258,6 +335,7 @@ class ToolOutput:
         self._json: bool | None = None  # llama3_json: the answer is calls (None: not known yet)
         self._args: _Arguments | None = None  # hermes and llama3_json, streamed: the call being read
         self._xml: _XmlBlock | None = None  # qwen3_coder: the <tool_call> block being read
+        self._scan: _PyScan | None = None  # pythonic: the list of calls being read
         # qwen3_coder: each function's parameters' schemas (their values are typed by them)
         self._schemas = {t["function"]["name"]: (t["function"].get("parameters") or {}).get("properties") or {}
                          for t in tools} if mode == "qwen3_coder" else {}
@@ -280,7 +358,7 @@ class ToolOutput:
                 self.names.append(self.name or "")
                 return "", [_call(0, self.name or "", text)]
             return "", [{"index": 0, "function": {"arguments": text}}] if text else []
-        if self._json and not self.stream:  # read whole, at the end
+        if self._json and not self.stream and self.mode == "llama3_json":  # read whole, at the end
             self._parts.append(text)
             return "", []
         self._buf += text
@@ -288,6 +366,8 @@ class ToolOutput:
             return self._array(final=False, new=text)
         if self.mode == "llama3_json":
             return self._llama(final=False)
+        if self.mode == "pythonic":
+            return self._pythonic(final=False)
         return self._hermes(final=False)
 
     def end(self) -> tuple[str, list[dict[str, Any]]]:
@@ -299,6 +379,8 @@ class ToolOutput:
             return self._array(final=True, new="")
         if self.mode == "llama3_json":
             return self._llama(final=True)
+        if self.mode == "pythonic":
+            return self._pythonic(final=True)
         return self._hermes(final=True)
 
     def finish_reason(self, engine_reason: str | None) -> str | None:
@@ -546,6 +628,63 @@ class ToolOutput:
         if final and self._args.index < 0:  # cut before it was known as a call
             return self._no_more_calls(buf, out)
         return "", out  # a call still coming (or, at the end, cut after it was sent)
+
+    def _pythonic(self, final: bool) -> tuple[str, list[dict[str, Any]]]:
+        """pythonic: an answer that opens with `[` (after an optional `<|python_start|>`) is a list
+        of calls, `[name(key=value, ...), ...]`, values Python literals, as Llama 3.2 and 4
+        write them with vLLM's pythonic templates; any other answer is content. Streamed, each call leaves whole once the `)`
+        that closes it is written; not streamed, the answer is read when it ends (vLLM's rule
+        there: the whole answer is the list, or it is all content). Streamed, text that is no
+        call ends the calls and is content from there (all of it if no call was sent)."""
+        buf = self._buf
+        if self._json is None:
+            head = buf.lstrip()
+            if head.startswith(_PY_START):
+                head = head[len(_PY_START):].lstrip()
+            if head.startswith("["):
+                self._json, self._scan = True, _PyScan(len(buf) - len(head) + 1)
+            elif not final and _PY_START.startswith(buf.lstrip()):
+                return "", []  # not known yet (nothing but blanks, or the tag's first characters)
+            else:
+                self._json = False
+        if not self._json:
+            self._buf = ""
+            return buf, []
+        if not self.stream and not final:
+            return "", []
+        scan = self._scan
+        assert scan is not None
+        found: list[tuple[str, str]] = []
+        while not scan.closed:
+            item = scan.next_item(buf)
+            if item is None:
+                break
+            if item == "]":
+                continue
+            call = _python_call(item)
+            if call is None:
+                return self._py_text(buf, found, scan.last)
+            found.append(call)
+        if scan.closed:  # after the list only its end tag may come
+            rest = buf[scan.at:].strip()
+            if rest.startswith(_PY_END):
+                rest = rest[len(_PY_END):].strip()
+            elif not final and _PY_END.startswith(rest):
+                rest = ""  # nothing yet, or the tag's first characters
+            if rest or not (self.calls or found):  # (an empty list is no call: text)
+                return self._py_text(buf, found, scan.at)
+        elif final:  # cut before the list closed (max_tokens): what is not a whole call is text
+            return self._py_text(buf, found, scan.item_start if scan.item_start >= 0 else scan.at)
+        return "", self._numbered(found)
+
+    def _py_text(self, buf: str, found: list[tuple[str, str]], at: int) -> tuple[str, list[dict[str, Any]]]:
+        """pythonic: the answer holds text that is no call from `at`. Not streamed, or before any
+        call was sent, all of the answer is content (vLLM's rule); streamed after calls, the
+        rest is, and so is everything after it."""
+        self._json, self._buf = False, ""
+        if not self.stream or not (self.calls or found):
+            return buf, []
+        return buf[at:], self._numbered(found)
 
     def _no_more_calls(self, buf: str, out: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
         """llama3_json, streamed: text that is no call; from here on the answer is content (all of it

@@ -746,3 +746,21 @@ async def test_a_browser_origin_is_allowed_only_when_configured():
     assert r.status_code == 200 and "x-proxima-replica" in r.headers["access-control-expose-headers"]
     r = await c.options("/v1/chat/completions", headers={**preflight, "origin": "https://evil.example"})
     assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+
+
+async def test_a_pythonic_models_calls_reach_the_openai_client():
+    """Llama 3.2 and 4 write calls as a Python list; the openai SDK gets them as tool_calls."""
+    config = {**CONFIG, "models": [{"name": "m", "max_model_len": 4096, "tool_parser": "pythonic"}]}
+    c, engines, _ = make(config)
+    scripted(engines, ["<|python_start|>[get_weather(ci", 'ty="Lima"), get_weather(city=\'Oslo\')]', "<|python_end|>"])
+    client = sdk(c)
+    kw = dict(model="m", messages=[{"role": "user", "content": "weather in Lima and Oslo?"}], tools=[WEATHER])
+    r = await client.chat.completions.create(**kw)
+    assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+    assert [json.loads(t.function.arguments) for t in r.choices[0].message.tool_calls] == [{"city": "Lima"},
+                                                                                           {"city": "Oslo"}]
+    async with client.chat.completions.stream(**kw) as s:
+        async for _ in s:
+            pass
+        final = await s.get_final_completion()
+    assert [t.function.name for t in final.choices[0].message.tool_calls] == ["get_weather", "get_weather"]

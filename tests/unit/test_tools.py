@@ -229,12 +229,14 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
 
 _BITS = st.sampled_from(["<tool_call>", "</tool_call>", "<|python_tag|>", '{"name": "f", ', '"arguments": ',
                          '"parameters": ', "{", "}", "[", "]", '"', "\\", ";", " ", "x", '"a": 1', ",", "\n",
-                         "<function=f>", "</function>", "<parameter=a>", "</parameter>", "<parameter="])
+                         "<function=f>", "</function>", "<parameter=a>", "</parameter>", "<parameter=",
+                         "f(", "a=1", ")", "'", "<|python_start|>", "<|python_end|>"])
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)  # explored with 20,000 random ones
 @given(bits=st.lists(_BITS, max_size=30), cuts=st.lists(st.integers(1, 6), max_size=40),
-       mode=st.sampled_from(["hermes", "llama3_json", "qwen3_coder", "required", "function"]), stream=st.booleans(),
+       mode=st.sampled_from(["hermes", "llama3_json", "qwen3_coder", "pythonic", "required", "function"]),
+       stream=st.booleans(),
        parallel=st.sampled_from([None, False]))
 def test_any_answer_however_cut_is_read_without_raising(bits, cuts, mode, stream, parallel):
     text = "".join(bits)
@@ -284,3 +286,36 @@ def test_qwen3_coder_cut_short_and_text_that_is_no_call():
     assert run(ToolOutput("qwen3_coder", stream=True), [bad])[:3] == (bad, [], "stop")
     _, calls, _, _ = run(ToolOutput("qwen3_coder", parallel=False, stream=True, tools=CODER_TOOLS), [CODER])
     assert [c["name"] for c in calls] == ["write_file"]
+
+
+PYTHONIC = ('[get_weather(city="San Francisco", metric=True, days=[1, 2]), '
+            "search(q='a)b, c(', filters={'lang': None})]")
+PYTHONIC_CALLS = [("get_weather", {"city": "San Francisco", "metric": True, "days": [1, 2]}),
+                  ("search", {"q": "a)b, c(", "filters": {"lang": None}})]
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["llama3.2", "llama4-tags"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_pythonic_calls_however_the_text_is_cut(stream, wrapped):
+    text = f"<|python_start|>{PYTHONIC}<|python_end|>" if wrapped else PYTHONIC
+    for pieces in splits(text):
+        content, calls, reason, deltas = run(ToolOutput("pythonic", stream=stream), pieces)
+        assert content == "" and reason == "tool_calls", pieces
+        assert [(c["name"], json.loads(c["arguments"])) for c in calls] == PYTHONIC_CALLS
+        assert all(c["id"].startswith("call_") for c in calls)
+        assert len(deltas) == 2  # each call whole, once its ")" closes it
+
+
+@pytest.mark.parametrize("text,stream,content,names", [
+    ("The weather is fine.", True, "The weather is fine.", []),
+    ("[1, 2, 3]", False, "[1, 2, 3]", []),  # a list that is no calls
+    ("[f(1)]", True, "[f(1)]", []),  # positional arguments: not vLLM's form
+    ("[f(a=1), g(b=", False, "[f(a=1), g(b=", []),  # cut by max_tokens, not streamed: all text
+    ("[f(a=1), g(b=", True, "g(b=", ["f"]),  # streamed: the whole call left, the rest is text
+    ("[f(a=1)] and then words", False, "[f(a=1)] and then words", []),
+    ("[f(a=1)] and then words", True, " and then words", ["f"]),
+    ("[f(a=1), plain words]", True, "plain words]", ["f"]),
+])
+def test_pythonic_text_that_is_no_call_is_content(text, stream, content, names):
+    got, calls, _, _ = run(ToolOutput("pythonic", stream=stream), [text])
+    assert (got, [c["name"] for c in calls]) == (content, names)
