@@ -306,7 +306,7 @@ def _python_call(text: str) -> tuple[str, str] | None:
         args = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
         if any(k is None for k in args):  # **kwargs
             return None
-        return node.func.id, json.dumps(args, ensure_ascii=False)
+        return node.func.id, json.dumps(args, ensure_ascii=False, allow_nan=False)  # (1e999 is no JSON)
     except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
         return None
 

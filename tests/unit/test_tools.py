@@ -315,6 +315,8 @@ def test_pythonic_calls_however_the_text_is_cut(stream, wrapped):
     ("[f(a=1)] and then words", False, "[f(a=1)] and then words", []),
     ("[f(a=1)] and then words", True, " and then words", ["f"]),
     ("[f(a=1), plain words]", True, "plain words]", ["f"]),
+    ("[f(a=1e999)]", True, "[f(a=1e999)]", []),  # infinity is no JSON value
+    ("[f(a={1, 2})]", True, "[f(a={1, 2})]", []),  # nor is a set
 ])
 def test_pythonic_text_that_is_no_call_is_content(text, stream, content, names):
     got, calls, _, _ = run(ToolOutput("pythonic", stream=stream), [text])
