@@ -323,11 +323,11 @@ class Gateway:
                            tokens_of=None)
         return job
 
-    def fit(self, job: Job) -> Job:
-        """The context limit of `job.model` (tokenized): a `max_tokens` the client left out (the
-        model's default) is cut to the context the prompt leaves, as vLLM's server fills it; one
-        the client set must fit with the prompt (400)."""
-        limit = self.context_limit(job.model)
+    def fit(self, job: Job, limit: int | None = None) -> Job:
+        """The context limit of `job.model` (tokenized; or `limit`): a `max_tokens` the client
+        left out (the model's default) is cut to the context the prompt leaves, as vLLM's server
+        fills it; one the client set must fit with the prompt (400)."""
+        limit = self.context_limit(job.model) if limit is None else limit
         room = limit - job.prompt_tokens
         if job.parsed.max_tokens is None and job.max_tokens > room > 0:
             return replace(job, max_tokens=room)
@@ -342,7 +342,12 @@ class Gateway:
 
     def bind(self, job: Job) -> Job:
         """The model is final: its own ids (`tokenize`), the context limit, the block hashes."""
-        job = self.fit(self.tokenize(job))
+        job = self.tokenize(job)
+        if job.parsed.max_tokens is None:  # the final model's own default (an alias's tier, a cascade's)
+            job = replace(job, max_tokens=self.default_max.get(job.model, 256))
+        if job.parsed.prompt_token_ids:  # ids the client sent (checked early unless an alias named them)
+            self.check_ids(job.model, job.parsed.prompt_token_ids, "prompt")
+        job = self.fit(job)
         tool_parser, reasoning_parser = self.parsers[job.model]
         if job.parsed.tool_choice == "auto" and tool_parser is None:  # vLLM's rule: calls would be lost as text
             raise InvalidRequest(
@@ -360,8 +365,8 @@ class Gateway:
         try:
             if job.model in self.hf:  # admission counts the model's own tokens
                 job = await self._off_loop(self.tokenize, job)
-            if job.model in self.limits:  # over the context is a 400 whatever the budget says
-                job = self.fit(job)
+            # over the context is a 400 whatever the budget says (an alias: over every model's)
+            job = self.fit(job, None if job.model in self.limits else max(self.limits.values()))
             ticket = await self.admission.admit(job)
         except BaseException as e:
             self.observer.rejected(job, e)

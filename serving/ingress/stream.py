@@ -230,6 +230,7 @@ class Choices:
         choice's completion."""
         self._settled.append(stream)
         if len(self._settled) == len(self.streams):
+            self.gw.observer.choices_done(self)
             await self.gw.admission.settle(self.job, self.ticket, self.prompt_tokens + self.completion_tokens)
 
     async def aclose(self) -> None:

@@ -23,7 +23,7 @@ from serving.observability.steps import STEP_HEADER, StepStore
 
 if TYPE_CHECKING:
     from serving.ingress.pipeline import Job
-    from serving.ingress.stream import Stream
+    from serving.ingress.stream import Choices, Stream
 
 access = logging.getLogger("proxima.access")
 
@@ -137,10 +137,25 @@ class Observer:
         record = step_record(job, s, e2e, charged, err)
         if job.session_id is not None:
             self.telemetry.record_step(tenant, job.session_id, record)
-        if self._spans:
+        if self._spans and s.group is None:  # choices of n: one span, ended by `choices_done`
             self.tracer.end(job.trace, _span_attributes(record), err)
         if self.access_log:
             access.info("request done", extra={"summary": record})
+
+    def choices_done(self, c: "Choices") -> None:
+        """Every choice of a request for n > 1 is closed: the request's one span, with the
+        whole request's tokens and each choice's finish_reason."""
+        if not self._spans:
+            return
+        first = c.streams[0]
+        failed = next((s.error for s in c.streams if s.error is not None), None)
+        err = None if failed is None else _error_type(failed)
+        charged = sum(s.charged for s in c.streams)
+        attrs = _span_attributes(step_record(c.job, first, time.perf_counter() - first.t0, charged, err))
+        attrs["gen_ai.usage.output_tokens"] = c.completion_tokens
+        attrs["gen_ai.response.finish_reasons"] = [s.answer_finish_reason or "" for s in c.streams]
+        attrs["proxima.tool_calls"] = [n for s in c.streams if s.reader is not None for n in s.reader.tool_names]
+        self.tracer.end(c.job.trace, attrs, err)
 
     def rejected(self, job: "Job", error: BaseException) -> None:
         err = _error_type(error)

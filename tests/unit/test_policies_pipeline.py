@@ -561,3 +561,14 @@ async def test_a_request_over_the_context_is_a_400_even_for_a_capped_tenant(gw):
     async with client(gw) as c:
         r = await c.post("/v1/chat/completions", json=chat("acme", max_tokens=10**6), headers=auth("acme"))
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
+async def test_an_alias_gets_the_context_check_before_admission_and_its_prompt_ids_checked(gw):
+    """Found by a review: `auto` skipped both checks that a named model gets."""
+    async with client(gw) as c:
+        r = await c.post("/v1/chat/completions", json=chat("acme", model="auto", max_tokens=2**31 - 1),
+                         headers=auth("acme"))
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        r = await c.post("/v1/completions", json={"model": "auto", "prompt": [1, 2, 2**31 - 1], "max_tokens": 2},
+                         headers=auth("acme"))
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"

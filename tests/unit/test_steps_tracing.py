@@ -226,3 +226,21 @@ async def test_access_log_line_per_request_carries_the_clients_request_id():
     assert line["request_id"] == "client-7" == r.headers["x-request-id"]
     assert line["summary"]["routing"]["replica"] == r.headers["x-proxima-replica"]
     assert "key-acme" not in out.getvalue()
+
+
+async def test_a_request_for_n_choices_is_one_span_with_all_its_tokens():
+    """Found by a review: each choice ended the one span, the first with its own tokens only."""
+    pytest.importorskip("opentelemetry.sdk")
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from serving.observability.otel import OtelTracer
+
+    mem = InMemorySpanExporter()
+    c, _, _ = build(tracer=OtelTracer(None, exporter=mem))
+    r = await c.post(CHAT, json=chat(n=3, max_tokens=4), headers=ACME)
+    assert r.status_code == 200
+    (span,) = mem.get_finished_spans()
+    a = span.attributes
+    assert a["gen_ai.usage.output_tokens"] == r.json()["usage"]["completion_tokens"] == 12
+    assert a["proxima.budget_charged_tokens"] == r.json()["usage"]["total_tokens"]  # the prompt once
+    assert list(a["gen_ai.response.finish_reasons"]) == ["length"] * 3
