@@ -53,12 +53,14 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(fmt: str = "json", level: int = logging.INFO, stream=None) -> logging.Handler:
-    """One handler on the `proxima` logger (replacing ours from an earlier call)."""
+    """One handler on the `proxima` logger (replacing ours from an earlier call), on the
+    process's own stderr: in a Serve replica `sys.stderr` is Serve's logger, whose buffer (1000
+    records with the throughput settings) held a start-up warning out of sight for good."""
     logger = logging.getLogger("proxima")
     for h in list(logger.handlers):
         if getattr(h, "_proxima", False):
             logger.removeHandler(h)
-    h = logging.StreamHandler(stream or sys.stderr)
+    h = logging.StreamHandler(stream or sys.__stderr__ or sys.stderr)
     h._proxima = True  # type: ignore[attr-defined]
     h.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(
         "%(asctime)s %(levelname)s %(name)s %(message)s"))

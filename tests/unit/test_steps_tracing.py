@@ -1,6 +1,7 @@
 """W3C traceparent: continued by the gateway, carried to the engines; OTel spans; JSON logs."""
 
 import io
+import sys
 import json
 import logging
 
@@ -244,3 +245,14 @@ async def test_a_request_for_n_choices_is_one_span_with_all_its_tokens():
     assert a["gen_ai.usage.output_tokens"] == r.json()["usage"]["completion_tokens"] == 12
     assert a["proxima.budget_charged_tokens"] == r.json()["usage"]["total_tokens"]  # the prompt once
     assert list(a["gen_ai.response.finish_reasons"]) == ["length"] * 3
+
+
+def test_log_lines_go_to_the_processs_own_stderr_not_a_replaced_sys_stderr(monkeypatch):
+    """In a Serve replica sys.stderr is Serve's buffered logger: a start-up warning never showed."""
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # what Serve puts there
+    h = configure_logging("text")
+    try:
+        assert h.stream is sys.__stderr__
+    finally:
+        logging.getLogger("proxima").removeHandler(h)
+        logging.getLogger("proxima").propagate = True
