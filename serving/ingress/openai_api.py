@@ -252,7 +252,7 @@ TokenId = Annotated[int, Field(ge=0, lt=2**31)]  # token ids are hashed as 32-bi
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str] | list[TokenId] = Field()
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]] = Field()
     max_tokens: int | None = Field(default=16, ge=1, le=2**31 - 1)
     echo: bool = False
     suffix: str | None = None  # fill-in-the-middle: refused
@@ -482,8 +482,12 @@ def parse_completion(body: bytes | dict[str, Any]) -> Parsed:
         ids, prompt = tuple(p), ""
     elif isinstance(p, list):
         if len(p) != 1:
-            raise InvalidRequest("Exactly one prompt per request is supported.", param="prompt")
-        prompt = str(p[0])
+            raise InvalidRequest("Exactly one prompt per request is supported (a batch is not: send "
+                                 "one request each).", param="prompt")
+        if isinstance(p[0], list):  # [[ids]]: one prompt of token ids
+            ids, prompt = tuple(p[0]), ""
+        else:
+            prompt = str(p[0])
     else:
         prompt = p
     if not prompt and not ids:

@@ -268,3 +268,11 @@ def test_a_lone_surrogate_escape_is_a_400_and_a_pair_is_text():
         parse_chat(rb'{"model": "m", "messages": [{"role": "user", "content": "a\ud800b"}]}')
     assert "\U0001f600" in parse_chat(rb'{"model": "m", "messages": [{"role": "user", "content": "\ud83d\ude00"}]}').prompt
     assert "\\ud800" in parse_chat(rb'{"model": "m", "messages": [{"role": "user", "content": "\\ud800"}]}').prompt
+
+
+def test_a_completion_takes_one_prompt_of_text_or_ids_and_names_a_batch():
+    assert parse_completion({"model": "m", "prompt": [[5, 6]]}).prompt_token_ids == (5, 6)  # [[ids]], as vLLM's
+    for batch in ([[1, 2], [3, 4]], ["a", "b"]):
+        with pytest.raises(InvalidRequest, match="Exactly one prompt") as e:
+            parse_completion({"model": "m", "prompt": batch})
+        assert e.value.param == "prompt"
