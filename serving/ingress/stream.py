@@ -14,7 +14,8 @@ request over the one prompt, with its own id (`<id>-<i>`), failover and
 reader, as vLLM's server makes them (choice i samples with seed + i). The
 first choice is opened first, so the prompt's blocks are on its replica when
 the others are routed (the router sends them there unless it is loaded);
-the others are opened together. The response starts when every choice has
+then the others, one after another (each waits for the one before it to
+have its first chunk: a cached prompt's, a few ms). The response starts when every choice has
 its first chunk: a choice that cannot be opened is the request's error, and
 the choices already open are closed. Admission settles once, when every
 choice has closed: the prompt once, and every choice's completion tokens.
@@ -203,8 +204,8 @@ class Choices:
         self._settled: list[Stream] = []
 
     async def open(self) -> None:
-        """Every choice up to its first chunk: the first, then the others together. If one
-        cannot be opened, the others are closed and its error is raised."""
+        """Every choice up to its first chunk, in order. If one cannot be opened, the others are
+        closed and its error is raised."""
         first, rest = self.streams[0], self.streams[1:]
         try:
             await first.open()
@@ -214,15 +215,14 @@ class Choices:
             raise
         if not rest:
             return
-        tasks = [asyncio.ensure_future(s.open()) for s in rest]
+        # One after another: opened together, under Ray Serve 2.60 the calls to one replica
+        # sometimes never left its router (n of 3-4 hung under `make run`; in-process they did not)
         try:
-            await asyncio.gather(*tasks)
+            for s in rest:
+                await s.open()
         except BaseException:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)  # each failed one closed itself
-            for s in self.streams:
-                await s.aclose(ok=False)
+            for s in self.streams:  # the one that failed closed itself; those not reached are settled
+                await (s.aclose(ok=False) if s.first is not None else s.discard())
             raise
 
     async def settle(self, stream: Stream) -> None:

@@ -46,6 +46,23 @@ def test_openai_client_streaming_with_usage(gateway_url):
     assert len({ch.id for ch in chunks}) == 1
 
 
+def test_n_choices_through_serve(gateway_url):
+    """Found by a newcomer's walkthrough: under Serve, choices dispatched together to one replica
+    sometimes never left its router (n of 3-4 hung, then a 502); in-process they did not."""
+    c = openai.OpenAI(base_url=gateway_url + "/v1", api_key="unused", timeout=30, max_retries=0)
+    for n in (4, 16):
+        r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"choices {n}"}],
+                                      max_tokens=3, n=n, seed=1)
+        assert [ch.index for ch in r.choices] == list(range(n))
+        assert r.usage.completion_tokens == 3 * n and len({ch.message.content for ch in r.choices}) > 1
+    seen: dict[int, str] = {}
+    for ch in c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "choices streamed"}],
+                                        max_tokens=3, n=4, stream=True):
+        for choice in ch.choices:
+            seen[choice.index] = seen.get(choice.index, "") + (choice.delta.content or "")
+    assert sorted(seen) == [0, 1, 2, 3] and all(len(t.split()) == 3 for t in seen.values())
+
+
 def test_openai_client_completions(gateway_url):
     c = openai.OpenAI(base_url=gateway_url + "/v1", api_key="unused")
     r = c.completions.create(model=MODEL, prompt="one two three", max_tokens=3)
