@@ -105,7 +105,12 @@ class ModelConfig(_Strict):
     # (<tool_call>{json}</tool_call>: Qwen2.5/3, Hermes), "llama3_json" ({json}; {json}: Llama
     # 3.1-3.3), "qwen3_coder" (<tool_call><function=NAME><parameter=KEY>value</parameter>...:
     # Qwen3-Coder, values typed by the tool's schema). None: such answers are content
-    tool_parser: Literal["hermes", "llama3_json", "qwen3_coder", "pythonic"] | None = None
+    tool_parser: Literal["hermes", "llama3_json", "qwen3_coder", "pythonic", "llama4_pythonic"] | None = None
+
+    @field_validator("tool_parser")
+    @classmethod
+    def _parser_alias(cls, v: str | None) -> str | None:
+        return "pythonic" if v == "llama4_pythonic" else v  # vLLM's name for the same format
     # a reasoning model's <think>...</think> leaves as the message's `reasoning`, apart from the
     # content (serving.ingress.answer): "deepseek_r1" (reasoning until </think>) or "qwen3"
     # (reasoning if the answer opens with <think>). None: it is content

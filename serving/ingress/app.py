@@ -53,7 +53,7 @@ _HEADERS = ("x-session-id", "x-agent-step", "x-proxima-tier", "traceparent", "tr
             "x-proxima-regions", "x-proxima-slo-ttft-ms")
 # what a browser page may read of a response (CORS): where its request went, and its id
 _EXPOSED = ("x-request-id", "x-proxima-region", "x-proxima-replica", "x-proxima-predicted-ttft-ms",
-            "x-proxima-tier", "x-proxima-tier-reason", "x-proxima-budget", "retry-after")
+            "x-proxima-tier", "x-proxima-tier-reason", "x-proxima-tier-detail", "x-proxima-budget", "retry-after")
 _NO_LABELS = ("", "", "")  # tenant, model, region: unknown (before auth, or not a completion)
 
 

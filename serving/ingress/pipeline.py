@@ -340,6 +340,21 @@ class Gateway:
                 "or completion.", param="messages" if job.parsed.kind == "chat" else "prompt")
         return job
 
+    def _alias_limit(self) -> int:
+        """The largest context among the models an alias picks from (all served ones if unknown)."""
+        tiers = getattr(getattr(self.delegation, "cfg", None), "tiers", ())
+        limits = [self.limits[t.model] for t in tiers if t.model in self.limits]
+        return max(limits or self.limits.values())
+
+    def _check_tool_parser(self, job: Job) -> None:
+        """vLLM's rule: `tool_choice` auto needs the model's tool parser (its calls would be lost
+        as text)."""
+        if job.parsed.tool_choice == "auto" and self.parsers[job.model][0] is None:
+            raise InvalidRequest(
+                f"`tool_choice` \"auto\" (the default with `tools`) needs a tool parser, and model "
+                f"{_shown(job.model)} has none configured (models[].tool_parser). Use `tool_choice` "
+                "\"required\", a named function or \"none\".", param="tool_choice")
+
     def bind(self, job: Job) -> Job:
         """The model is final: its own ids (`tokenize`), the context limit, the block hashes."""
         job = self.tokenize(job)
@@ -348,12 +363,8 @@ class Gateway:
         if job.parsed.prompt_token_ids:  # ids the client sent (checked early unless an alias named them)
             self.check_ids(job.model, job.parsed.prompt_token_ids, "prompt")
         job = self.fit(job)
+        self._check_tool_parser(job)
         tool_parser, reasoning_parser = self.parsers[job.model]
-        if job.parsed.tool_choice == "auto" and tool_parser is None:  # vLLM's rule: calls would be lost as text
-            raise InvalidRequest(
-                f"`tool_choice` \"auto\" (the default with `tools`) needs a tool parser, and model "
-                f"{_shown(job.model)} has none configured (models[].tool_parser). Use `tool_choice` "
-                "\"required\", a named function or \"none\".", param="tool_choice")
         hashes = block_hashes(job.prompt_token_ids, self.block_size, job.model, job.cache_salt)
         return replace(job, block_hashes=hashes, tool_parser=tool_parser, reasoning_parser=reasoning_parser)
 
@@ -365,8 +376,11 @@ class Gateway:
         try:
             if job.model in self.hf:  # admission counts the model's own tokens
                 job = await self._off_loop(self.tokenize, job)
-            # over the context is a 400 whatever the budget says (an alias: over every model's)
-            job = self.fit(job, None if job.model in self.limits else max(self.limits.values()))
+            # what can never be served is a 400 whatever the budget says (an alias: over the
+            # context of every model it picks from)
+            job = self.fit(job, None if job.model in self.limits else self._alias_limit())
+            if job.model in self.limits:
+                self._check_tool_parser(job)
             ticket = await self.admission.admit(job)
         except BaseException as e:
             self.observer.rejected(job, e)

@@ -264,6 +264,8 @@ class _PyScan:
             c = buf[i]
             if self.quote:
                 if c == "\\":
+                    if i + 1 >= n:
+                        break  # what it escapes is still coming: read on from the backslash
                     i += 2
                     continue
                 if c == self.quote:
@@ -296,17 +298,50 @@ class _PyScan:
         return None
 
 
+_JSON_NAMES = {"true": True, "false": False, "null": None}  # JSON's words, as small models write them
+
+
+def _py_value(node: ast.expr) -> Any:
+    """A call argument's value as vLLM's pythonic parser reads it: literals (strings, numbers,
+    True/False/None and JSON's true/false/null, signed numbers, placeholder-free f-strings),
+    dicts with literal keys, and lists, tuples and sets as JSON arrays; anything else raises."""
+    if isinstance(node, ast.Constant) and (node.value is None or isinstance(node.value, (str, int, float))):
+        return node.value
+    if isinstance(node, ast.Name) and node.id in _JSON_NAMES:
+        return _JSON_NAMES[node.id]
+    if isinstance(node, ast.Dict) and all(isinstance(k, ast.Constant) for k in node.keys):
+        return {k.value: _py_value(v) for k, v in zip(node.keys, node.values)}  # type: ignore[union-attr]
+    if isinstance(node, (ast.List, ast.Tuple, ast.Set)):
+        return [_py_value(v) for v in node.elts]
+    if isinstance(node, ast.JoinedStr) and all(isinstance(v, ast.Constant) for v in node.values):
+        return "".join(str(v.value) for v in node.values)  # type: ignore[attr-defined]
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        v = _py_value(node.operand)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return -v if isinstance(node.op, ast.USub) else v
+    raise ValueError("not a literal")
+
+
+def _py_name(node: ast.expr) -> str:
+    """A call's function: a name, or a dotted one (`tools.search`)."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name):
+        raise ValueError("not a function name")
+    return ".".join([node.id, *reversed(parts)])
+
+
 def _python_call(text: str) -> tuple[str, str] | None:
-    """`name(key=value, ...)` as (name, arguments as JSON), values Python literals (True, None,
-    lists, dicts...), as vLLM's pythonic parser reads them; None if it is not such a call."""
+    """`name(key=value, ...)` as (name, arguments as JSON), read as vLLM's pythonic parser reads
+    it (`_py_value`); None if it is not such a call. The text is parsed, never run."""
     try:
         node = ast.parse(text.strip(), mode="eval").body
-        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.args):
-            return None
-        args = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
-        if any(k is None for k in args):  # **kwargs
-            return None
-        return node.func.id, json.dumps(args, ensure_ascii=False, allow_nan=False)  # (1e999 is no JSON)
+        if not isinstance(node, ast.Call) or node.args or any(k.arg is None for k in node.keywords):
+            return None  # positional arguments and **kwargs are not the format
+        args = {k.arg: _py_value(k.value) for k in node.keywords}
+        return _py_name(node.func), json.dumps(args, ensure_ascii=False, allow_nan=False)  # (1e999 is no JSON)
     except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
         return None
 
@@ -358,7 +393,7 @@ class ToolOutput:
                 self.names.append(self.name or "")
                 return "", [_call(0, self.name or "", text)]
             return "", [{"index": 0, "function": {"arguments": text}}] if text else []
-        if self._json and not self.stream and self.mode == "llama3_json":  # read whole, at the end
+        if self._json and not self.stream:  # llama3_json, pythonic: read whole, at the end
             self._parts.append(text)
             return "", []
         self._buf += text
@@ -652,6 +687,9 @@ class ToolOutput:
             return buf, []
         if not self.stream and not final:
             return "", []
+        if self._parts:  # not streamed: the rest of the answer, joined once at its end
+            buf = self._buf = buf + "".join(self._parts)
+            self._parts = []
         scan = self._scan
         assert scan is not None
         found: list[tuple[str, str]] = []

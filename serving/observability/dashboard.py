@@ -3,6 +3,8 @@
     python -m serving.observability.dashboard infra/grafana/proxima-dashboard.json \
         http://127.0.0.1:8000/metrics        # or a saved exposition file
 
+With `observability.metrics_auth: admin`, set PROXIMA_ADMIN_KEY to the admin key.
+
 Prints JSON: every panel query's metric names, and the ones the gateway does
 not export (exit 1 if any, or if a panel has no query). A dashboard that
 silently shows "No data" after a metric was renamed is what this catches.
@@ -15,6 +17,7 @@ keeps identifiers that are not functions, aggregations or keywords.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import urllib.request
@@ -93,7 +96,9 @@ def main(argv: list[str]) -> int:
     dashboard = json.loads(open(argv[0]).read())
     src = argv[1]
     if src.startswith(("http://", "https://")):
-        with urllib.request.urlopen(src, timeout=10) as r:
+        key = os.environ.get("PROXIMA_ADMIN_KEY")  # observability.metrics_auth: admin
+        req = urllib.request.Request(src, headers={"authorization": f"Bearer {key}"} if key else {})
+        with urllib.request.urlopen(req, timeout=10) as r:
             text = r.read().decode()
     else:
         text = open(src).read()

@@ -572,3 +572,27 @@ async def test_an_alias_gets_the_context_check_before_admission_and_its_prompt_i
         r = await c.post("/v1/completions", json={"model": "auto", "prompt": [1, 2, 2**31 - 1], "max_tokens": 2},
                          headers=auth("acme"))
         assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+async def test_what_can_never_be_served_is_a_400_before_the_budget_is_asked():
+    """Found by a review: a capped tenant got a 429 for a request no budget could make good."""
+    models = [{"name": "big", "default_max_tokens": 32, "max_model_len": 64},
+              {"name": "small", "default_max_tokens": 32, "max_model_len": 64},
+              {"name": "long", "default_max_tokens": 32, "max_model_len": 4096}]  # not one of auto's tiers
+    regions = {r: {**c, "models": ["big", "small", "long"]} for r, c in CONFIG["regions"].items()}
+    cfg = load_config(CONFIG | {"models": models, "regions": regions})
+    gw, engines = one_big_per_region(cfg)
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    try:
+        async with client(gw) as c:
+            # over the day's 400 tokens, and tool_choice auto where `long` has no tool parser
+            r = await c.post("/v1/chat/completions", json=chat("acme", model="long", max_tokens=500, tools=tools),
+                             headers=auth("acme"))
+            assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice", r.text
+            # over the context of both of auto's tiers (not of `long`, which auto never picks)
+            r = await c.post("/v1/chat/completions", json=chat("acme", model="auto", max_tokens=100),
+                             headers=auth("acme"))
+            assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+    finally:
+        for e in engines.values():
+            await e.close()
