@@ -215,8 +215,10 @@ class Choices:
             raise
         if not rest:
             return
-        # One after another: opened together, under Ray Serve 2.60 the calls to one replica
-        # sometimes never left its router (n of 3-4 hung under `make run`; in-process they did not)
+        # One after another: Serve (2.60) gives every handle call made while serving one HTTP
+        # request that request's internal id, and its request router indexes pending calls by
+        # it; two calls pending together collide, and one is never assigned a replica (n of
+        # 3-4 hung under `make run` until the stall timeout; in-process they never did)
         try:
             for s in rest:
                 await s.open()
