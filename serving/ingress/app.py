@@ -117,11 +117,15 @@ def build_app(gw: Gateway) -> Starlette:
             region = gw.client_region(request.headers.get("x-client-region"))
             extra = tuple((k, v) for k in _HEADERS if (v := request.headers.get(k)) is not None)
             job = gw.prepare(parsed, principal, region, rid, extra + tuple(echo.items()))
-            # completions' `echo`: the prompt's text first (ids: as the model's tokenizer reads them)
-            shown = "" if not parsed.echo else parsed.prompt or \
-                await gw.token_texts(parsed.model, list(parsed.prompt_token_ids or ()), whole=True)
             request.state.labels = (principal.tenant, job.model, "")
             choices = await gw.start(job)
+            # completions' `echo`: the prompt's text first (ids: as the chosen model's tokenizer reads them)
+            try:
+                shown = "" if not parsed.echo else parsed.prompt or \
+                    await gw.token_texts(choices.job.model, list(parsed.prompt_token_ids or ()), whole=True)
+            except BaseException:
+                await choices.aclose()
+                raise
         except ProximaError as e:
             request.state.error = e.code or e.type
             return _error(e, echo)

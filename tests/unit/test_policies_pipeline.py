@@ -572,6 +572,10 @@ async def test_an_alias_gets_the_context_check_before_admission_and_its_prompt_i
         r = await c.post("/v1/completions", json={"model": "auto", "prompt": [1, 2, 2**31 - 1], "max_tokens": 2},
                          headers=auth("acme"))
         assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+        # echo of ids through an alias: the chosen model's reading of them (it was a 404 for `auto`)
+        r = await c.post("/v1/completions", json={"model": "auto", "prompt": [1, 2], "max_tokens": 2, "echo": True},
+                         headers=auth("acme"))
+        assert r.status_code == 200 and len(r.json()["choices"][0]["text"].split()) == 4
 
 
 async def test_what_can_never_be_served_is_a_400_before_the_budget_is_asked():
