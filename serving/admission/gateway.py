@@ -10,6 +10,11 @@ on in the background (retried; reconcile is idempotent per request id). A
 stalled ledger actor (a restart, or Ray's ordered actor queue waiting for a
 lost task, ray-project/ray#59667) must not hang responses, least of all for
 tenants whose usage is only being recorded.
+
+With `hold_refresh_s`, the holds of requests still running are touched at the
+ledger that often (one call for all of them), so a generation longer than the
+ledger's `reservation_ttl_s` keeps its hold; a crashed ingress stops touching,
+and its holds expire as before.
     budgets_body(ledger, principal, session)   GET /v1/budgets: the caller's own budgets
     narrow(principal, header)             x-proxima-regions may only narrow residency
 
@@ -43,11 +48,15 @@ class BudgetAdmission:
     """
 
     def __init__(self, ledger: AsyncLedger, policies: Mapping[str, BudgetPolicy] | None = None, *,
-                 reserve_timeout_s: float = 5.0, settle_wait_s: float = 1.0):
+                 reserve_timeout_s: float = 5.0, settle_wait_s: float = 1.0, hold_refresh_s: float | None = None):
         self.ledger = ledger
         self.policies = policies
         self.reserve_timeout_s, self.settle_wait_s = reserve_timeout_s, settle_wait_s
         self.pending: set[asyncio.Task] = set()  # settlements still going on after their response
+        self.hold_refresh_s = hold_refresh_s
+        self.running: set[str] = set()  # request ids whose holds are open (admitted, not yet settled)
+        self._refresher: asyncio.Task | None = None
+        self._idle = asyncio.Event()
 
     def unlimited(self, tenant: str) -> bool:
         if self.policies is None:
@@ -61,8 +70,10 @@ class BudgetAdmission:
         if self.unlimited(tenant):
             return Reservation(job.request_id, tenant, tokens, utc_day(time.time()), job.session_id)
         try:
-            return await asyncio.wait_for(admit(self.ledger, job.request_id, tenant, job.prompt_tokens,
-                                                job.completion_budget, job.session_id), self.reserve_timeout_s)
+            r = await asyncio.wait_for(admit(self.ledger, job.request_id, tenant, job.prompt_tokens,
+                                             job.completion_budget, job.session_id), self.reserve_timeout_s)
+            self._running(r)
+            return r
         except asyncio.TimeoutError:
             # It may still land: release it once it does (the actor runs one caller's calls in order).
             self._background(Reservation(job.request_id, tenant, tokens, utc_day(time.time()),
@@ -73,6 +84,9 @@ class BudgetAdmission:
     async def settle(self, job: Any, ticket: Reservation | None, used_tokens: int) -> None:
         if ticket is None:
             return
+        self.running.discard(ticket.request_id)
+        if not self.running:
+            self._idle.set()
         task = self._background(ticket, used_tokens)
         if self.settle_wait_s <= 0:  # configured not to wait: the charge goes on in the background
             return
@@ -89,6 +103,28 @@ class BudgetAdmission:
         if self.pending:
             await asyncio.wait(set(self.pending), timeout=timeout_s)
         return sum(not t.done() for t in self.pending)
+
+    def _running(self, r: Reservation) -> None:
+        if self.hold_refresh_s is None:
+            return
+        self.running.add(r.request_id)
+        self._idle.clear()
+        if self._refresher is None or self._refresher.done():
+            self._refresher = asyncio.ensure_future(self._refresh())
+
+    async def _refresh(self) -> None:
+        """While requests hold budget, touch their holds every `hold_refresh_s` (ends when none do)."""
+        while self.running:
+            try:
+                await asyncio.wait_for(self._idle.wait(), self.hold_refresh_s)
+                continue  # everything settled: the loop ends
+            except asyncio.TimeoutError:
+                pass
+            ids = sorted(self.running)
+            try:
+                await asyncio.wait_for(self.ledger.touch(ids), self.reserve_timeout_s)
+            except Exception as e:  # the next round tries again; the TTL is three rounds long
+                log.warning("could not refresh %d budget holds at the ledger: %s", len(ids), type(e).__name__)
 
     def _background(self, ticket: Reservation, used: int) -> asyncio.Task:
         task = asyncio.ensure_future(settle(self.ledger, ticket, used))

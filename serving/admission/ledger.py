@@ -131,6 +131,17 @@ class Ledger:
         """The request never ran (refused downstream): charge nothing."""
         self.reconcile(r, 0)
 
+    def touch(self, request_ids: list[str]) -> int:
+        """The ingress says these requests are still running: their holds' TTL starts again
+        (a long generation keeps its hold). Returns how many were still held."""
+        now = self.clock()
+        alive = [rid for rid in request_ids if rid in self.open]
+        for rid in alive:
+            self.open[rid] = (self.open[rid][0], now)
+        if alive and self.store is not None:
+            self.store.touch(alive, now)
+        return len(alive)
+
     def expire(self, now: float | None = None) -> list[str]:
         """Release reservations older than the TTL (their usage was never reported)."""
         now = self.clock() if now is None else now

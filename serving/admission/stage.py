@@ -31,6 +31,8 @@ class AsyncLedger(Protocol):
 
     async def remaining(self, tenant: str, session: str | None = None) -> dict: ...
 
+    async def touch(self, request_ids: list[str]) -> int: ...
+
 
 class LocalLedger:
     """A Ledger in this process (its single writer is this event loop's thread)."""
@@ -46,6 +48,9 @@ class LocalLedger:
 
     async def remaining(self, tenant, session=None) -> dict:
         return self.ledger.remaining(tenant, session)
+
+    async def touch(self, request_ids: list[str]) -> int:
+        return self.ledger.touch(request_ids)
 
 
 async def admit(ledger: AsyncLedger, request_id: str, tenant: str, prompt_tokens: int,

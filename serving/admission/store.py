@@ -65,6 +65,11 @@ class Store:
         self.db.execute("INSERT OR IGNORE INTO reservations VALUES (?, ?, ?, ?, ?, ?)",
                         (r.request_id, r.tenant, r.session, r.day, r.tokens, now))
 
+    def touch(self, request_ids: list[str], now: float) -> None:
+        """Holds whose requests are still running: their TTL counts from `now`."""
+        self.db.executemany("UPDATE reservations SET created = ? WHERE request_id = ?",
+                            [(now, i) for i in request_ids])
+
     def drop(self, request_ids: list[str]) -> None:
         self.db.executemany("DELETE FROM reservations WHERE request_id = ?",
                             [(i,) for i in request_ids])

@@ -52,7 +52,8 @@ def gateway_policies(cfg: Config, router: Any, ledger: AsyncLedger | None = None
     b = cfg.budgets
     out: dict[str, Any] = {"admission": BudgetAdmission(ledger or local_ledger(cfg), _policies(cfg),
                                                         reserve_timeout_s=b.ledger_timeout_s,
-                                                        settle_wait_s=b.settle_wait_s)}
+                                                        settle_wait_s=b.settle_wait_s,
+                                                        hold_refresh_s=b.reservation_ttl_s / 3)}
     dcfg = delegation_config(cfg)
     if dcfg is not None:
         on_choice = None

@@ -47,6 +47,9 @@ class LedgerActor:
     def remaining(self, tenant: str, session: str | None = None) -> dict:
         return self.ledger.remaining(tenant, session)
 
+    def touch(self, request_ids: list[str]) -> int:
+        return self.ledger.touch(request_ids)
+
     def pid(self) -> int:
         import os
         return os.getpid()
@@ -91,3 +94,6 @@ class LedgerClient:
 
     async def remaining(self, tenant: str, session: str | None = None) -> dict:
         return await self._call("remaining", tenant, session)
+
+    async def touch(self, request_ids: list[str]) -> int:
+        return await self._call("touch", request_ids)

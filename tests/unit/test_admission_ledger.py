@@ -117,6 +117,24 @@ def test_restart_releases_stale_reservations(tmp_path):
     assert l2.store.db.execute("SELECT COUNT(*) FROM reservations").fetchone()[0] == 0
 
 
+def test_a_touched_hold_outlives_the_ttl_and_an_untouched_one_does_not(tmp_path):
+    """Found by a security review: a generation longer than the TTL lost its hold, and a cap could
+    be passed by what it went on to use."""
+    path, clock = str(tmp_path / "ledger.sqlite"), Clock()
+    l = ledger(path, clock, tokens_per_day=1000)
+    l.reserve("long", "acme", 600)
+    l.reserve("lost", "acme", 300)
+    for _ in range(4):  # 4 x 600 s = 2400 s, the TTL is 900 s: the ingress touches what still runs
+        clock.t += 600
+        assert l.touch(["long", "never-held"]) == 1
+    with pytest.raises(BudgetExceeded):
+        l.reserve("next", "acme", 500)  # "lost" expired (its 300 are free), "long" still holds 600
+    assert budget(l, "tokens_per_day")["reserved"] == 600
+    l.store.close()
+    clock.t += 600  # a restart within the TTL of the last touch keeps it
+    assert budget(ledger(path, clock, tokens_per_day=1000), "tokens_per_day")["reserved"] == 600
+
+
 def test_wal_mode(tmp_path):
     l = ledger(str(tmp_path / "l.sqlite"))
     assert l.store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

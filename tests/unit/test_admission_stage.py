@@ -49,3 +49,31 @@ async def test_settle_gives_up_bounded():
     led = FlakyLedger(ledger, fail_before=100)
     r = await admit(led, "a", "t", 1, 1)
     assert await settle(led, r, 2, attempts=3, backoff_s=0.001) is False and led.calls == 3
+
+
+async def test_the_ingress_keeps_a_running_requests_hold_and_stops_when_none_runs():
+    import asyncio
+    from types import SimpleNamespace
+
+    from serving.admission.gateway import BudgetAdmission
+
+    class Clock:
+        t = 1_000_000.0
+
+        def __call__(self):
+            return self.t
+
+    clock = Clock()
+    ledger = Ledger({"acme": BudgetPolicy(tokens_per_day=1000)}, clock=clock)
+    adm = BudgetAdmission(LocalLedger(ledger), hold_refresh_s=0.02)
+    job = SimpleNamespace(request_id="long", principal=SimpleNamespace(tenant="acme"), prompt_tokens=10,
+                          completion_budget=90, session_id=None)
+    ticket = await adm.admit(job)
+    for _ in range(3):
+        clock.t += 600  # each refresh period, 600 s of the ledger's time pass
+        await asyncio.sleep(0.05)
+        assert ledger.open["long"][1] == clock.t  # touched: its TTL starts again
+    await adm.settle(job, ticket, 50)
+    await asyncio.sleep(0.01)
+    assert adm._refresher.done() and not adm.running  # nothing held: the refresher has ended
+    assert ledger.remaining("acme")["budgets"][0]["used"] == 50
