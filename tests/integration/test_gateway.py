@@ -290,9 +290,13 @@ def test_router_of_a_config_no_engine_uses_any_more_exits(client):
         tel.record_step("t", "s", {"i": 1})
         while tel._flusher is not None and not tel._flusher.done():  # its flush meets the dead actor
             await asyncio.sleep(0.05)
-        return await led.remaining("nobody"), await tel.steps("t", "s")  # the step was kept
+        remaining = await led.remaining("nobody")
+        await led.reserve("held", "nobody", 10)  # the ingress keeps a running request's hold
+        touched = await led.touch(["held", "never-held"])
+        return remaining, await tel.steps("t", "s"), touched  # the step was kept
 
-    remaining, steps = asyncio.run(clients_find_them_again())
+    remaining, steps, touched = asyncio.run(clients_find_them_again())
+    assert touched == 1
     assert [x["i"] for x in steps["data"]] == [1] and remaining["tenant"] == "nobody"
     for kind in ("ledger", "telemetry"):
         ray.kill(ray.get_actor(actor_name(kind, config), namespace=NAMESPACE), no_restart=True)
