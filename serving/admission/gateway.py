@@ -10,16 +10,16 @@ on in the background (retried; reconcile is idempotent per request id). A
 stalled ledger actor (a restart, or Ray's ordered actor queue waiting for a
 lost task, ray-project/ray#59667) must not hang responses, least of all for
 tenants whose usage is only being recorded.
-
-With `hold_refresh_s`, the holds of requests still running are touched at the
-ledger that often (one call for all of them), so a generation longer than the
-ledger's `reservation_ttl_s` keeps its hold; a crashed ingress stops touching,
-and its holds expire as before.
     budgets_body(ledger, principal, session)   GET /v1/budgets: the caller's own budgets
     narrow(principal, header)             x-proxima-regions may only narrow residency
 
 `ledger` is a serving.admission.stage.AsyncLedger: LocalLedger in one process,
 serving.ray.ledger.LedgerClient over the ledger actor.
+
+With `hold_refresh_s`, the holds of requests still running are touched at the
+ledger that often (one call for all of them), so a generation longer than the
+ledger's `reservation_ttl_s` keeps its hold; a crashed ingress stops touching,
+and its holds expire as before.
 """
 
 from __future__ import annotations
