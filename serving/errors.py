@@ -127,3 +127,9 @@ class EngineError(ProximaError):
 
 class Timeout(ProximaError):
     status, type, code = 504, "server_error", "timeout"
+
+
+def quoted(value: str, most: int = 128) -> str:
+    """A client's value as an error message quotes it: at most `most` characters (a 2 MB model
+    name is not sent back whole)."""
+    return f"`{value}`" if len(value) <= most else f"`{value[:most]}...` ({len(value)} characters)"

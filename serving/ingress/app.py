@@ -34,7 +34,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from serving.engines.base import TokenLogprob
-from serving.errors import InvalidRequest, ModelNotFound, NotFound, ProximaError, RequestTooLarge
+from serving.errors import InvalidRequest, ModelNotFound, NotFound, ProximaError, RequestTooLarge, quoted
 from serving.ingress import sse
 from serving.ingress.answer import Part
 from serving.ingress.metrics import CONTENT_TYPE
@@ -194,7 +194,7 @@ def build_app(gw: Gateway) -> Starlette:
         gw.auth.authenticate(request.headers.get("authorization"))
         name = request.path_params["model"]
         if name not in gw.model_names():
-            raise ModelNotFound(f"The model `{name[:256]}` does not exist.", param="model")
+            raise ModelNotFound(f"The model {quoted(name)} does not exist.", param="model")
         return _json(card(name, int(time.time())))
 
     async def router_view():

@@ -43,7 +43,7 @@ from serving.config import Config
 from serving.engines.base import Chunk, GenerateRequest
 from serving.delegation.cascade import is_json_format
 from serving.engines.tokenizer import VOCAB_SIZE, encode, piece
-from serving.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound
+from serving.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound, quoted
 from serving.failover import RetryPolicy
 from serving.ingress.answer import AnswerReader
 from serving.ingress.auth import Authenticator, Principal
@@ -168,12 +168,6 @@ class Delegation:
 _RID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
-def _shown(value: str, most: int = 128) -> str:
-    """A client's value as an error message quotes it: at most `most` characters (a 2 MB model
-    name is not sent back whole)."""
-    return f"`{value}`" if len(value) <= most else f"`{value[:most]}...` ({len(value)} characters)"
-
-
 class Gateway:
     def __init__(self, config: Config, router: RouterPort, engines: EnginePort, *,
                  admission: Admission | None = None, delegation: Delegation | None = None,
@@ -227,7 +221,7 @@ class Gateway:
         if not header:
             return self.config.home_region
         if header not in self.config.regions:
-            raise InvalidRequest(f"Unknown client region {_shown(header)} in x-client-region; known: "
+            raise InvalidRequest(f"Unknown client region {quoted(header)} in x-client-region; known: "
                                  f"{sorted(self.config.regions)}.", param="x-client-region")
         return header
 
@@ -238,7 +232,7 @@ class Gateway:
         without its own tokenizer (and for an alias: admission and delegation count them);
         a model with one is tokenized by `start`, on the tokenizer thread."""
         if parsed.model not in self.limits and parsed.model not in self.delegation.aliases:
-            raise ModelNotFound(f"The model {_shown(parsed.model)} does not exist.", param="model")
+            raise ModelNotFound(f"The model {quoted(parsed.model)} does not exist.", param="model")
         if parsed.prompt_token_ids and parsed.model in self.limits:
             self.check_ids(parsed.model, parsed.prompt_token_ids, "prompt")
         ids = parsed.prompt_token_ids or (() if parsed.model in self.hf else tuple(self.tokenizer(parsed.prompt)))
@@ -249,7 +243,7 @@ class Gateway:
         check_headers(h.get(SESSION_HEADER), h.get(STEP_HEADER))
         unknown = sorted((parse_regions(h.get(REGIONS_HEADER)) or frozenset()) - self.config.regions.keys())
         if unknown:  # a typo must not read as "no replica in your regions" (503)
-            raise InvalidRequest(f"Unknown region(s) {', '.join(map(_shown, unknown[:8]))}"
+            raise InvalidRequest(f"Unknown region(s) {', '.join(map(quoted, unknown[:8]))}"
                                  f"{' and more' if len(unknown) > 8 else ''} in {REGIONS_HEADER}; known: "
                                  f"{sorted(self.config.regions)}.", param=REGIONS_HEADER)
         principal = narrow(principal, h.get(REGIONS_HEADER))  # residency: a header only narrows
@@ -262,7 +256,7 @@ class Gateway:
         """A served model's context length; a model not served (an alias either) is a 404."""
         limit = self.limits.get(model)
         if limit is None:
-            raise ModelNotFound(f"The model {_shown(model)} does not exist.", param="model")
+            raise ModelNotFound(f"The model {quoted(model)} does not exist.", param="model")
         return limit
 
     def _salt(self, principal: Principal) -> str | None:
@@ -274,7 +268,7 @@ class Gateway:
         """POST /tokenize: the ids `parsed.model` would get for this prompt (its own tokenizer and
         template, else the word tokenizer's), as vLLM's /tokenize counts them."""
         if parsed.model in self.delegation.aliases and parsed.model not in self.limits:
-            raise InvalidRequest(f"{_shown(parsed.model)} picks a model per request; tokenize with a "
+            raise InvalidRequest(f"{quoted(parsed.model)} picks a model per request; tokenize with a "
                                  "model's own name.", param="model")
         self.context_limit(parsed.model)
         if parsed.model not in self.hf:
@@ -307,7 +301,7 @@ class Gateway:
         size = len(hf.tok) if hf is not None else VOCAB_SIZE
         bad = next((t for t in ids if t >= size), None)
         if bad is not None:
-            raise InvalidRequest(f"Token id {bad} is out of the vocabulary of {_shown(model)} ({size} tokens).",
+            raise InvalidRequest(f"Token id {bad} is out of the vocabulary of {quoted(model)} ({size} tokens).",
                                  param=param)
 
     def tokenize(self, job: Job) -> Job:
@@ -352,7 +346,7 @@ class Gateway:
         if job.parsed.tool_choice == "auto" and self.parsers[job.model][0] is None:
             raise InvalidRequest(
                 f"`tool_choice` \"auto\" (the default with `tools`) needs a tool parser, and model "
-                f"{_shown(job.model)} has none configured (models[].tool_parser). Use `tool_choice` "
+                f"{quoted(job.model)} has none configured (models[].tool_parser). Use `tool_choice` "
                 "\"required\", a named function or \"none\".", param="tool_choice")
 
     def bind(self, job: Job) -> Job:
