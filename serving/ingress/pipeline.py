@@ -354,7 +354,8 @@ class Gateway:
         job = self.tokenize(job)
         if job.parsed.max_tokens is None:  # the final model's own default (an alias's tier, a cascade's)
             job = replace(job, max_tokens=self.default_max.get(job.model, 256))
-        if job.parsed.prompt_token_ids:  # ids the client sent (checked early unless an alias named them)
+        if job.parsed.prompt_token_ids and job.parsed.model not in self.limits:
+            # ids an alias was sent: checked now its model is known (a model's own name: in prepare)
             self.check_ids(job.model, job.parsed.prompt_token_ids, "prompt")
         job = self.fit(job)
         self._check_tool_parser(job)
