@@ -19,6 +19,7 @@ KV blocks).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -49,20 +50,15 @@ class _Body(BaseModel):
         return data
 
 
-_NULLABLE: dict[type, frozenset[str]] = {}
-
-
+@functools.cache
 def _nullable(cls: type[BaseModel]) -> frozenset[str]:
     """The names (and aliases) of `cls`'s fields that take None as a value of their own; the
     others' None means unset."""
-    out = _NULLABLE.get(cls)
-    if out is None:
-        names = set()
-        for name, f in cls.model_fields.items():
-            if not f.is_required() and f.default is None or _takes_none(f.annotation):
-                names.update((name, f.alias or name))
-        out = _NULLABLE[cls] = frozenset(names)
-    return out
+    names = set()
+    for name, f in cls.model_fields.items():
+        if not f.is_required() and f.default is None or _takes_none(f.annotation):
+            names.update((name, f.alias or name))
+    return frozenset(names)
 
 
 def _takes_none(annotation: Any) -> bool:
