@@ -42,7 +42,9 @@ class TierDelegation:
         p = job.parsed
         f = Features(job.prompt_tokens, has_tools=bool(getattr(p, "tools", False)),
                      json_format=is_json_format(getattr(p, "response_format", None)),
-                     header_tier=headers.get(HEADER), slo_ttft_ms=slo, stream=p.stream)
+                     header_tier=headers.get(HEADER), slo_ttft_ms=slo, stream=p.stream,
+                     needs_tool_parser=bool(getattr(p, "tools", False))
+                     and getattr(p, "tool_choice", None) == "auto")
         large = self.cfg.tier(self.cfg.large)
         predicted: float | None = None
         try:  # asked up front: choose_tier is sync, the router port is async

@@ -11,6 +11,12 @@ In order, the first that applies wins (reason codes are a fixed set, for metrics
     large_overloaded  predicted large TTFT > the request's SLO      -> small
     default                                                         -> the default tier
 
+Then one constraint: `tool_choice` auto needs a tool parser to read the calls.
+If the tier chosen by a rule other than `header` has none and another tier has
+one and takes the prompt, that tier serves (`tool_parser`); otherwise the
+request is refused with a 400 once its model is bound, as a model's own name
+would be.
+
 "Load" is the router's own prediction for the large tier (RTT + queue + prefill,
 computed with the request's allowed regions), so delegation and routing agree on
 what "too slow" means and delegation can never pick a region routing could not.
@@ -26,7 +32,7 @@ from serving.errors import InvalidRequest, NoReplicaAvailable
 
 HEADER = "x-proxima-tier"
 REASONS = ("header", "long_prompt", "tools", "response_format", "short_prompt",
-           "large_unavailable", "large_overloaded", "default", "cascade")
+           "large_unavailable", "large_overloaded", "default", "cascade", "tool_parser")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +41,7 @@ class Tier:
     model: str  # the engine model name this tier's replicas serve
     default_max_tokens: int = 256
     max_prompt_tokens: int | None = None
+    reads_tools: bool = True  # its model has a tool parser (`tool_choice` auto can be served)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +91,7 @@ class Features:
     header_tier: str | None = None
     slo_ttft_ms: float | None = None
     stream: bool = False
+    needs_tool_parser: bool = False  # tools with `tool_choice` auto: the calls must be parsed
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +112,18 @@ class TierChoice:
 def choose_tier(cfg: DelegationConfig, f: Features,
                 predict_large_ttft_ms: Callable[[], float] | None = None) -> TierChoice:
     """Pick a tier; `predict_large_ttft_ms` raises NoReplicaAvailable if none is allowed/up."""
+    choice = _by_rules(cfg, f, predict_large_ttft_ms)
+    if not f.needs_tool_parser or choice.reason == "header" or cfg.tier(choice.tier).reads_tools:
+        return choice
+    for t in sorted(cfg.tiers, key=lambda t: t.name != cfg.large):  # the large tier first
+        if t.reads_tools and (t.max_prompt_tokens is None or f.prompt_tokens <= t.max_prompt_tokens):
+            return TierChoice(t.name, t.model, "tool_parser",
+                              f"tier {choice.tier} has no tool parser for tool_choice auto")
+    return choice
+
+
+def _by_rules(cfg: DelegationConfig, f: Features,
+              predict_large_ttft_ms: Callable[[], float] | None) -> TierChoice:
     small, large = cfg.tier(cfg.small), cfg.tier(cfg.large)
 
     def pick(t: Tier, reason: str, detail: str = "") -> TierChoice:

@@ -40,9 +40,12 @@ def delegation_config(cfg: Config) -> DelegationConfig | None:
     d = cfg.delegation
     if d is None:
         return None
-    tiers = tuple(Tier(name, t.model, cfg.model(t.model).default_max_tokens if cfg.model(t.model) else 256,
-                       t.max_prompt_tokens) for name, t in d.tiers.items())
-    return DelegationConfig(tiers, small=d.small, large=d.large, default=d.default, alias=d.alias,
+    tiers = []
+    for name, t in d.tiers.items():
+        m = cfg.model(t.model)
+        tiers.append(Tier(name, t.model, m.default_max_tokens if m else 256, t.max_prompt_tokens,
+                          reads_tools=m is None or m.tool_parser is not None))
+    return DelegationConfig(tuple(tiers), small=d.small, large=d.large, default=d.default, alias=d.alias,
                             short_prompt_tokens=d.short_prompt_tokens,
                             large_for_tools=d.large_for_tools, cascade=d.cascade)
 

@@ -42,6 +42,38 @@ def test_choose_tier(cfg, features, predict, tier, reason):
     assert c.check_then_large == (cfg.cascade and features.json_format and tier == "small")
 
 
+NO_PARSER_LARGE = DelegationConfig((Tier("small", "llama-1b", max_prompt_tokens=4000),
+                                   Tier("large", "llama-8b", reads_tools=False)), short_prompt_tokens=8)
+NO_PARSER_SMALL = DelegationConfig((Tier("small", "llama-1b", reads_tools=False), Tier("large", "llama-8b")),
+                                   short_prompt_tokens=8, large_for_tools=False)
+
+
+@pytest.mark.parametrize("cfg,features,predict,tier,reason", [
+    # `tools` sends it large, whose model reads no calls: the small tier, which does
+    (NO_PARSER_LARGE, Features(100, has_tools=True, needs_tool_parser=True), predicted(50), "small",
+     "tool_parser"),
+    # ... unless the prompt is beyond the small tier: kept (bind refuses it with the model's 400)
+    (NO_PARSER_LARGE, Features(5000, has_tools=True, needs_tool_parser=True), predicted(50), "large",
+     "long_prompt"),
+    # tool_choice required/named needs no parser: the rules stand
+    (NO_PARSER_LARGE, Features(100, has_tools=True), predicted(50), "large", "tools"),
+    # overloaded large would delegate to a small tier that cannot read the calls: large serves
+    (NO_PARSER_SMALL, Features(100, has_tools=True, needs_tool_parser=True, slo_ttft_ms=200), predicted(450),
+     "large", "tool_parser"),
+    (NO_PARSER_SMALL, Features(5, has_tools=True, needs_tool_parser=True), predicted(50), "large",
+     "tool_parser"),
+    # a header is what the client asked for: kept
+    (NO_PARSER_SMALL, Features(5, has_tools=True, needs_tool_parser=True, header_tier="small"), None, "small",
+     "header"),
+], ids=["large-without-parser", "prompt-too-long-for-small", "no-parser-needed", "overloaded-small-reads-none",
+        "short-small-reads-none", "header-kept"])
+def test_tool_choice_auto_goes_to_a_tier_with_a_parser(cfg, features, predict, tier, reason):
+    c = choose_tier(cfg, features, predict)
+    assert (c.tier, c.reason) == (tier, reason)
+    if reason == "tool_parser":
+        assert c.detail.endswith("has no tool parser for tool_choice auto") and not c.check_then_large
+
+
 def test_overload_detail_in_headers():
     c = choose_tier(CFG, Features(100, slo_ttft_ms=200), predicted(450))
     assert c.headers()["x-proxima-tier-detail"] == "predicted 450ms > slo 200ms"

@@ -151,6 +151,38 @@ async def test_auto_with_tools_goes_large(gw):
     assert r.headers["x-proxima-tier-reason"] == "tools"
 
 
+async def test_auto_with_tools_goes_to_the_tier_that_reads_calls():
+    """Tiers may differ in `tool_parser`: `auto` with tool_choice auto went to the large tier by the
+    `tools` rule and was refused there, while the small tier could have served it."""
+    models = [{"name": "big", "default_max_tokens": 32}, {"name": "small", "default_max_tokens": 32,
+                                                          "tool_parser": "hermes"}]
+    cfg = load_config(CONFIG | {"models": models})
+    engines = {f"{r}-{m}-0": SimEngine(f"{r}-{m}-0", r, m, profile="llama3-1b-h100")
+               for r in ("us", "eu") for m in ("big", "small")}
+    local = LocalEngines(engines)
+    router = LocalRouter(Router("latency", seed=0, default_profile="llama3-1b-h100"), local)
+    gw = Gateway(cfg, router, local, **gateway_policies(cfg, router))
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    try:
+        async with client(gw) as c:
+            r = await c.post("/v1/chat/completions", json=chat("acme", model="auto", max_tokens=4, tools=tools),
+                             headers=auth("acme"))
+            assert r.status_code == 200, r.text
+            assert (r.headers["x-proxima-tier"], r.headers["x-proxima-tier-reason"]) == ("small", "tool_parser")
+            # a named function needs no parser: the `tools` rule stands
+            named = {"type": "function", "function": {"name": "f"}}
+            r = await c.post("/v1/chat/completions", headers=auth("acme"),
+                             json=chat("acme", model="auto", max_tokens=4, tools=tools, tool_choice=named))
+            assert (r.status_code, r.headers["x-proxima-tier-reason"]) == (200, "tools"), r.text
+            # the client's own tier choice is kept, and refused as the model's own name would be
+            r = await c.post("/v1/chat/completions", json=chat("acme", model="auto", max_tokens=4, tools=tools),
+                             headers=auth("acme", **{"x-proxima-tier": "large"}))
+            assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice", r.text
+    finally:
+        for e in engines.values():
+            await e.close()
+
+
 async def kill_when_streaming(engines, after_tokens):
     """Crash whichever replica is streaming once it has produced `after_tokens` tokens."""
     while True:
