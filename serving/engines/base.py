@@ -59,6 +59,9 @@ class GenerateRequest:
     # log-probabilities: None, none; k, each generated token's own and its k most likely
     # alternatives' (Chunk.logprobs), as vLLM's SamplingParams.logprobs
     logprobs: int | None = None
+    # the prompt's log-probabilities (completions' `echo` with `logprobs`, as vLLM's server asks
+    # for them): k, each prompt token's own and its k most likely alternatives' (Chunk.prompt_logprobs)
+    prompt_logprobs: int | None = None
     # W3C traceparent/tracestate (the gateway's span), x-session-id, x-agent-step: engines
     # pass them on (vllm_http as HTTP headers, vllm as trace_headers) or just carry them (sim)
     trace_headers: tuple[tuple[str, str], ...] = ()
@@ -84,6 +87,9 @@ def default_seed(request_id: str) -> int:
 # One generated token's log-probability: (its text, logprob, its k most likely alternatives
 # as ((text, logprob), ...), most likely first)
 TokenLogprob = tuple[str, float, tuple[tuple[str, float], ...]]
+# One prompt token's: the same, and the first token's has neither (nothing comes before it):
+# (its text, None, None). The alternatives are vLLM's: the token itself and the k most likely.
+PromptLogprob = tuple[str, float | None, tuple[tuple[str, float], ...] | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +102,8 @@ class Chunk:
     cached_tokens: int = 0
     completion_tokens: int = 0  # cumulative
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per token_ids entry, if the request asked
+    # one per prompt token, on the answer's first chunk, if the request asked (prompt_logprobs)
+    prompt_logprobs: tuple[PromptLogprob, ...] | None = None
 
 
 @runtime_checkable

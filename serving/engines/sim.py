@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import time
 from typing import AsyncIterator, Callable
 
 import xxhash
 
-from serving.engines.base import Chunk, GenerateRequest, TokenLogprob, default_seed
+from serving.engines.base import Chunk, GenerateRequest, PromptLogprob, TokenLogprob, default_seed
 from serving.engines.profiles import EngineProfile, get_profile
 from serving.engines.sim_json import shaped_pieces
 from serving.engines.sim_core import Seq, SimCore
@@ -50,6 +51,23 @@ def sim_logprobs(ids: tuple[int, ...], pieces: list[str], k: int | None) -> tupl
         return None
     return tuple((p, _UNIFORM, ((p, _UNIFORM),)[:k] + tuple((_piece(t + j), _UNIFORM) for j in range(1, k)))
                  for t, p in zip(ids, pieces))
+
+
+def sim_prompt_logprobs(ids: tuple[int, ...], text: str | None, k: int | None) -> tuple[PromptLogprob, ...] | None:
+    """The prompt's, as vLLM gives them: none for the first token; each other token's own
+    log(1/vocab), and its alternatives (itself, then the k ids after it). A token is written as its
+    word in the prompt's `text` with the space before it (one word is one token), else as the word
+    simulated engines write for its id (what /detokenize gives)."""
+    if k is None:
+        return None
+    words = re.findall(r"\s*\S+", text) if text else []
+    texts = words if len(words) == len(ids) else [_piece(t) for t in ids]
+    out: list[PromptLogprob] = [(w, _UNIFORM, ((w, _UNIFORM),) + tuple((_piece(t + j), _UNIFORM)
+                                                                      for j in range(1, k + 1)))
+                                for t, w in zip(ids, texts)]
+    if out:
+        out[0] = (out[0][0], None, None)
+    return tuple(out)
 
 
 class StopStrings:
@@ -131,6 +149,7 @@ class SimEngine:
         # differ by one (vLLM's choices of n: seed + i) give unrelated answers, not shifted ones
         seed = xxhash.xxh64_intdigest(seed.to_bytes(16, "little", signed=True)) + request.token_offset
         stops = StopStrings(request.stop) if request.stop else None
+        prompt_lps = sim_prompt_logprobs(tokens, request.prompt, request.prompt_logprobs)  # on the first chunk
         done = False
         try:
             while True:
@@ -154,7 +173,8 @@ class SimEngine:
                         reason, complete = "stop", True
                 done = finished and not complete
                 yield Chunk(request.request_id, ids, "".join(pieces), reason, seq.prompt_len, seq.cached, out,
-                            sim_logprobs(ids, pieces, request.logprobs))
+                            sim_logprobs(ids, pieces, request.logprobs), prompt_lps)
+                prompt_lps = None
                 if finished or complete:  # after a stop the rest is not generated: `finally` aborts it
                     return
         finally:

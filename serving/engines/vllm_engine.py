@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from serving.engines.base import SAMPLING_ALL, Chunk, GenerateRequest, TokenLogprob
+from serving.engines.base import SAMPLING_ALL, Chunk, GenerateRequest, PromptLogprob, TokenLogprob
 from serving.engines.pending import PendingPrefill
 from serving.errors import ContextLengthExceeded, EngineError, InvalidRequest
 from serving.types import Health, ReplicaSnapshot
@@ -115,6 +115,8 @@ class VLLMEngine:
                 given["structured_outputs"] = StructuredOutputsParams(**request.structured_outputs)
             if request.logprobs is not None:
                 given["logprobs"] = request.logprobs
+            if request.prompt_logprobs is not None:
+                given["prompt_logprobs"] = request.prompt_logprobs
             params = SamplingParams(max_tokens=request.max_tokens, seed=vllm_seed(request.seed),
                                     stop=list(request.stop) or None,
                                     ignore_eos=request.ignore_eos, output_kind=RequestOutputKind.DELTA,
@@ -133,10 +135,15 @@ class VLLMEngine:
                     self.pending.done(rid)
                 total += len(c.token_ids)
                 finished = bool(out.finished)
+                prompt_lps = None
+                if request.prompt_logprobs is not None and out.prompt_logprobs:  # the first output's
+                    prompt_lps = _prompt_logprobs(out.prompt_token_ids or (), out.prompt_logprobs,
+                                                  self.engine.get_tokenizer())
                 yield Chunk(rid, tuple(c.token_ids), c.text,
                             (c.finish_reason or "length") if finished else None,
                             len(out.prompt_token_ids or ()), int(out.num_cached_tokens or 0), total,
-                            None if request.logprobs is None else _logprobs(c.token_ids, c.logprobs, request.logprobs))
+                            None if request.logprobs is None else _logprobs(c.token_ids, c.logprobs, request.logprobs),
+                            prompt_lps)
                 if finished:
                     return
         except (EngineError, InvalidRequest):
@@ -218,6 +225,21 @@ def _logprobs(token_ids: Any, positions: Any, k: int) -> tuple[TokenLogprob, ...
         top = sorted(lps.values(), key=lambda lp: lp.rank if lp.rank is not None else 1 << 30)[:k]
         out.append((chosen.decoded_token or "", chosen.logprob,
                     tuple((lp.decoded_token or "", lp.logprob) for lp in top)))
+    return tuple(out)
+
+
+def _prompt_logprobs(token_ids: Any, positions: Any, tokenizer: Any) -> tuple[PromptLogprob, ...]:
+    """vLLM's prompt logprobs (None for the first token, then {token id: Logprob}: the token's own
+    and the k most likely) as Chunk.prompt_logprobs, every entry kept as vLLM's server keeps it
+    (the first token's text decoded alone, as there)."""
+    out: list[PromptLogprob] = []
+    for tid, lps in zip(token_ids, positions):
+        if lps is None:
+            out.append((tokenizer.decode(tid), None, None))
+            continue
+        chosen = lps[tid]
+        out.append((chosen.decoded_token or "", chosen.logprob,
+                    tuple((lp.decoded_token or "", lp.logprob) for lp in lps.values())))
     return tuple(out)
 
 

@@ -31,7 +31,7 @@ from typing import Any, AsyncIterator
 import aiohttp
 
 from serving.engines import prom
-from serving.engines.base import Chunk, GenerateRequest, TokenLogprob
+from serving.engines.base import Chunk, GenerateRequest, PromptLogprob, TokenLogprob
 from serving.engines.pending import PendingPrefill
 from serving.errors import ContextLengthExceeded, EngineError, InvalidRequest, ProximaError
 from serving.types import Health, ReplicaSnapshot
@@ -113,6 +113,7 @@ class VLLMHttpEngine:
                 raise await self._http_error(resp)
             self._streams[rid] = resp
             out, last = 0, None
+            echoed = request.prompt_logprobs is not None
             async for data in _sse(resp):
                 if data.get("error"):
                     raise self._stream_error(data["error"])
@@ -133,9 +134,13 @@ class VLLMHttpEngine:
                 if toks or ch.get("text"):
                     self.pending.done(rid)
                 out = usage.get("completion_tokens", out + len(toks))
+                lp, prompt_lps = ch.get("logprobs"), None
+                if echoed and lp:  # `echo`: the first event's logprobs begin with the prompt's
+                    lp, prompt_lps = _split_echo(lp, prompt_tokens)
+                    echoed = False
                 chunk = Chunk(rid, toks, ch.get("text") or "", ch.get("finish_reason"),
                               usage.get("prompt_tokens", prompt_tokens), 0, out,
-                              None if request.logprobs is None else _logprobs(ch.get("logprobs"), request.logprobs))
+                              None if request.logprobs is None else _logprobs(lp, request.logprobs), prompt_lps)
                 if chunk.finish_reason:
                     last = chunk
                 else:
@@ -230,6 +235,11 @@ class VLLMHttpEngine:
         body.update(r.sampling_set())
         if r.logprobs is not None:
             body["logprobs"] = r.logprobs
+        if r.prompt_logprobs is not None:
+            # vLLM streams the prompt's logprobs only for `echo` (k = `logprobs`), before the
+            # answer's in the first event; with return_token_ids it echoes no prompt text
+            body["echo"] = True
+            body["logprobs"] = max(r.prompt_logprobs, r.logprobs or 0)
         if r.response_format:  # vLLM's completions endpoint takes it too: structured outputs
             body["response_format"] = r.response_format
         if r.structured_outputs:
@@ -315,6 +325,16 @@ def _request_error(msg: str) -> InvalidRequest:
     if "context length" in msg or "maximum context" in msg or "max_tokens" in msg:
         return ContextLengthExceeded(msg, param="messages")
     return InvalidRequest(msg)
+
+
+def _split_echo(lp: dict[str, Any], prompt_tokens: int) -> tuple[dict[str, Any], tuple[PromptLogprob, ...]]:
+    """An echoed first event's logprobs: the answer's (the rest, in the endpoint's shape) and the
+    prompt's `prompt_tokens` entries (every alternative vLLM gave kept; the first has none)."""
+    keys = ("tokens", "token_logprobs", "top_logprobs")
+    cols = [list(lp.get(k) or ()) for k in keys]
+    prompt = tuple((t, v, None if top is None else tuple(top.items()))
+                   for t, v, top in zip(*(c[:prompt_tokens] for c in cols)))
+    return {k: c[prompt_tokens:] for k, c in zip(keys, cols)}, prompt
 
 
 def _logprobs(lp: dict[str, Any] | None, k: int) -> tuple[TokenLogprob, ...]:

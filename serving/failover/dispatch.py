@@ -84,6 +84,7 @@ async def stream_with_failover(req: RouteRequest, gen: GenerateRequest, route: R
     sent_ids: list[int] = []
     sent_text: list[str] = []
     prompt_tokens = cached = 0
+    prompt_lps_sent = False
     failed_region: str | None = None
     last_error: ProximaError | None = None
     for attempt in range(1, policy.max_attempts + 1):
@@ -93,6 +94,8 @@ async def stream_with_failover(req: RouteRequest, gen: GenerateRequest, route: R
                        max_tokens=max(1, req.max_tokens - n))
         decision = await _route(route, rreq, failed_region, last_error)
         g = continuation(gen, sent_ids, "".join(sent_text), attempt, seed)
+        if prompt_lps_sent:  # the prompt's logprobs came with the first chunk: not again
+            g = replace(g, prompt_logprobs=None)
         got = 0
         try:
             async with aclosing(open_(decision, g)) as it:
@@ -110,6 +113,10 @@ async def stream_with_failover(req: RouteRequest, gen: GenerateRequest, route: R
                         prompt_tokens, cached = chunk.prompt_tokens - n, chunk.cached_tokens
                     sent_ids.extend(chunk.token_ids)
                     sent_text.append(chunk.text)
+                    if chunk.prompt_logprobs is not None:
+                        if prompt_lps_sent:  # a continuation's engine gave them again
+                            chunk = replace(chunk, prompt_logprobs=None)
+                        prompt_lps_sent = True
                     yield replace(chunk, request_id=gen.request_id, prompt_tokens=prompt_tokens,
                                   cached_tokens=cached, completion_tokens=len(sent_ids))
         except (EngineError, Timeout) as e:  # the replica failed: try elsewhere

@@ -340,6 +340,8 @@ async def _whole(stream: Stream, shown: str = "") -> tuple[Part, list[TokenLogpr
     lps: list[TokenLogprob] | None = None if stream.job.parsed.logprobs is None else []
     async with aclosing(stream.chunks()) as chunks:
         async for c in chunks:
+            if lps is not None and c.prompt_logprobs:  # an echoed prompt's, before the answer's
+                lps.extend(c.prompt_logprobs)
             if lps is not None and c.logprobs:
                 lps.extend(c.logprobs)
             if reader is not None:
@@ -361,13 +363,16 @@ async def _choice_events(stream: Stream, resp: Responder, shown: str = "") -> As
     held: tuple[TokenLogprob, ...] = ()  # logprobs of tokens whose text is held back
     async with aclosing(stream.chunks()) as chunks:
         async for c in chunks:
+            lps = c.logprobs
+            if c.prompt_logprobs and lps is not None:  # an echoed prompt's, with its text
+                lps = c.prompt_logprobs + lps
             if reader is None:
                 text, shown = shown + c.text, ""
-                yield sse.event(resp.chunk(text, c.finish_reason, first, logprobs=c.logprobs, index=index))
+                yield sse.event(resp.chunk(text, c.finish_reason, first, logprobs=lps, index=index))
             else:  # reasoning and tool calls are read out of the text as it comes
                 part = reader.take(c.text, c.finish_reason)
                 reason = reader.finish_reason(c.finish_reason)
-                lps = c.logprobs if not held else held + (c.logprobs or ())
+                lps = lps if not held else held + (lps or ())
                 if not (first or part or reason):
                     held = lps or ()
                     continue  # held back: it may be the start of a tag or a call

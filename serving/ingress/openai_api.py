@@ -7,8 +7,7 @@
 
 Every bad input becomes serving.errors.InvalidRequest (400) naming the field
 in `param`: malformed JSON, wrong types, empty `messages`, `max_tokens` < 1,
-unsupported options (`echo` with `logprobs`, `suffix`: refused, not
-silently dropped). Model existence and context length are checked
+unsupported options (`suffix`: refused, not silently dropped). Model existence and context length are checked
 later by the pipeline, which knows the deployment. Unknown fields are ignored,
 as vLLM's server does, so newer clients keep working.
 
@@ -29,7 +28,7 @@ from typing import Annotated, Any, Callable, Literal, Sequence, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from serving.engines.base import SAMPLING, TokenLogprob
+from serving.engines.base import SAMPLING, PromptLogprob, TokenLogprob
 from serving.errors import InvalidRequest
 from serving.ingress.tools import guided_format
 
@@ -468,8 +467,6 @@ def parse_chat(body: bytes | dict[str, Any]) -> Parsed:
 
 def parse_completion(body: bytes | dict[str, Any]) -> Parsed:
     r: CompletionRequest = _validate(CompletionRequest, body)
-    if r.echo and r.logprobs is not None:
-        raise InvalidRequest("`echo` with `logprobs` (the prompt's own logprobs) is not supported.", param="echo")
     if r.suffix:
         raise InvalidRequest("`suffix` is not supported.", param="suffix")
     ids: tuple[int, ...] | None = None
@@ -523,6 +520,11 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
+def _finite(logprob: float | None) -> float | None:
+    """-inf is no JSON number: vLLM's server writes -9999.0 for it."""
+    return None if logprob is None else max(logprob, -9999.0)
+
+
 class Responder:
     """Builds one request's response objects (ids and `created` fixed per request)."""
 
@@ -538,23 +540,25 @@ class Responder:
         self.live_usage: Callable[[], dict[str, Any]] | None = None  # continuous_usage_stats: the usage so far
         self._offset: dict[int, int] = {}  # completions' text_offset: characters of each choice described
 
-    def logprobs(self, lps: Sequence[TokenLogprob] | None, index: int = 0) -> dict[str, Any] | None:
+    def logprobs(self, lps: Sequence[TokenLogprob | PromptLogprob] | None, index: int = 0) -> dict[str, Any] | None:
         """Token log-probabilities in the endpoint's own shape (chat: `content`, completions:
         `tokens`/`token_logprobs`/`top_logprobs`/`text_offset`); None when not asked for."""
         if lps is None:
             return None
         if self.kind == "chat":
-            return {"content": [{"token": t, "logprob": v, "bytes": list(t.encode()),
-                                 "top_logprobs": [{"token": a, "logprob": b, "bytes": list(a.encode())}
-                                                  for a, b in top]} for t, v, top in lps]}
+            return {"content": [{"token": t, "logprob": _finite(v), "bytes": list(t.encode()),
+                                 "top_logprobs": [{"token": a, "logprob": _finite(b), "bytes": list(a.encode())}
+                                                  for a, b in top or ()]} for t, v, top in lps]}
         offsets = []
         offset = self._offset.get(index, 0)
         for t, _, _ in lps:
             offsets.append(offset)
             offset += len(t)
         self._offset[index] = offset
-        return {"tokens": [t for t, _, _ in lps], "token_logprobs": [v for _, v, _ in lps],
-                "top_logprobs": [dict(top) for _, _, top in lps], "text_offset": offsets}
+        # an echoed prompt's first token has neither (None)
+        return {"tokens": [t for t, _, _ in lps], "token_logprobs": [_finite(v) for _, v, _ in lps],
+                "top_logprobs": [None if top is None else {a: _finite(b) for a, b in top} for _, _, top in lps],
+                "text_offset": offsets}
 
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}

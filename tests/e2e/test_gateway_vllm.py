@@ -282,3 +282,37 @@ async def test_n_choices_are_the_answers_vllms_own_server_gives(gateway, vllm_se
     u, v = ours.json()["usage"], theirs.json()["usage"]
     assert (u["prompt_tokens"], u["completion_tokens"]) == (v["prompt_tokens"], v["completion_tokens"]) == \
            (u["prompt_tokens"], 18)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_echo_with_logprobs_is_what_vllms_own_server_gives(gateway, vllm_servers, stream):
+    """Completions' `echo` with `logprobs` (how evaluation harnesses score a prompt): the prompt's
+    logprobs, none for its first token, then the answer's; token for token vLLM's own."""
+    client, _ = gateway
+    body = {"model": "tiny", "prompt": "zo ba route this", "max_tokens": 3, "echo": True, "logprobs": 2,
+            "temperature": 0, "ignore_eos": True, "stream": stream}
+    ours = await client.post("/v1/completions", json=body)
+    async with httpx.AsyncClient(timeout=60) as direct:
+        theirs = await direct.post(vllm_servers.urls[0] + "/v1/completions", json=body)
+    assert ours.status_code == theirs.status_code == 200, (ours.text, theirs.text)
+
+    def whole(r):
+        if not stream:
+            ch = r.json()["choices"][0]
+            return ch["text"], ch["logprobs"]
+        text, lp = "", {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for e in _events(r.text)[:-1]:
+            for ch in e["choices"]:
+                text += ch["text"]
+                for k in lp:
+                    lp[k] += (ch["logprobs"] or {}).get(k) or []
+        return text, lp
+
+    (text, lp), (want_text, want) = whole(ours), whole(theirs)
+    assert text == want_text and text.startswith("zo ba route this")
+    assert lp["tokens"] == want["tokens"] and lp["text_offset"] == want["text_offset"]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["token_logprobs"][1:] == pytest.approx(want["token_logprobs"][1:], abs=1e-3)
+    assert [sorted(t) for t in lp["top_logprobs"][1:]] == [sorted(t) for t in want["top_logprobs"][1:]]
+    n_prompt = len(lp["tokens"]) - 3
+    assert n_prompt >= 4 and all(v <= 0 for v in lp["token_logprobs"][1:])

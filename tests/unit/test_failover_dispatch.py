@@ -50,6 +50,24 @@ async def test_continuation_yields_exactly_the_uninterrupted_text(schedule):
     assert len(set(trace.replicas)) == len(trace.replicas)  # never the failed replica again
 
 
+@pytest.mark.parametrize("schedule", [[0], [4], [0, 2, 3]], ids=["before-first", "mid", "three-failures"])
+async def test_the_prompts_logprobs_come_once_whatever_fails(schedule):
+    """`echo` with `logprobs`: the prompt's logprobs come with the first chunk, and a continuation
+    (whose prompt holds the tokens already sent) is not asked for them again."""
+    from dataclasses import replace
+    c = Cluster.build(TWO_REGIONS, schedule=list(schedule))
+    req, gen = request(regions=frozenset({"eu", "us"}))
+    asked = []
+    open_ = c.open
+    c.open = lambda d, g: (asked.append(g.prompt_logprobs), open_(d, g))[1]
+    chunks, _ = await run(c, req, replace(gen, prompt_logprobs=1))
+    await c.close()
+    got = [x.prompt_logprobs for x in chunks if x.prompt_logprobs is not None]
+    assert len(got) == 1 and chunks[0].prompt_logprobs is got[0] and len(got[0]) == len(gen.prompt.split())
+    sent_before = 0 if schedule[0] else 1  # attempts before any chunk came ask again; later ones do not
+    assert asked == [1] * (sent_before + 1) + [None] * (len(asked) - sent_before - 1)
+
+
 async def test_a_json_constrained_answer_is_retried_before_its_first_token_but_not_continued():
     from dataclasses import replace
     fmt = {"type": "json_object"}

@@ -696,6 +696,52 @@ async def test_echo_gives_the_prompt_before_the_answer_whole_and_streamed(tiny_t
     assert r.json()["choices"][0]["text"].startswith(tok.decode(ids))
 
 
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("prompt", ["route  this call\nnow", [7, 8, 9]], ids=["text", "ids"])
+async def test_echo_with_logprobs_gives_the_prompts_logprobs_first(stream, prompt):
+    """vLLM's `echo` with `logprobs`: the prompt's own logprobs (none for its first token) before
+    the answer's, in one list whose tokens spell the echoed text."""
+    import math
+    c, engines, _ = make()
+    seen = requests_seen(engines)
+    body = {"model": "m", "prompt": prompt, "max_tokens": 3, "echo": True, "logprobs": 2, "n": 2, "seed": 5}
+    r = await c.post("/v1/completions", json={**body, "stream": stream})
+    assert r.status_code == 200, r.text
+    assert [g.prompt_logprobs for g in seen] == [2, 2]  # each choice's engine request asks for them
+    if stream:
+        evs = [e for e in events(r.text) if e["choices"]]
+        got = {}
+        for e in evs:
+            ch = e["choices"][0]
+            text, lp = got.setdefault(ch["index"], ("", {"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                                                         "text_offset": []}))
+            for k in lp:
+                lp[k] += ch["logprobs"][k]
+            got[ch["index"]] = (text + ch["text"], lp)
+        answers = [got[0], got[1]]
+        usage = None
+    else:
+        answers = [(ch["text"], ch["logprobs"]) for ch in r.json()["choices"]]
+        usage = r.json()["usage"]
+    n_prompt = len(prompt) if isinstance(prompt, list) else 4
+    for text, lp in answers:
+        assert len(lp["tokens"]) == n_prompt + 3
+        assert "".join(lp["tokens"]) == text and text.startswith(prompt if isinstance(prompt, str) else "")
+        assert lp["text_offset"] == [text.index(t, o) for t, o in zip(lp["tokens"], lp["text_offset"])]
+        assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None  # nothing before it
+        assert all(v == pytest.approx(-math.log(32000)) for v in lp["token_logprobs"][1:])
+        # a prompt token's alternatives: itself and the 2 most likely; an answer token's: the 2
+        assert [len(t) for t in lp["top_logprobs"][1:]] == [3] * (n_prompt - 1) + [2] * 3
+    assert answers[0][0] != answers[1][0]
+    if usage is not None:
+        assert (usage["prompt_tokens"], usage["completion_tokens"]) == (n_prompt, 6)
+    # without logprobs: the text is echoed, no prompt logprobs are asked for
+    seen.clear()
+    r = await c.post("/v1/completions", json={"model": "m", "prompt": prompt, "max_tokens": 1, "echo": True})
+    assert r.json()["choices"][0]["logprobs"] is None and seen[0].prompt_logprobs is None
+
+
 async def test_errors_quote_a_clients_values_short():
     c, _, _ = make()
     big = "m" * 2_000_000

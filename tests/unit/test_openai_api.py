@@ -119,7 +119,6 @@ BAD_COMPLETION = [
     ("prompt-empty", {"prompt": ""}, "prompt"),
     ("prompt-object", {"prompt": {"a": 1}}, "prompt"),
     ("two-prompts", {"prompt": ["a", "b"]}, "prompt"),
-    ("echo-with-logprobs", {"prompt": "a", "echo": True, "logprobs": 1}, "echo"),
     ("suffix", {"prompt": "def f(", "suffix": "return x"}, "suffix"),
     ("logprobs-six", {"prompt": "a", "logprobs": 6}, "logprobs"),  # OpenAI's limit: 5
     ("max-tokens-zero", {"prompt": "a", "max_tokens": 0}, "max_tokens"),
