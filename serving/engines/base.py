@@ -84,8 +84,9 @@ def default_seed(request_id: str) -> int:
     return xxhash.xxh64_intdigest(request_id.encode())
 
 
-# One generated token's log-probability: (its text, logprob, its k most likely alternatives
-# as ((text, logprob), ...), most likely first)
+# One generated token's log-probability: (its text, logprob, the alternatives as vLLM lists them:
+# ((text, logprob), ...), the token itself first, then the k most likely, best first; fewer where
+# they coincide). Completions show them all, chat the first k (vLLM's servers do the same).
 TokenLogprob = tuple[str, float, tuple[tuple[str, float], ...]]
 # One prompt token's: the same, and the first token's has neither (nothing comes before it):
 # (its text, None, None). The alternatives are vLLM's: the token itself and the k most likely.

@@ -46,10 +46,10 @@ def _token(position: int) -> int:
 
 def sim_logprobs(ids: tuple[int, ...], pieces: list[str], k: int | None) -> tuple[TokenLogprob, ...] | None:
     """A simulated engine's log-probabilities: it draws every token uniformly from the vocabulary,
-    so each has log(1/vocab), and so have its alternatives (itself, then the ids after it)."""
+    so each has log(1/vocab), and so have its alternatives (itself, then the k ids after it)."""
     if k is None:
         return None
-    return tuple((p, _UNIFORM, ((p, _UNIFORM),)[:k] + tuple((_piece(t + j), _UNIFORM) for j in range(1, k)))
+    return tuple((p, _UNIFORM, ((p, _UNIFORM),) + tuple((_piece(t + j), _UNIFORM) for j in range(1, k + 1)))
                  for t, p in zip(ids, pieces))
 
 

@@ -142,7 +142,7 @@ class VLLMEngine:
                 yield Chunk(rid, tuple(c.token_ids), c.text,
                             (c.finish_reason or "length") if finished else None,
                             len(out.prompt_token_ids or ()), int(out.num_cached_tokens or 0), total,
-                            None if request.logprobs is None else _logprobs(c.token_ids, c.logprobs, request.logprobs),
+                            None if request.logprobs is None else _logprobs(c.token_ids, c.logprobs),
                             prompt_lps)
                 if finished:
                     return
@@ -217,14 +217,14 @@ def vllm_seed(seed: int | None) -> int | None:
     return None if seed is None else seed % (1 << 63)
 
 
-def _logprobs(token_ids: Any, positions: Any, k: int) -> tuple[TokenLogprob, ...]:
-    """vLLM's per-position {token id: Logprob} (the chosen token's and the top k) as Chunk.logprobs."""
+def _logprobs(token_ids: Any, positions: Any) -> tuple[TokenLogprob, ...]:
+    """vLLM's per-position {token id: Logprob} (the chosen token's, then the top k) as
+    Chunk.logprobs, in vLLM's order: its servers pick from it by position."""
     out = []
     for tid, lps in zip(token_ids, positions or ()):
         chosen = lps[tid]
-        top = sorted(lps.values(), key=lambda lp: lp.rank if lp.rank is not None else 1 << 30)[:k]
         out.append((chosen.decoded_token or "", chosen.logprob,
-                    tuple((lp.decoded_token or "", lp.logprob) for lp in top)))
+                    tuple((lp.decoded_token or "", lp.logprob) for lp in lps.values())))
     return tuple(out)
 
 

@@ -140,7 +140,7 @@ class VLLMHttpEngine:
                     echoed = False
                 chunk = Chunk(rid, toks, ch.get("text") or "", ch.get("finish_reason"),
                               usage.get("prompt_tokens", prompt_tokens), 0, out,
-                              None if request.logprobs is None else _logprobs(lp, request.logprobs), prompt_lps)
+                              None if request.logprobs is None else _logprobs(lp), prompt_lps)
                 if chunk.finish_reason:
                     last = chunk
                 else:
@@ -337,13 +337,13 @@ def _split_echo(lp: dict[str, Any], prompt_tokens: int) -> tuple[dict[str, Any],
     return {k: c[prompt_tokens:] for k, c in zip(keys, cols)}, prompt
 
 
-def _logprobs(lp: dict[str, Any] | None, k: int) -> tuple[TokenLogprob, ...]:
-    """The completions endpoint's logprobs (tokens, token_logprobs, top_logprobs) as Chunk.logprobs."""
+def _logprobs(lp: dict[str, Any] | None) -> tuple[TokenLogprob, ...]:
+    """The completions endpoint's logprobs (tokens, token_logprobs, top_logprobs) as Chunk.logprobs;
+    each token's alternatives as vLLM's server wrote them (the token itself, then the top k)."""
     if not lp:
         return ()
     tops = lp.get("top_logprobs") or []
     out = []
     for i, (tok, val) in enumerate(zip(lp.get("tokens") or (), lp.get("token_logprobs") or ())):
-        top = sorted((tops[i] or {}).items() if i < len(tops) else (), key=lambda kv: -kv[1])[:k]
-        out.append((tok, val, tuple(top)))
+        out.append((tok, val, tuple((tops[i] or {}).items() if i < len(tops) else ())))
     return tuple(out)

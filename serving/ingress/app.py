@@ -130,7 +130,7 @@ def build_app(gw: Gateway) -> Starlette:
             request.state.error = e.code or e.type
             return _error(e, echo)
         request.state.labels = labels = _labels(choices)
-        resp = Responder(parsed.kind, rid, job.model, parsed.include_usage)
+        resp = Responder(parsed.kind, rid, job.model, parsed.include_usage, top_logprobs=parsed.logprobs or 0)
         if parsed.stream:
             if parsed.continuous_usage:
                 resp.live_usage = lambda: _usage(choices)

@@ -251,7 +251,7 @@ class CompletionRequest(_Common):
     max_tokens: int | None = Field(default=16, ge=1, le=2**31 - 1)
     echo: bool = False
     suffix: str | None = None  # fill-in-the-middle: refused
-    logprobs: int | None = Field(default=None, ge=0, le=5)
+    logprobs: int | None = Field(default=None, ge=0, le=20)  # vLLM: up to its max_logprobs (20)
 
 
 @dataclass(frozen=True, slots=True)
@@ -528,10 +528,10 @@ def _finite(logprob: float | None) -> float | None:
 class Responder:
     """Builds one request's response objects (ids and `created` fixed per request)."""
 
-    __slots__ = ("kind", "id", "model", "created", "include_usage", "live_usage", "_offset")
+    __slots__ = ("kind", "id", "model", "created", "include_usage", "live_usage", "_offset", "top_logprobs")
 
     def __init__(self, kind: str, request_id: str, model: str, include_usage: bool = False,
-                 created: int | None = None):
+                 created: int | None = None, top_logprobs: int = 0):
         self.kind = kind
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + request_id
         self.model = model
@@ -539,16 +539,20 @@ class Responder:
         self.include_usage = include_usage
         self.live_usage: Callable[[], dict[str, Any]] | None = None  # continuous_usage_stats: the usage so far
         self._offset: dict[int, int] = {}  # completions' text_offset: characters of each choice described
+        self.top_logprobs = top_logprobs  # chat: how many of each token's alternatives are shown
 
     def logprobs(self, lps: Sequence[TokenLogprob | PromptLogprob] | None, index: int = 0) -> dict[str, Any] | None:
         """Token log-probabilities in the endpoint's own shape (chat: `content`, completions:
-        `tokens`/`token_logprobs`/`top_logprobs`/`text_offset`); None when not asked for."""
+        `tokens`/`token_logprobs`/`top_logprobs`/`text_offset`); None when not asked for. As vLLM's
+        servers show a token's alternatives (itself, then the k most likely): completions all of
+        them, chat the first `top_logprobs`."""
         if lps is None:
             return None
         if self.kind == "chat":
             return {"content": [{"token": t, "logprob": _finite(v), "bytes": list(t.encode()),
                                  "top_logprobs": [{"token": a, "logprob": _finite(b), "bytes": list(a.encode())}
-                                                  for a, b in top or ()]} for t, v, top in lps]}
+                                                  for a, b in (top or ())[:self.top_logprobs]]}
+                                for t, v, top in lps]}
         offsets = []
         offset = self._offset.get(index, 0)
         for t, _, _ in lps:

@@ -122,28 +122,39 @@ async def test_logit_bias_reaches_vllm(gateway, tiny_model):
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_logprobs_from_vllm(gateway, stream):
+async def test_logprobs_are_vllms_own(gateway, vllm_servers, stream):
+    """Each token's logprob and its alternatives as vLLM's own server shows them (sampled, so the
+    chosen token is not always the most likely: chat lists it first, then the best, k in all)."""
     client, _ = gateway
-    r = await client.post("/v1/chat/completions", json={
-        "model": "tiny", "max_tokens": 4, "ignore_eos": True, "logprobs": True, "top_logprobs": 2, "stream": stream,
-        "messages": [{"role": "user", "content": "say something"}]})
-    assert r.status_code == 200, r.text
-    if stream:
-        choices = [e["choices"][0] for e in _events(r.text)[:-1] if e["choices"]]
-        text = "".join(c["delta"].get("content") or "" for c in choices)
-        entries = [e for c in choices if c["logprobs"] for e in c["logprobs"]["content"]]
-    else:
-        choice = r.json()["choices"][0]
-        text, entries = choice["message"]["content"], choice["logprobs"]["content"]
-    # The tokens spell the text, up to tokens that are part of a character's bytes
-    # (the random model draws byte tokens): vLLM decodes one of those alone as "" or
-    # U+FFFD, and the text may hold U+FFFD for it, or the whole character.
-    def ascii_of(s):
-        return s.encode("ascii", "ignore")
-    assert len(entries) == 4 and ascii_of("".join(e["token"] for e in entries)) == ascii_of(text)
-    for e in entries:  # vLLM's own figures: the two most likely, best first, none above the chosen's rank
-        tops = [t["logprob"] for t in e["top_logprobs"]]
-        assert e["logprob"] <= 0 and len(tops) == 2 and tops == sorted(tops, reverse=True)
+    body = {"model": "tiny", "max_tokens": 4, "ignore_eos": True, "logprobs": True, "top_logprobs": 2,
+            "stream": stream, "temperature": 1.0, "seed": 3, "messages": [{"role": "user", "content": "say something"}]}
+    ours = await client.post("/v1/chat/completions", json=body)
+    async with httpx.AsyncClient(timeout=60) as direct:
+        theirs = await direct.post(vllm_servers.urls[0] + "/v1/chat/completions", json=body)
+    assert ours.status_code == theirs.status_code == 200, (ours.text, theirs.text)
+
+    def entries(r):
+        if stream:
+            return [e for ev in _events(r.text)[:-1] for c in ev["choices"] if c["logprobs"]
+                    for e in c["logprobs"]["content"]]
+        return r.json()["choices"][0]["logprobs"]["content"]
+
+    got, want = entries(ours), entries(theirs)
+    assert len(got) == 4
+    for g, w in zip(got, want, strict=True):
+        assert (g["token"], g["bytes"]) == (w["token"], w["bytes"])
+        assert [t["token"] for t in g["top_logprobs"]] == [t["token"] for t in w["top_logprobs"]]
+        assert g["top_logprobs"][0]["token"] == g["token"] and len(g["top_logprobs"]) == 2
+        assert [g["logprob"]] + [t["logprob"] for t in g["top_logprobs"]] == pytest.approx(
+            [w["logprob"]] + [t["logprob"] for t in w["top_logprobs"]], abs=1e-3)
+    # completions: the token itself and the k most likely, k + 1 where it is not among them
+    body = {"model": "tiny", "prompt": "say something", "max_tokens": 4, "ignore_eos": True, "logprobs": 1,
+            "temperature": 1.0, "seed": 3}
+    ours = await client.post("/v1/completions", json=body)
+    async with httpx.AsyncClient(timeout=60) as direct:
+        theirs = await direct.post(vllm_servers.urls[0] + "/v1/completions", json=body)
+    g, w = ours.json()["choices"][0]["logprobs"], theirs.json()["choices"][0]["logprobs"]
+    assert g["tokens"] == w["tokens"] and [list(t) for t in g["top_logprobs"]] == [list(t) for t in w["top_logprobs"]]
 
 
 CITY = {"type": "function", "function": {"name": "pick_city", "parameters": {

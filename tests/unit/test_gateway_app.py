@@ -555,6 +555,7 @@ async def test_logprobs_cover_every_token_of_the_answer(stream):
     assert "".join(e.token for e in entries) == text and len(entries) == 6
     # a simulated engine draws tokens uniformly: every one has log(1/vocab), and so do its alternatives
     assert all(e.logprob == pytest.approx(-math.log(32000)) and len(e.top_logprobs) == 2 for e in entries)
+    assert all(e.top_logprobs[0].token == e.token for e in entries)  # vLLM's order: the token itself first
     assert bytes(entries[0].bytes).decode() == entries[0].token
     kw = dict(model="m", prompt="hi", max_tokens=5, logprobs=1)
     if stream:
@@ -566,6 +567,9 @@ async def test_logprobs_cover_every_token_of_the_answer(stream):
         r = await client.completions.create(**kw)
         text, tokens, offsets = r.choices[0].text, r.choices[0].logprobs.tokens, r.choices[0].logprobs.text_offset
     assert "".join(tokens) == text and offsets == [text.index(t, o) for t, o in zip(tokens, offsets)]
+    if not stream:  # completions show vLLM's k + 1: the token itself, then the k most likely
+        tops = r.choices[0].logprobs.top_logprobs
+        assert [list(t)[0] for t in tops] == tokens and all(len(t) == 2 for t in tops)
     assert offsets[0] == 0 and offsets == sorted(offsets)
     r = await c.post("/v1/chat/completions", json=chat(max_tokens=2))
     assert r.json()["choices"][0]["logprobs"] is None  # not asked: none
@@ -731,8 +735,8 @@ async def test_echo_with_logprobs_gives_the_prompts_logprobs_first(stream, promp
         assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
         assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None  # nothing before it
         assert all(v == pytest.approx(-math.log(32000)) for v in lp["token_logprobs"][1:])
-        # a prompt token's alternatives: itself and the 2 most likely; an answer token's: the 2
-        assert [len(t) for t in lp["top_logprobs"][1:]] == [3] * (n_prompt - 1) + [2] * 3
+        # every token's alternatives, as vLLM's completions show them: itself and the 2 most likely
+        assert [len(t) for t in lp["top_logprobs"][1:]] == [3] * (n_prompt + 2)
     assert answers[0][0] != answers[1][0]
     if usage is not None:
         assert (usage["prompt_tokens"], usage["completion_tokens"]) == (n_prompt, 6)

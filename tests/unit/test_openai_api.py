@@ -120,7 +120,7 @@ BAD_COMPLETION = [
     ("prompt-object", {"prompt": {"a": 1}}, "prompt"),
     ("two-prompts", {"prompt": ["a", "b"]}, "prompt"),
     ("suffix", {"prompt": "def f(", "suffix": "return x"}, "suffix"),
-    ("logprobs-six", {"prompt": "a", "logprobs": 6}, "logprobs"),  # OpenAI's limit: 5
+    ("logprobs-21", {"prompt": "a", "logprobs": 21}, "logprobs"),  # vLLM's max_logprobs: 20
     ("max-tokens-zero", {"prompt": "a", "max_tokens": 0}, "max_tokens"),
     ("token-id-negative", {"prompt": [5, -1]}, "prompt"),  # found by the fuzz drill: was a 500
     ("token-id-over-32-bit", {"prompt": [2**32]}, "prompt"),
