@@ -106,6 +106,7 @@ def build_app(gw: Gateway) -> Starlette:
         # Our id is always fresh: bookings, engine requests and budget reservations are
         # keyed by it, so a client must not pick it (a reused id would settle once).
         # The client's own x-request-id, if sane, is only echoed back.
+        arrived = time.perf_counter()  # the client's TTFT starts here (metrics, step records)
         rid = gw.request_id(None)
         echo = {"x-request-id": gw.request_id(request.headers.get("x-request-id"))}
         request_context(request_id=echo["x-request-id"], id=rid,
@@ -116,7 +117,7 @@ def build_app(gw: Gateway) -> Starlette:
             parsed = parse(await body_of(request))
             region = gw.client_region(request.headers.get("x-client-region"))
             extra = tuple((k, v) for k in _HEADERS if (v := request.headers.get(k)) is not None)
-            job = gw.prepare(parsed, principal, region, rid, extra + tuple(echo.items()))
+            job = gw.prepare(parsed, principal, region, rid, extra + tuple(echo.items()), arrived)
             request.state.labels = (principal.tenant, job.model, "")
             choices = await gw.start(job)
             # completions' `echo`: the prompt's text first (ids: as the chosen model's tokenizer reads them)

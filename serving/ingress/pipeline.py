@@ -94,6 +94,9 @@ class Job:
     reply_headers: tuple[tuple[str, str], ...] = ()  # stages' notes for the response (x-proxima-tier, ...)
     trace: TraceContext | None = None  # W3C trace context: the gateway's span of this request
     created: float = 0.0  # wall-clock time the request arrived (step records)
+    # perf_counter when the ingress got the request (0: unknown): TTFT and e2e count from here,
+    # so they hold what the client waited for before routing too (body, admission, delegation)
+    arrived: float = 0.0
     tokens_of: str | None = None  # whose tokenizer made prompt_token_ids (None: the word tokenizer)
     tool_parser: str | None = None  # the final model's (bind): how its answer is read for tool calls
     reasoning_parser: str | None = None  # and for its reasoning
@@ -227,10 +230,11 @@ class Gateway:
 
     # --- stages ------------------------------------------------------------
     def prepare(self, parsed: Parsed, principal: Principal, client_region: str, request_id: str,
-                headers: tuple[tuple[str, str], ...] = ()) -> Job:
+                headers: tuple[tuple[str, str], ...] = (), arrived: float | None = None) -> Job:
         """The model must be configured (or an alias delegation resolves). Word ids for a model
         without its own tokenizer (and for an alias: admission and delegation count them);
-        a model with one is tokenized by `start`, on the tokenizer thread."""
+        a model with one is tokenized by `start`, on the tokenizer thread. `arrived`: when the
+        ingress got the request (perf_counter; default now), where its TTFT starts."""
         if parsed.model not in self.limits and parsed.model not in self.delegation.aliases:
             raise ModelNotFound(f"The model {quoted(parsed.model)} does not exist.", param="model")
         if parsed.prompt_token_ids and parsed.model in self.limits:
@@ -250,7 +254,8 @@ class Gateway:
         trace = self.observer.tracer.start(h.get("traceparent"), h.get("tracestate"))
         return Job(request_id, parsed, principal, client_region, parsed.model, tuple(ids), max_tokens,
                    cache_salt=self._salt(principal), session_id=h.get(SESSION_HEADER), headers=headers,
-                   trace=trace, created=time.time())
+                   trace=trace, created=time.time(),
+                   arrived=time.perf_counter() if arrived is None else arrived)
 
     def context_limit(self, model: str) -> int:
         """A served model's context length; a model not served (an alias either) is a 404."""

@@ -56,8 +56,8 @@ class Stream:
         self.error: BaseException | None = None
         self.trace = Trace()  # the failover loop's attempts
         self.reader = job.reader()  # the answer's reasoning and tool calls (None: all content)
-        self.t0 = time.perf_counter()
-        self._routed_at = self.t0
+        self.t0 = job.arrived or time.perf_counter()
+        self._routed_at = time.perf_counter()
         self._closed = False
         self._it = stream_with_failover(job.route_request(), job.generate_request(), self._route,
                                         self._open, self._done, gw.retry, self.trace)

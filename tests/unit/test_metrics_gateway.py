@@ -38,6 +38,29 @@ async def test_requests_and_errors_by_route_status_tenant_model_region():
     assert value(t, err) == 3
 
 
+async def test_ttft_counts_from_the_requests_arrival_admission_included():
+    """Found by a review: a stalled ledger made the client wait 2 s for its first token while the
+    TTFT histogram and the step record said 12 ms (the clock started after admission)."""
+    import asyncio
+    c, _, gw = build()
+    admit = gw.admission.admit
+
+    async def slow_admit(job):
+        await asyncio.sleep(0.3)
+        return await admit(job)
+
+    gw.admission.admit = slow_admit
+    r = await c.post(CHAT, json=chat(max_tokens=2), headers={**ACME, "x-session-id": "slow"})
+    assert r.status_code == 200
+    t = await metrics(c)
+    assert value(t, "proxima_ttft_seconds_sum", tenant="acme") >= 0.3
+    assert value(t, "proxima_ttft_seconds_bucket", tenant="acme", le="0.25") == 0
+    assert value(t, "proxima_e2e_seconds_sum", tenant="acme") >= 0.3
+    assert value(t, "proxima_ttft_observed_seconds_sum") < 0.3  # from the routing decision: the router's own
+    step = (await c.get("/v1/sessions/slow/steps", headers=ACME)).json()["data"][0]
+    assert step["ttft_ms"] >= 300 and step["e2e_ms"] >= step["ttft_ms"]
+
+
 async def test_ttft_tpot_e2e_and_predicted_versus_observed_ttft():
     c, _, _ = build()
     r = await c.post(CHAT, json=chat(max_tokens=4), headers=ACME)
