@@ -44,7 +44,7 @@ from serving.ingress.openapi import openapi_schema
 from serving.ingress.pipeline import Gateway
 from serving.ingress.stream import Choices, Stream
 from serving.ingress.tools import whole_calls
-from serving.observability.fleet import render_gateway
+from serving.observability.fleet import PART_TIMEOUT_S, render_gateway
 from serving.observability.logs import request_context
 from serving.observability.steps import check_headers
 
@@ -173,7 +173,7 @@ def build_app(gw: Gateway) -> Starlette:
         principal = gw.auth.authenticate(request.headers.get("authorization"))
         request.state.labels = (principal.tenant, "", "")
         parsed, strs = parse_tokenize(await body_of(request))
-        request.state.labels = (principal.tenant, parsed.model, "")
+        request.state.labels = (principal.tenant, known(parsed.model), "")
         ids = await gw.prompt_tokens(parsed, principal)
         return _json({"count": len(ids), "max_model_len": gw.limits[parsed.model], "tokens": ids,
                       "token_strs": await gw.prompt_token_strs(parsed, ids) if strs else None})
@@ -183,17 +183,22 @@ def build_app(gw: Gateway) -> Starlette:
         principal = gw.auth.authenticate(request.headers.get("authorization"))
         request.state.labels = (principal.tenant, "", "")
         r = parse_detokenize(await body_of(request))
-        request.state.labels = (principal.tenant, r.model, "")
+        request.state.labels = (principal.tenant, known(r.model), "")
         return _json({"prompt": await gw.token_texts(r.model, r.tokens, whole=True)})
 
+    def known(model: str) -> str:
+        """A metric label names a served model, never a client's string (unbounded series)."""
+        return model if model in gw.limits or model in gw.delegation.aliases else ""
+
     async def models(request: Request) -> Response:
-        gw.auth.authenticate(request.headers.get("authorization"))
+        request.state.labels = (gw.auth.authenticate(request.headers.get("authorization")).tenant, "", "")
         now = int(time.time())
         return _json({"object": "list", "data": [card(n, now) for n in gw.model_names()]})
 
     async def model(request: Request) -> Response:
-        gw.auth.authenticate(request.headers.get("authorization"))
+        tenant = gw.auth.authenticate(request.headers.get("authorization")).tenant
         name = request.path_params["model"]
+        request.state.labels = (tenant, known(name), "")
         if name not in gw.model_names():
             raise ModelNotFound(f"The model {quoted(name)} does not exist.", param="model")
         return _json(card(name, int(time.time())))
@@ -211,7 +216,13 @@ def build_app(gw: Gateway) -> Starlette:
         return stats
 
     async def health(request: Request) -> Response:
-        stats = await router_view()
+        try:  # a load balancer's probe gets an answer in time, whatever the router is doing
+            async with asyncio.timeout(PART_TIMEOUT_S):
+                stats = await router_view()
+        except Exception as e:  # restarting or stalled: nothing can be routed until it answers
+            log.warning("/health: the router did not answer: %s", type(e).__name__)
+            return _json({"status": "degraded", "replicas_up": 0, "replicas": None,
+                          "router": "unavailable"}, 503)
         up = sum(1 for r in stats.get("replicas", {}).values() if r.get("routable"))
         body = {"status": "ok" if up else "degraded", "replicas_up": up,
                 "replicas": len(stats.get("replicas", {}))}
@@ -233,6 +244,7 @@ def build_app(gw: Gateway) -> Starlette:
     async def session_steps(request: Request) -> Response:
         """The caller's own session's steps, oldest first; another tenant's session is a 404."""
         principal = gw.auth.authenticate(request.headers.get("authorization"))
+        request.state.labels = (principal.tenant, "", "")
         sid = request.path_params["session_id"]
         body = await gw.telemetry.steps(principal.tenant, sid)
         if body is None:
@@ -242,6 +254,7 @@ def build_app(gw: Gateway) -> Starlette:
     async def budgets(request: Request) -> Response:
         """The caller's own budgets (never another tenant's): limits, used, reserved, remaining."""
         principal = gw.auth.authenticate(request.headers.get("authorization"))
+        request.state.labels = (principal.tenant, "", "")
         ledger = getattr(gw.admission, "ledger", None)
         if ledger is None:
             raise NotFound("Token budgets are not enabled on this gateway.")

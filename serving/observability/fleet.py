@@ -29,13 +29,28 @@ from serving.ingress.metrics import Family, Sample
 log = logging.getLogger("proxima.metrics")
 
 
-async def render_gateway(gw: Any) -> bytes:
-    """The gateway's /metrics: merged counters, fleet gauges, budgets (each part best effort)."""
-    snapshots, n = await gw.telemetry.merged(gw.metrics.snapshot())
+# How long /metrics waits for each actor it asks (the telemetry, the router, the ledger): one
+# stalled must not hold the scrape past Prometheus's timeout (10 s by default) and so lose the
+# counters too, in just the incident they are scraped to show.
+PART_TIMEOUT_S = 2.0
+
+
+async def render_gateway(gw: Any, timeout_s: float | None = None) -> bytes:
+    """The gateway's /metrics: merged counters, fleet gauges, budgets (each part best effort,
+    each waited for at most `timeout_s`, default PART_TIMEOUT_S)."""
+    timeout_s = PART_TIMEOUT_S if timeout_s is None else timeout_s
+    own = gw.metrics.snapshot()
+    try:
+        async with asyncio.timeout(timeout_s):
+            snapshots, n = await gw.telemetry.merged(own)
+    except Exception as e:  # the other ingress replicas' counters are late: this one's still count
+        log.warning("merged counters unavailable: %s", type(e).__name__)
+        snapshots, n = [own], 1
     fams = merge(snapshots)
     try:
-        fams += fleet_families(await gw.router.stats(), n)
-    except Exception as e:  # the router restarting: still serve the counters (gauges declared, empty)
+        async with asyncio.timeout(timeout_s):
+            fams += fleet_families(await gw.router.stats(), n)
+    except Exception as e:  # the router restarting or stalled: still serve the counters (gauges declared, empty)
         log.warning("fleet gauges unavailable: %s", type(e).__name__)
         fams += [(name, typ, doc, []) for name, typ, doc, _ in fleet_families({}, n)]
     ledger = getattr(gw.admission, "ledger", None)
@@ -43,7 +58,8 @@ async def render_gateway(gw: Any) -> bytes:
     views: dict[str, dict[str, Any]] = {}
     if ledger is not None and tenants:
         try:
-            views = dict(zip(tenants, await asyncio.gather(*(ledger.remaining(t) for t in tenants))))
+            async with asyncio.timeout(timeout_s):
+                views = dict(zip(tenants, await asyncio.gather(*(ledger.remaining(t) for t in tenants))))
         except Exception as e:
             log.warning("budget gauges unavailable: %s", type(e).__name__)
     return exposition(fams + budget_families(views))  # declared even when empty: dashboards stay valid

@@ -189,3 +189,60 @@ async def test_metrics_still_answer_when_the_router_is_unreachable():
     t = await metrics(c)
     assert value(t, "proxima_requests_total", status="200") == 1
     assert "# TYPE proxima_replicas gauge" in t and value(t, "proxima_replicas") == 0
+
+
+class StatsStalled(LocalRouter):
+    """Routes, but its stats call never answers, as an actor that is stopped (SIGSTOP) or stuck."""
+
+    async def stats(self):
+        import asyncio
+        await asyncio.Event().wait()
+
+
+async def test_metrics_and_health_answer_in_time_when_the_router_or_ledger_stalls(monkeypatch):
+    """Found by a review: a stalled router (or budget ledger) held /metrics and /health with no
+    timeout, so the scrape timed out and the counters were lost too."""
+    import asyncio
+    import time
+
+    import serving.ingress.app as app_mod
+    from serving.observability import fleet
+
+    monkeypatch.setattr(fleet, "PART_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(app_mod, "PART_TIMEOUT_S", 0.2)
+    c, _, gw = build(router_cls=StatsStalled)
+    assert (await c.post(CHAT, json=chat(), headers=ACME)).status_code == 200
+    ledger = gw.admission.ledger
+
+    async def stalled(tenant):
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(ledger, "remaining", stalled)
+    t0 = time.perf_counter()
+    t = await metrics(c)
+    assert time.perf_counter() - t0 < 2
+    assert value(t, "proxima_requests_total", status="200") == 1  # the counters still come
+    assert "# TYPE proxima_replicas gauge" in t and "# TYPE proxima_budget_used_tokens gauge" in t
+    r = await c.get("/health")
+    assert r.status_code == 503 and r.json()["router"] == "unavailable"
+
+
+async def test_labels_name_served_models_and_the_callers_tenant_on_every_route():
+    """Found by a review: /tokenize and /detokenize labelled their series with the client's model
+    string (a new series per call), and authenticated routes counted tenant=""."""
+    c, _, _ = build()
+    for i in range(3):
+        await c.post("/tokenize", json={"model": f"rand-{i}", "prompt": "x"}, headers=ACME)
+    await c.post("/detokenize", json={"model": "x" * 5000, "tokens": [1]}, headers=ACME)
+    assert (await c.post("/tokenize", json={"model": "m", "prompt": "x"}, headers=ACME)).status_code == 200
+    assert (await c.get("/v1/models/nope", headers=ACME)).status_code == 404
+    assert (await c.get("/v1/models/m", headers=ACME)).status_code == 200
+    assert (await c.get("/v1/models", headers=ACME)).status_code == 200
+    assert (await c.get("/v1/sessions/s/steps", headers=ACME)).status_code == 404
+    t = await metrics(c)
+    assert "rand-" not in t and "xxxx" not in t
+    req = "proxima_requests_total"
+    assert value(t, req, route="/tokenize", tenant="acme", model="", status="404") == 3
+    assert value(t, req, route="/tokenize", tenant="acme", model="m", status="200") == 1
+    assert value(t, req, route="/detokenize", tenant="acme", model="") == 1
+    assert value(t, req, tenant="") == 0  # every one of these was authenticated
