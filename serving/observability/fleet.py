@@ -47,12 +47,14 @@ async def render_gateway(gw: Any, timeout_s: float | None = None) -> bytes:
         log.warning("merged counters unavailable: %s", type(e).__name__)
         snapshots, n = [own], 1
     fams = merge(snapshots)
+    configured = [(region, model) for region, rc in gw.config.regions.items()
+                  for model in (rc.models or [m.name for m in gw.config.models])]
     try:
         async with asyncio.timeout(timeout_s):
-            fams += fleet_families(await gw.router.stats(), n)
+            fams += fleet_families(await gw.router.stats(), n, configured)
     except Exception as e:  # the router restarting or stalled: still serve the counters (gauges declared, empty)
         log.warning("fleet gauges unavailable: %s", type(e).__name__)
-        fams += [(name, typ, doc, []) for name, typ, doc, _ in fleet_families({}, n)]
+        fams += [(name, typ, doc, []) for name, typ, doc, _ in fleet_families({}, n)]  # unknown: no zeros
     ledger = getattr(gw.admission, "ledger", None)
     tenants = [name for name, t in gw.config.auth.tenants.items() if t.budget]
     views: dict[str, dict[str, Any]] = {}
@@ -84,10 +86,13 @@ def _family(name: str, typ: str, doc: str, rows: Iterable[tuple[dict[str, str], 
     return (name, typ, doc, [(name + suffix, tuple(sorted(lab.items())), float(v)) for lab, v in rows])
 
 
-def fleet_families(stats: dict[str, Any], ingress_replicas: int = 1) -> list[Family]:
-    """Gauges from the router's view (serving.ingress.local.router_stats)."""
+def fleet_families(stats: dict[str, Any], ingress_replicas: int = 1,
+                   configured: Iterable[tuple[str, str]] = ()) -> list[Family]:
+    """Gauges from the router's view (serving.ingress.local.router_stats). Every `configured`
+    (region, model) has a `routable` series, 0 when the router knows none of its replicas (a
+    region whose engines all died): an alert on it can fire, and the region stays on dashboards."""
     reps: dict[str, dict[str, Any]] = stats.get("replicas", {})
-    per_region: dict[tuple[str, str, str], int] = {}
+    per_region: dict[tuple[str, str, str], int] = {(g, m, "routable"): 0 for g, m in configured}
     queue, kv, hits, queries = [], [], [], []
     for rid, r in sorted(reps.items()):
         state = "routable" if r.get("routable") else (

@@ -246,3 +246,19 @@ async def test_labels_name_served_models_and_the_callers_tenant_on_every_route()
     assert value(t, req, route="/tokenize", tenant="acme", model="m", status="200") == 1
     assert value(t, req, route="/detokenize", tenant="acme", model="") == 1
     assert value(t, req, tenant="") == 0  # every one of these was authenticated
+
+
+async def test_a_region_the_router_has_no_replica_of_reads_zero_routable():
+    """Found by a review: when a region's engines all died, its series vanished (no `down`, no 0),
+    so an alert on routable == 0 could never fire and the region left the dashboards."""
+    from serving.observability.fleet import fleet_families
+
+    stats = {"replicas": {"us-0": {"region": "us", "model": "m", "routable": True},
+                          "us-1": {"region": "us", "model": "m", "routable": False, "health": "down"}}}
+    fam = fleet_families(stats, 1, [("us", "m"), ("eu", "m")])[0]
+    got = {dict(lab)["region"] + "/" + dict(lab)["state"]: v for _, lab, v in fam[3]}
+    assert got == {"eu/routable": 0.0, "us/routable": 1.0, "us/down": 1.0}
+    c, _, _ = build()  # through /metrics: every configured region once, with what the router knows
+    t = await metrics(c)
+    routable = [s for s in samples(t) if s[0] == "proxima_replicas" and ("state", "routable") in s[1]]
+    assert len(routable) == len({dict(s[1])["region"] for s in routable}) >= 2
