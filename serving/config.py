@@ -20,6 +20,7 @@ API keys are stored only as sha256 hex digests (see serving.ingress.auth).
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -173,6 +174,24 @@ class AuthConfig(_Strict):
     admin_key_sha256: str | None = None
     tenants: dict[str, TenantConfig] = Field(default_factory=dict)
     cache_salt_secret: str = "proxima"  # HMAC key of the per-tenant cache salts
+    # or the name of an environment variable that holds it: Ray Serve logs an application's
+    # arguments (the config) in its controller's log, and a secret in them would be written there
+    cache_salt_secret_env: str | None = None
+
+    @model_validator(mode="after")
+    def _salt_from_env(self) -> "AuthConfig":
+        name = self.cache_salt_secret_env
+        if name is not None:
+            if "cache_salt_secret" in self.model_fields_set:
+                raise ValueError("set cache_salt_secret or cache_salt_secret_env, not both")
+            if not os.environ.get(name):
+                raise ValueError(f"cache_salt_secret_env: the environment variable {name!r} is not set "
+                                 "(or is empty) in this process")
+        return self
+
+    def salt_secret(self) -> str:
+        """The HMAC key of the cache salts: from the environment if the config names a variable."""
+        return os.environ[self.cache_salt_secret_env] if self.cache_salt_secret_env else self.cache_salt_secret
 
     @field_validator("admin_key_sha256")
     @classmethod

@@ -198,6 +198,7 @@ class Gateway:
         self.hf = {m.name: HFTokenizer(m.tokenizer) for m in config.models if m.tokenizer}
         # one thread: a tokenizer is not safe to share across threads, and its caches are not locked
         self._tokenizing = ThreadPoolExecutor(1, "proxima-tokenize") if self.hf else None
+        self._salt_key = config.auth.salt_secret()  # the HMAC key of the tenants' cache salts
         self.parsers = {m.name: (m.tool_parser, m.reasoning_parser) for m in config.models}
 
     async def aclose(self, timeout_s: float = 10.0) -> None:
@@ -266,7 +267,7 @@ class Gateway:
 
     def _salt(self, principal: Principal) -> str | None:
         tenant = self.config.auth.tenants.get(principal.tenant)
-        return cache_salt(principal.tenant, self.config.auth.cache_salt_secret,
+        return cache_salt(principal.tenant, self._salt_key,
                           tenant.cache if tenant is not None else "private")
 
     async def prompt_tokens(self, parsed: Parsed, principal: Principal) -> list[int]:

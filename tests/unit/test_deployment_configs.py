@@ -20,6 +20,11 @@ from serving.engines.vllm_engine import VLLMEngine
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(autouse=True)
+def _salt_secret(monkeypatch):
+    monkeypatch.setenv("PROXIMA_CACHE_SALT", "test-secret")  # gpu.yaml reads its salt key from here
+
+
 def _args(name: str) -> dict:
     return yaml.safe_load((ROOT / "deployments" / name).read_text())["applications"][0]["args"]
 

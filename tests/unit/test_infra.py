@@ -92,12 +92,30 @@ def _rayservice():
     return doc, yaml.safe_load(doc["spec"]["serveConfigV2"])
 
 
+@pytest.fixture
+def salt_env(monkeypatch):
+    monkeypatch.setenv("PROXIMA_CACHE_SALT", "test-secret")  # the config reads its salt key from here
+
+
+def test_rayservice_gives_every_pod_the_cache_salt_key_from_a_secret():
+    """The config names the key's variable (Serve logs the config): every pod, the head that
+    builds the app and the engines' workers, has it from a Kubernetes Secret, never in clear."""
+    doc, serve_cfg = _rayservice()
+    name = serve_cfg["applications"][0]["args"]["auth"]["cache_salt_secret_env"]
+    spec = doc["spec"]["rayClusterConfig"]
+    pods = [spec["headGroupSpec"]] + spec["workerGroupSpecs"]
+    for pod in pods:
+        (c,) = pod["template"]["spec"]["containers"]
+        env = {e["name"]: e for e in c.get("env", ())}
+        assert "secretKeyRef" in env[name]["valueFrom"] and "value" not in env[name]
+
+
 def _group_resources(group: dict) -> dict:
     raw = group["rayStartParams"]["resources"]
     return json.loads(json.loads(raw))  # KubeRay's quoted JSON string
 
 
-def test_rayservice_serve_config_is_valid_and_names_an_importable_builder():
+def test_rayservice_serve_config_is_valid_and_names_an_importable_builder(salt_env):
     pytest.importorskip("ray")
     from ray.serve.schema import ServeDeploySchema
 
@@ -114,7 +132,7 @@ def test_rayservice_serve_config_is_valid_and_names_an_importable_builder():
     assert cfg.serve.region_resources and not cfg.serve.inject_rtt
 
 
-def test_rayservice_places_each_regions_engines_on_its_worker_group():
+def test_rayservice_places_each_regions_engines_on_its_worker_group(salt_env):
     pytest.importorskip("ray")
     from ray.serve._private.build_app import build_app as serve_build
 

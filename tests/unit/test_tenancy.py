@@ -25,3 +25,20 @@ def test_salt_depends_on_server_secret():
     assert cache_salt("acme", "one") != cache_salt("acme", "two")
     with pytest.raises(ValueError, match="cache scope"):
         cache_salt("acme", "one", "public")
+
+
+def test_the_salt_secret_can_come_from_the_environment(monkeypatch):
+    """Ray Serve writes an application's arguments (the config) to its controller's log: the
+    secret can stay out of them, named by its environment variable."""
+    from serving.config import ConfigError, load_config
+
+    base = {"home_region": "us", "models": [{"name": "m"}], "regions": {"us": {"replicas": 1}}}
+    monkeypatch.setenv("PROXIMA_SALT", "from-env")
+    cfg = load_config({**base, "auth": {"cache_salt_secret_env": "PROXIMA_SALT"}})
+    assert cfg.auth.salt_secret() == "from-env" and "from-env" not in cfg.model_dump_json()
+    assert load_config(base).auth.salt_secret() == "proxima"
+    with pytest.raises(ConfigError, match="not both"):
+        load_config({**base, "auth": {"cache_salt_secret_env": "PROXIMA_SALT", "cache_salt_secret": "x"}})
+    monkeypatch.delenv("PROXIMA_SALT")
+    with pytest.raises(ConfigError, match="'PROXIMA_SALT' is not set"):
+        load_config({**base, "auth": {"cache_salt_secret_env": "PROXIMA_SALT"}})
