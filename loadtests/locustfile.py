@@ -2,16 +2,19 @@
 
     locust -f loadtests/locustfile.py --headless -u 20 -r 5 -t 60s \
         --host http://127.0.0.1:8000 --csv loadtests/out/run
-    python loadtests/summary.py loadtests/out/run     # percentiles + SLO pass/fail
+    python -m serving.bench.loadtest loadtests/out/run   # percentiles + SLO pass/fail
 
 (`make loadtest` does both against `make run`'s gateway.) Pick classes by name
 on the command line (`... AgentLoopUser`) or by tag weight as usual.
 
 Every streamed call is one locust request named after its user class
-("agent", "chat", "voice") whose response time is the whole stream (first
-byte to [DONE]); the time to the first content token is fired as a separate
-request of type "TTFT" under the same name, so locust's CSV and its summary
-carry TTFT percentiles per class. A stream that ends with an in-band error
+("agent", "chat", "voice") whose response time is the whole stream (from
+sending the request to [DONE]); the time to the first content token is fired
+as a separate request of type "TTFT" under the same name, so locust's CSV and
+its summary carry TTFT percentiles per class. Locust counts those rows in its
+"Aggregated" line too, so that line shows each streamed call twice (requests,
+requests/s and failure ratio): read the per-class rows, or the summary of
+`python -m serving.bench.loadtest`, which leaves the TTFT rows out of totals. A stream that ends with an in-band error
 event, or without usage and [DONE], or counts tokens it never sent, is a failure.
 
 - AgentLoopUser: sessions of 3-8 steps against one growing context (system

@@ -20,6 +20,7 @@ import json
 import os
 import re
 import sys
+import urllib.error
 import urllib.request
 from typing import Any, Iterator
 
@@ -98,8 +99,17 @@ def main(argv: list[str]) -> int:
     if src.startswith(("http://", "https://")):
         key = os.environ.get("PROXIMA_ADMIN_KEY")  # observability.metrics_auth: admin
         req = urllib.request.Request(src, headers={"authorization": f"Bearer {key}"} if key else {})
-        with urllib.request.urlopen(req, timeout=10) as r:
-            text = r.read().decode()
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                text = r.read().decode()
+        except urllib.error.HTTPError as e:
+            hint = (" (observability.metrics_auth: admin: set PROXIMA_ADMIN_KEY to the admin key)"
+                    if e.code == 401 else "")
+            print(f"{src}: HTTP {e.code}{hint}", file=sys.stderr)
+            return 2
+        except (urllib.error.URLError, OSError) as e:
+            print(f"{src}: {getattr(e, 'reason', e)}", file=sys.stderr)
+            return 2
     else:
         text = open(src).read()
     res = check(dashboard, text)

@@ -188,3 +188,30 @@ def test_prometheus_scrapes_the_gateway_metrics_path_once_per_cluster():
     assert svc.startswith("proxima-serve-svc.")  # KubeRay's <rayservice>-serve-svc: one target
     ray_job = jobs["ray"]
     assert any(r.get("replacement") == "$1:8080" for r in ray_job["relabel_configs"])
+
+
+def test_dashboard_check_says_what_a_refused_scrape_needs(capsys):
+    """A gateway with metrics_auth: admin refuses the check without the admin key: a clear line
+    naming PROXIMA_ADMIN_KEY, not a traceback."""
+    import http.server
+    import threading
+
+    from serving.observability.dashboard import main
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(401)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        rc = main([str(ROOT / "infra/grafana/proxima-dashboard.json"),
+                   f"http://127.0.0.1:{srv.server_port}/metrics"])
+    finally:
+        srv.shutdown()
+    err = capsys.readouterr().err
+    assert rc == 2 and "HTTP 401" in err and "PROXIMA_ADMIN_KEY" in err and "Traceback" not in err
