@@ -39,9 +39,10 @@ _MASK = (1 << 64) - 1
 def _token(position: int) -> int:
     """The token a simulated answer has at `position` (its seed's start + i): scattered over the
     vocabulary, so answers from different starts differ all along, not only in where they begin."""
-    x = position & _MASK
-    x = ((x ^ (x >> 31)) * 0x9E3779B97F4A7C15) & _MASK
-    return (x >> 32) % VOCAB_SIZE
+    x = (position + 0x9E3779B97F4A7C15) & _MASK  # splitmix64: neighbours come out unrelated
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return ((x ^ (x >> 31)) >> 32) % VOCAB_SIZE
 
 
 def sim_logprobs(ids: tuple[int, ...], pieces: list[str], k: int | None) -> tuple[TokenLogprob, ...] | None:

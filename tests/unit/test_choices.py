@@ -89,7 +89,7 @@ async def test_n_choices_on_completions_echo_each_and_count_offsets_per_choice()
 async def test_the_choices_after_the_first_find_its_prompt_cached():
     c, _, _ = make()
     long = "a long shared system prompt " * 60
-    r = await c.post("/v1/chat/completions", json=chat(long, max_tokens=2, n=4), headers={"x-session-id": "s"})
+    r = await c.post("/v1/chat/completions", json=chat(long, max_tokens=4, n=4), headers={"x-session-id": "s"})
     assert r.status_code == 200 and len({ch["message"]["content"] for ch in r.json()["choices"]}) == 4
     steps = sorted((await c.get("/v1/sessions/s/steps")).json()["data"], key=lambda s: s["choice"])
     assert [s["choice"] for s in steps] == [0, 1, 2, 3]
