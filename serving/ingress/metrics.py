@@ -10,6 +10,7 @@
     proxima_budget_charged_tokens_total{tenant}
     proxima_delegation_total{tier, reason}
     proxima_retries_total{model, kind}   proxima_failovers_total{from_region, to_region}
+    proxima_client_disconnects_total{region, model, tenant}
 
 Each gateway owns its registry (not the process-global one) so several
 gateways in one process, and Ray's own metrics, never collide. `snapshot()`
@@ -80,6 +81,10 @@ class GatewayMetrics:
                                ["model", "kind"], registry=r)
         self.failovers = Counter("proxima_failovers", "Attempts moved to a replica in another region",
                                  ["from_region", "to_region"], registry=r)
+        self.disconnects = Counter("proxima_client_disconnects",
+                                   "Requests whose client left before the answer was whole (their engine "
+                                   "work was aborted); counted as served with their status, not as errors",
+                                   _SLICE, registry=r)
 
     def render(self) -> bytes:
         """This replica's own registry only (the gateway's /metrics serves the fleet merge)."""

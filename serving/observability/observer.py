@@ -131,9 +131,11 @@ class Observer:
             to_region = attempts[i + 1][1]
             if to_region != from_region:
                 m.failovers.labels(from_region, to_region).inc()
+        err = None if ok else _error_type(s.error)
+        if err == "client_disconnected" and job.choice == 0 and not _choice_failed(s):  # once a request
+            m.disconnects.labels(region, model, tenant).inc()
         if job.session_id is None and not self._spans and not self.access_log:
             return  # nobody reads a record: don't build one
-        err = None if ok else _error_type(s.error)
         record = step_record(job, s, e2e, charged, err)
         if job.session_id is not None:
             self.telemetry.record_step(tenant, job.session_id, record)
@@ -163,6 +165,15 @@ class Observer:
         if job.session_id is not None:
             self.telemetry.record_step(job.principal.tenant, job.session_id, record)
         self.tracer.end(job.trace, _span_attributes(record), err)
+        if self.access_log:
+            access.info("request refused", extra={"summary": record})
+
+
+def _choice_failed(s: "Stream") -> bool:
+    """Another of the request's choices failed (its siblings were closed for it, not by the client)."""
+    return s.group is not None and any(
+        x.error is not None and not isinstance(x.error, (GeneratorExit, asyncio.CancelledError))
+        for x in s.group.streams)
 
 
 def _error_type(e: BaseException | None) -> str:

@@ -545,6 +545,10 @@ async def test_a_stream_whose_client_left_before_its_first_byte_is_aborted_and_c
     async with client(gw) as c:
         day = day_budget((await c.get("/v1/budgets", headers=auth("acme"))).json())
     assert day["reserved"] == 0 and 0 < day["used"] < 100  # the prompt and what was made, not max_tokens
+    from prometheus_client.parser import text_string_to_metric_families
+    left = [s for f in text_string_to_metric_families(gw.metrics.render().decode()) for s in f.samples
+            if s.name == "proxima_client_disconnects_total"]
+    assert [(s.labels["tenant"], s.value) for s in left] == [("acme", 1.0)]  # once a request, whatever n
 
 
 async def test_an_alias_is_held_to_the_tokens_its_tier_counts_not_the_words(tiny_tokenizer):  # noqa: F811

@@ -221,12 +221,16 @@ async def test_access_log_line_per_request_carries_the_clients_request_id():
     log.setLevel(logging.INFO)
     try:
         r = await c.post(CHAT, json=chat(), headers={**ACME, "x-request-id": "client-7"})
+        # refused by its budget (globex has 30 tokens a day): a line too, with the error
+        refused = await c.post(CHAT, json=chat(max_tokens=100), headers={"authorization": "Bearer key-globex"})
     finally:
         log.removeHandler(h)
-    line = json.loads(out.getvalue().splitlines()[-1])
-    assert line["request_id"] == "client-7" == r.headers["x-request-id"]
-    assert line["summary"]["routing"]["replica"] == r.headers["x-proxima-replica"]
-    assert "key-acme" not in out.getvalue()
+    done, no = [json.loads(x) for x in out.getvalue().splitlines()[-2:]]
+    assert done["request_id"] == "client-7" == r.headers["x-request-id"] and done["msg"] == "request done"
+    assert done["summary"]["routing"]["replica"] == r.headers["x-proxima-replica"]
+    assert refused.status_code == 429 and no["msg"] == "request refused"
+    assert no["summary"]["error"] == "budget_exceeded" and no["summary"]["tenant"] == "globex"
+    assert "key-acme" not in out.getvalue() and "key-globex" not in out.getvalue()
 
 
 async def test_a_request_for_n_choices_is_one_span_with_all_its_tokens():
