@@ -19,7 +19,8 @@ from serving.types import ReplicaSnapshot
 
 # OpenAI's penalties and vLLM's extensions a request may set, passed to the engine as given
 SAMPLING = ("presence_penalty", "frequency_penalty", "repetition_penalty", "top_k", "min_p", "min_tokens",
-            "stop_token_ids")
+            "stop_token_ids", "include_stop_str_in_output", "skip_special_tokens", "spaces_between_special_tokens",
+            "allowed_token_ids", "bad_words")
 SAMPLING_ALL = SAMPLING + ("temperature", "top_p")  # every field of GenerateRequest.sampling_set()
 
 

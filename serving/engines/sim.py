@@ -76,10 +76,12 @@ class StopStrings:
     first appears, without it (finish_reason "stop"). While streaming, tokens whose text
     could begin a stop string (the last longest-stop - 1 characters) are held back, whole:
     a failover continuation then resumes from the first token not delivered and
-    generates the held text again, so nothing is lost and no part of a stop string is sent."""
+    generates the held text again, so nothing is lost and no part of a stop string is sent.
+    `include`: vLLM's include_stop_str_in_output, the answer ends after the stop string."""
 
-    def __init__(self, stops: tuple[str, ...]):
+    def __init__(self, stops: tuple[str, ...], include: bool = False):
         self.stops = tuple(s for s in stops if s)
+        self.include = include
         self.hold = max(map(len, self.stops), default=1) - 1
         self.text = ""  # generated, not yet released
         self.held: list[tuple[int, int]] = []  # its tokens: (id, end of the token's text in `text`)
@@ -91,9 +93,11 @@ class StopStrings:
             self.held.append((t, len(self.text)))
         # a stop string can only start in the unreleased text: one starting earlier would
         # have ended inside text already searched (the hold-back covers its length)
-        hits = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
-        if hits:  # the answer ends here, before the stop string
-            return tuple(t for t, _ in self.held), self._texts(len(self.held), min(hits)), True
+        hits = [(i, -len(s)) for s in self.stops if (i := self.text.find(s)) >= 0]
+        if hits:  # the answer ends here, before the stop string (or after it: `include`)
+            at, minus_len = min(hits)  # the first to start; of those, the longest
+            return (tuple(t for t, _ in self.held),
+                    self._texts(len(self.held), at - minus_len if self.include else at), True)
         limit = len(self.text) if last else len(self.text) - self.hold
         k = 0
         while k < len(self.held) and self.held[k][1] <= limit:
@@ -149,7 +153,8 @@ class SimEngine:
         # token i of the full answer is _token(start + i), start a hash of the seed: seeds that
         # differ by one (vLLM's choices of n: seed + i) give unrelated answers, not shifted ones
         seed = xxhash.xxh64_intdigest(seed.to_bytes(16, "little", signed=True)) + request.token_offset
-        stops = StopStrings(request.stop) if request.stop else None
+        stops = StopStrings(request.stop, bool(dict(request.sampling).get("include_stop_str_in_output"))) \
+            if request.stop else None
         prompt_lps = sim_prompt_logprobs(tokens, request.prompt, request.prompt_logprobs)  # on the first chunk
         done = False
         try:

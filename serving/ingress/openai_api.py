@@ -216,6 +216,12 @@ class _Common(_Body):
     response_format: ResponseFormat | None = None  # structured outputs on real engines
     structured_outputs: StructuredOutputs | None = None  # vLLM's extension (choice, regex, ...)
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None  # token id -> bias
+    # vLLM's sampling and detokenization extensions, passed on as set (None: not set)
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    allowed_token_ids: list[Annotated[int, Field(ge=0, lt=2**31)]] | None = Field(default=None, max_length=1_000_000)
+    bad_words: list[str] | None = Field(default=None, max_length=1024)
 
     @field_validator("logit_bias")
     @classmethod
@@ -304,10 +310,43 @@ def _load(body: bytes) -> Any:
     return raw
 
 
+# vLLM's request fields this gateway does not serve, with the value that means "not used":
+# set to anything else they are a 400, not dropped (unknown fields are ignored, as vLLM's are)
+_UNSERVED: dict[str, dict[str, Any]] = {
+    "prompt_logprobs": {"*": None, "hint": "completions give the prompt's logprobs with `echo` and `logprobs`"},
+    "return_token_ids": {"*": False}, "return_token_offsets": {"*": False},
+    "return_tokens_as_token_ids": {"*": False}, "logprob_token_ids": {"*": None},
+    "truncate_prompt_tokens": {"*": None}, "truncation_side": {"*": None},
+    "add_special_tokens": {"chat": False, "completion": True},
+    "use_beam_search": {"*": False}, "length_penalty": {"*": 1.0},
+    "cache_salt": {"*": None, "hint": "the gateway salts each tenant's prefix cache itself"},
+    "kv_transfer_params": {"*": None}, "ec_transfer_params": {"*": None},
+    "priority": {"*": 0}, "prompt_embeds": {"*": None}, "vllm_xargs": {"*": None},
+    "thinking_token_budget": {"*": None}, "repetition_detection": {"*": None}, "watermarking": {"*": None},
+    "chat_template": {"*": None, "hint": "the model's own template is configured (models[].tokenizer)"},
+    "documents": {"*": None}, "mm_processor_kwargs": {"*": None}, "echo": {"chat": False},
+    "return_prompt_text": {"*": False},
+}
+
+
+def _refuse_unserved(kind: str, raw: dict[str, Any]) -> None:
+    for key in _UNSERVED.keys() & raw.keys():
+        spec = _UNSERVED[key]
+        if kind not in spec and "*" not in spec:
+            continue
+        unset = spec.get(kind, spec.get("*"))
+        if raw[key] is None or raw[key] == unset:
+            continue
+        hint = f" ({spec['hint']})" if "hint" in spec else ""
+        raise InvalidRequest(f"`{key}` (vLLM's option) is not supported by this gateway{hint}.", param=key)
+
+
 def _validate(cls: type[_Body], body: bytes | dict[str, Any]) -> Any:
     raw = body if isinstance(body, dict) else _load(body)
     if not isinstance(raw, dict):
         raise InvalidRequest("The request body must be a JSON object.")
+    if cls in (ChatRequest, CompletionRequest):
+        _refuse_unserved("chat" if cls is ChatRequest else "completion", raw)
     try:
         return cls.model_validate(raw)
     except ValidationError as e:

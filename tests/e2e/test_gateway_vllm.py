@@ -327,3 +327,28 @@ async def test_echo_with_logprobs_is_what_vllms_own_server_gives(gateway, vllm_s
     assert [sorted(t) for t in lp["top_logprobs"][1:]] == [sorted(t) for t in want["top_logprobs"][1:]]
     n_prompt = len(lp["tokens"]) - 3
     assert n_prompt >= 4 and all(v <= 0 for v in lp["token_logprobs"][1:])
+
+
+async def test_vllms_sampling_extensions_give_vllms_own_answers(gateway, vllm_servers):
+    """include_stop_str_in_output, allowed_token_ids, bad_words and skip_special_tokens reach vLLM
+    (found by a review: they were dropped, a 200 with another answer than vLLM's own)."""
+    client, _ = gateway
+    base = {"model": "tiny", "prompt": "zo ba route this", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    ids = (await client.post("/tokenize", json={"model": "tiny", "prompt": "faba gamou"})).json()["tokens"]
+
+    async def both(extra):
+        ours = await client.post("/v1/completions", json={**base, **extra})
+        async with httpx.AsyncClient(timeout=60) as direct:
+            theirs = await direct.post(vllm_servers.urls[0] + "/v1/completions", json={**base, **extra})
+        assert ours.status_code == theirs.status_code == 200, (extra, ours.text, theirs.text)
+        got, want = ours.json()["choices"][0], theirs.json()["choices"][0]
+        assert (got["text"], got["finish_reason"]) == (want["text"], want["finish_reason"]), extra
+        return got["text"]
+
+    plain = await both({})
+    stop = plain[2:4]
+    assert (await both({"stop": [stop], "include_stop_str_in_output": True})).endswith(stop)
+    assert set(await both({"allowed_token_ids": ids[-2:]})) <= set("fabagmou ")
+    word = plain.split()[0] if plain.split() else plain[:3]
+    await both({"bad_words": [word]})
+    await both({"skip_special_tokens": False, "spaces_between_special_tokens": False})

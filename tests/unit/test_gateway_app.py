@@ -106,6 +106,9 @@ async def test_a_stop_string_ends_the_answer_before_it(stream):
         text, reason = r.json()["choices"][0]["message"]["content"], r.json()["choices"][0]["finish_reason"]
     assert (text, reason) == (full[:full.index(stop)], "stop")
     assert router.router.inflight == 0
+    # vLLM's include_stop_str_in_output: the answer ends after it
+    r = await c.post("/v1/chat/completions", json={**body, "stop": stop, "include_stop_str_in_output": True})
+    assert r.json()["choices"][0]["message"]["content"] == full[:full.index(stop) + len(stop)]
 
 
 @pytest.mark.parametrize("body,want", [

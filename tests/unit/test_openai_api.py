@@ -115,6 +115,36 @@ def test_bad_chat_input_is_400_naming_the_field(raw, param, fragment):
     assert e.value.body()["error"]["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize("key,value,kind", [
+    ("prompt_logprobs", 1, "completion"), ("return_token_ids", True, "chat"), ("truncate_prompt_tokens", 8, "chat"),
+    ("use_beam_search", True, "completion"), ("cache_salt", "mine", "chat"), ("echo", True, "chat"),
+    ("add_special_tokens", True, "chat"), ("add_special_tokens", False, "completion"),
+    ("chat_template", "{{ x }}", "chat"), ("kv_transfer_params", {"do_remote_prefill": True}, "completion"),
+])
+def test_vllm_options_the_gateway_does_not_serve_are_refused_not_dropped(key, value, kind):
+    """Found by a review: vLLM's options were ignored (a 200 with wrong or missing data)."""
+    raw = body(**{key: value}) if kind == "chat" else {"model": "m", "prompt": "a", key: value}
+    with pytest.raises(InvalidRequest) as e:
+        (parse_chat if kind == "chat" else parse_completion)(raw)
+    assert (e.value.status, e.value.param) == (400, key) and "not supported" in e.value.message
+    # set to what means "not used", they pass, as a client library's defaults do
+    unset = {"prompt_logprobs": None, "return_token_ids": False, "truncate_prompt_tokens": None,
+             "use_beam_search": False, "cache_salt": None, "echo": False, "chat_template": None,
+             "kv_transfer_params": None}.get(key, kind == "completion")
+    (parse_chat if kind == "chat" else parse_completion)(
+        body(**{key: unset}) if kind == "chat" else {"model": "m", "prompt": "a", key: unset})
+
+
+def test_vllm_sampling_extensions_reach_the_engine_as_set():
+    p = parse_chat(body(include_stop_str_in_output=True, skip_special_tokens=False, allowed_token_ids=[3, 4],
+                        bad_words=["no"], spaces_between_special_tokens=False))
+    assert dict(p.sampling) == {"include_stop_str_in_output": True, "skip_special_tokens": False,
+                                "allowed_token_ids": [3, 4], "bad_words": ["no"],
+                                "spaces_between_special_tokens": False}
+    assert parse_chat(body()).sampling == ()  # nothing set: the engine's defaults
+    assert parse_completion({"model": "m", "prompt": "a", "echo": True}).echo  # completions' own echo
+
+
 BAD_COMPLETION = [
     ("prompt-empty", {"prompt": ""}, "prompt"),
     ("prompt-object", {"prompt": {"a": 1}}, "prompt"),
