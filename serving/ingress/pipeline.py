@@ -324,12 +324,17 @@ class Gateway:
         return job
 
     def fit(self, job: Job, limit: int | None = None) -> Job:
-        """The context limit of `job.model` (tokenized; or `limit`): a `max_tokens` the client
-        left out (the model's default) is cut to the context the prompt leaves, as vLLM's server
-        fills it; one the client set must fit with the prompt (400)."""
+        """The context limit of `job.model` (tokenized; or `limit`), as vLLM's server (0.32)
+        applies it: a prompt that leaves no room for one token is a 400; `max_tokens`, the
+        client's or the model's default, is cut to the room the prompt leaves (the answer ends
+        there with finish_reason "length"); a client's `max_tokens` over the whole context is a
+        400 naming it."""
         limit = self.context_limit(job.model) if limit is None else limit
         room = limit - job.prompt_tokens
-        if job.parsed.max_tokens is None and job.max_tokens > room > 0:
+        if job.parsed.max_tokens is not None and job.parsed.max_tokens > limit:
+            raise ContextLengthExceeded(f"`max_tokens` ({job.parsed.max_tokens}) is more than the model's "
+                                        f"maximum context length ({limit} tokens).", param="max_tokens")
+        if job.max_tokens > room > 0:
             return replace(job, max_tokens=room)
         if job.max_tokens > room:
             asked = "" if job.parsed.max_tokens is not None else " (the model's default, as none was given)"

@@ -190,7 +190,7 @@ BAD = [
     ("prompt-over-context", json.dumps(chat("word " * 9000)), 400, "messages", "context_length_exceeded"),
     ("max-tokens-zero", json.dumps(chat("hi", max_tokens=0)), 400, "max_tokens", None),
     ("max-tokens-negative", json.dumps(chat("hi", max_tokens=-3)), 400, "max_tokens", None),
-    ("prompt-plus-max-tokens-over-context", json.dumps(chat("hi", max_tokens=9000)), 400, "messages",
+    ("max-tokens-over-context", json.dumps(chat("hi", max_tokens=9000)), 400, "max_tokens",
      "context_length_exceeded"),
     ("unknown-client-region", None, 400, "x-client-region", None),
 ]

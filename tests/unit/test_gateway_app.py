@@ -155,12 +155,18 @@ async def test_a_dead_replica_before_the_first_token_is_retried_elsewhere():
 
 async def test_context_length_checked_against_the_model():
     c, _, _ = make()
-    r = await c.post("/v1/completions", json={"model": "m", "prompt": "x " * 4093, "max_tokens": 4})
+    r = await c.post("/v1/completions", json={"model": "m", "prompt": "x " * 4096, "max_tokens": 4})
     assert r.status_code == 400
     assert r.json()["error"]["code"] == "context_length_exceeded"
     assert r.json()["error"]["param"] == "prompt"
     ok = await c.post("/v1/completions", json={"model": "m", "prompt": "x " * 4092, "max_tokens": 4})
     assert ok.status_code == 200 and ok.json()["object"] == "text_completion"
+    # a max_tokens the prompt leaves no room for is cut to the room, as vLLM's server (0.32) does
+    cut = await c.post("/v1/completions", json={"model": "m", "prompt": "x " * 4093, "max_tokens": 200})
+    assert cut.status_code == 200 and cut.json()["usage"]["completion_tokens"] == 3
+    assert cut.json()["choices"][0]["finish_reason"] == "length"
+    over = await c.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 5000})
+    assert over.status_code == 400 and over.json()["error"]["param"] == "max_tokens"  # more than the whole context
     # max_tokens left out: the model's default (4), cut to the context the prompt leaves, as vLLM fills it
     near = await c.post("/v1/chat/completions", json=chat("x " * 4091))
     prompt = near.json()["usage"]["prompt_tokens"]
