@@ -106,6 +106,9 @@ class Chunk:
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per token_ids entry, if the request asked
     # one per prompt token, on the answer's first chunk, if the request asked (prompt_logprobs)
     prompt_logprobs: tuple[PromptLogprob, ...] | None = None
+    # vLLM's stop_reason, on the last chunk: the stop string or stop token id that ended the answer
+    # (None: the model's end of sequence, or max_tokens)
+    stop_reason: str | int | None = None
 
 
 @runtime_checkable

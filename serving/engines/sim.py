@@ -82,6 +82,7 @@ class StopStrings:
     def __init__(self, stops: tuple[str, ...], include: bool = False):
         self.stops = tuple(s for s in stops if s)
         self.include = include
+        self.hit: str | None = None  # the stop string that ended the answer (vLLM's stop_reason)
         self.hold = max(map(len, self.stops), default=1) - 1
         self.text = ""  # generated, not yet released
         self.held: list[tuple[int, int]] = []  # its tokens: (id, end of the token's text in `text`)
@@ -96,6 +97,7 @@ class StopStrings:
         hits = [(i, -len(s)) for s in self.stops if (i := self.text.find(s)) >= 0]
         if hits:  # the answer ends here, before the stop string (or after it: `include`)
             at, minus_len = min(hits)  # the first to start; of those, the longest
+            self.hit = self.text[at:at - minus_len]
             return (tuple(t for t, _ in self.held),
                     self._texts(len(self.held), at - minus_len if self.include else at), True)
         limit = len(self.text) if last else len(self.text) - self.hold
@@ -179,7 +181,8 @@ class SimEngine:
                         reason, complete = "stop", True
                 done = finished and not complete
                 yield Chunk(request.request_id, ids, "".join(pieces), reason, seq.prompt_len, seq.cached, out,
-                            sim_logprobs(ids, pieces, request.logprobs), prompt_lps)
+                            sim_logprobs(ids, pieces, request.logprobs), prompt_lps,
+                            stops.hit if stops is not None else None)
                 prompt_lps = None
                 if finished or complete:  # after a stop the rest is not generated: `finally` aborts it
                     return

@@ -143,7 +143,7 @@ class VLLMEngine:
                             (c.finish_reason or "length") if finished else None,
                             len(out.prompt_token_ids or ()), int(out.num_cached_tokens or 0), total,
                             None if request.logprobs is None else _logprobs(c.token_ids, c.logprobs),
-                            prompt_lps)
+                            prompt_lps, c.stop_reason if finished else None)
                 if finished:
                     return
         except (EngineError, InvalidRequest):

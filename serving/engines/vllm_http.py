@@ -140,7 +140,8 @@ class VLLMHttpEngine:
                     echoed = False
                 chunk = Chunk(rid, toks, ch.get("text") or "", ch.get("finish_reason"),
                               usage.get("prompt_tokens", prompt_tokens), 0, out,
-                              None if request.logprobs is None else _logprobs(lp), prompt_lps)
+                              None if request.logprobs is None else _logprobs(lp), prompt_lps,
+                              ch.get("stop_reason"))
                 if chunk.finish_reason:
                     last = chunk
                 else:

@@ -150,7 +150,8 @@ def build_app(gw: Gateway) -> Starlette:
                 return _error(e, echo)
             answers = await _answers(choices, shown)
             request.state.labels = _labels(choices)
-        body = resp.response([resp.choice(i, part.content, s.answer_finish_reason, part.tool_calls, part.reasoning, lps)
+        body = resp.response([resp.choice(i, part.content, s.answer_finish_reason, part.tool_calls, part.reasoning, lps,
+                                          s.stop_reason)
                               for i, (s, (part, lps)) in enumerate(zip(choices.streams, answers))], _usage(choices))
         return _json(body, headers={**choices.headers(), **echo})
 
@@ -382,7 +383,8 @@ async def _choice_events(stream: Stream, resp: Responder, shown: str = "") -> As
                 lps = c.prompt_logprobs + lps
             if reader is None:
                 text, shown = shown + c.text, ""
-                yield sse.event(resp.chunk(text, c.finish_reason, first, logprobs=lps, index=index))
+                yield sse.event(resp.chunk(text, c.finish_reason, first, logprobs=lps, index=index,
+                                           stop_reason=c.stop_reason))
             else:  # reasoning and tool calls are read out of the text as it comes
                 part = reader.take(c.text, c.finish_reason)
                 reason = reader.finish_reason(c.finish_reason)
@@ -393,7 +395,7 @@ async def _choice_events(stream: Stream, resp: Responder, shown: str = "") -> As
                 held = ()
                 calls = whole_calls(part.tool_calls) if len(part.tool_calls) > 1 else part.tool_calls
                 yield sse.event(resp.chunk(part.content, reason, first, calls, part.reasoning, lps,  # one entry a call
-                                           index=index))
+                                           index=index, stop_reason=c.stop_reason if reason else None))
             first = False
 
 

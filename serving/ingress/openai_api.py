@@ -608,7 +608,8 @@ class Responder:
 
     def chunk(self, text: str, finish_reason: str | None, first: bool = False,
               tool_calls: list[dict[str, Any]] | None = None, reasoning: str = "",
-              logprobs: Sequence[TokenLogprob] | None = None, index: int = 0) -> dict[str, Any]:
+              logprobs: Sequence[TokenLogprob] | None = None, index: int = 0,
+              stop_reason: str | int | None = None) -> dict[str, Any]:
         """One streamed event of choice `index` (`first`: that choice's first)."""
         if self.kind == "chat":
             delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
@@ -620,11 +621,11 @@ class Responder:
                 delta["content"] = None
             d = self._head("chat.completion.chunk")
             d["choices"] = [{"index": index, "delta": delta, "logprobs": self.logprobs(logprobs, index),
-                             "finish_reason": finish_reason}]
+                             "finish_reason": finish_reason, "stop_reason": stop_reason}]
         else:
             d = self._head("text_completion")
             d["choices"] = [{"index": index, "text": text, "logprobs": self.logprobs(logprobs, index),
-                             "finish_reason": finish_reason}]
+                             "finish_reason": finish_reason, "stop_reason": stop_reason}]
         if self.include_usage:
             d["usage"] = self.live_usage() if self.live_usage is not None else None
         return d
@@ -637,11 +638,13 @@ class Responder:
 
     def choice(self, index: int, text: str, finish_reason: str | None,
                tool_calls: list[dict[str, Any]] | None = None, reasoning: str = "",
-               logprobs: Sequence[TokenLogprob] | None = None) -> dict[str, Any]:
-        """One whole choice of a non-streamed response."""
+               logprobs: Sequence[TokenLogprob] | None = None,
+               stop_reason: str | int | None = None) -> dict[str, Any]:
+        """One whole choice of a non-streamed response (`stop_reason`: vLLM's, the stop string or
+        stop token id that ended it)."""
         if self.kind != "chat":
             return {"index": index, "text": text, "logprobs": self.logprobs(logprobs, index),
-                    "finish_reason": finish_reason}
+                    "finish_reason": finish_reason, "stop_reason": stop_reason}
         msg: dict[str, Any] = {"role": "assistant", "content": text}
         if reasoning:
             msg["reasoning"] = reasoning
@@ -650,7 +653,7 @@ class Responder:
             msg["content"] = text or None
             msg["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in tool_calls]
         return {"index": index, "message": msg, "logprobs": self.logprobs(logprobs, index),
-                "finish_reason": finish_reason}
+                "finish_reason": finish_reason, "stop_reason": stop_reason}
 
     def response(self, choices: list[dict[str, Any]], u: dict[str, Any]) -> dict[str, Any]:
         """The non-streamed response: its `choices` (from `choice`), and the usage."""

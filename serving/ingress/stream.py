@@ -50,6 +50,7 @@ class Stream:
         self.cached_tokens = 0
         self.completion_tokens = 0
         self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None  # vLLM's: the stop string or token id that ended it
         self.ttft_s: float | None = None
         self.routed_ttft_s: float | None = None  # from the answering replica's routing decision
         self.engine_ttft_s: float | None = None  # from opening the engine stream
@@ -174,6 +175,7 @@ class Stream:
         self.completion_tokens = max(self.completion_tokens, c.completion_tokens)
         if c.finish_reason is not None:
             self.finish_reason = c.finish_reason
+            self.stop_reason = c.stop_reason
 
     @property
     def answer_finish_reason(self) -> str | None:

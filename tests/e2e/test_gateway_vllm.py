@@ -342,7 +342,8 @@ async def test_vllms_sampling_extensions_give_vllms_own_answers(gateway, vllm_se
             theirs = await direct.post(vllm_servers.urls[0] + "/v1/completions", json={**base, **extra})
         assert ours.status_code == theirs.status_code == 200, (extra, ours.text, theirs.text)
         got, want = ours.json()["choices"][0], theirs.json()["choices"][0]
-        assert (got["text"], got["finish_reason"]) == (want["text"], want["finish_reason"]), extra
+        assert (got["text"], got["finish_reason"], got["stop_reason"]) == \
+            (want["text"], want["finish_reason"], want["stop_reason"]), extra
         return got["text"]
 
     plain = await both({})

@@ -109,6 +109,13 @@ async def test_a_stop_string_ends_the_answer_before_it(stream):
     # vLLM's include_stop_str_in_output: the answer ends after it
     r = await c.post("/v1/chat/completions", json={**body, "stop": stop, "include_stop_str_in_output": True})
     assert r.json()["choices"][0]["message"]["content"] == full[:full.index(stop) + len(stop)]
+    # vLLM's stop_reason: the stop string that ended it (None when max_tokens did)
+    if stream:
+        assert [e["choices"][0]["stop_reason"] for e in ev] == [None] * (len(ev) - 1) + [stop]
+    else:
+        assert r.json()["choices"][0]["stop_reason"] == stop
+    r = await c.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 2})
+    assert r.json()["choices"][0]["stop_reason"] is None
 
 
 @pytest.mark.parametrize("body,want", [

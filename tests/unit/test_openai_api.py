@@ -247,7 +247,7 @@ def test_response_objects():
     assert r.chunk("hi", None, first=True) == {
         "id": "chatcmpl-abc", "object": "chat.completion.chunk", "created": 1700000000, "model": "m",
         "choices": [{"index": 0, "delta": {"role": "assistant", "content": "hi"}, "logprobs": None,
-                     "finish_reason": None}], "usage": None}
+                     "finish_reason": None, "stop_reason": None}], "usage": None}
     assert r.chunk("x", "length")["choices"][0]["delta"] == {"content": "x"}
     u = usage(10, 3, 8)
     assert u == {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13,
@@ -255,7 +255,8 @@ def test_response_objects():
     assert r.usage_chunk(u)["choices"] == [] and r.usage_chunk(u)["usage"] == u
     full = Responder("completion", "q", "m", created=1).full("t", "stop", u)
     assert full == {"id": "cmpl-q", "object": "text_completion", "created": 1, "model": "m",
-                    "choices": [{"index": 0, "text": "t", "logprobs": None, "finish_reason": "stop"}],
+                    "choices": [{"index": 0, "text": "t", "logprobs": None, "finish_reason": "stop",
+                                 "stop_reason": None}],
                     "usage": u}
 
 
