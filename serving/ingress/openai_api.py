@@ -510,6 +510,8 @@ def parse_completion(body: bytes | dict[str, Any]) -> Parsed:
         raise InvalidRequest("`suffix` is not supported.", param="suffix")
     ids: tuple[int, ...] | None = None
     p = r.prompt
+    if isinstance(p, list) and (p == [] or p == [[]] or p == [""]):
+        raise InvalidRequest("The prompt must not be empty.", param="prompt")
     if isinstance(p, list) and p and all(isinstance(x, int) for x in p):
         ids, prompt = tuple(p), ""
     elif isinstance(p, list):

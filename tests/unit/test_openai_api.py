@@ -147,6 +147,7 @@ def test_vllm_sampling_extensions_reach_the_engine_as_set():
 
 BAD_COMPLETION = [
     ("prompt-empty", {"prompt": ""}, "prompt"),
+    ("prompt-empty-list", {"prompt": []}, "prompt"),
     ("prompt-object", {"prompt": {"a": 1}}, "prompt"),
     ("two-prompts", {"prompt": ["a", "b"]}, "prompt"),
     ("suffix", {"prompt": "def f(", "suffix": "return x"}, "suffix"),
