@@ -79,18 +79,32 @@ class Stream:
         delay = gw.rtt_s(self.job.client_region, decision.region) / 2
         if delay:
             await asyncio.sleep(delay)  # request leg
+        # A request's choices reach their engines one at a time, each until its first chunk
+        # (Choices.open, and again when failover re-opens several at once): see Choices.open
+        lock = self.group.dispatching if self.group is not None else None
+        if lock is not None:
+            await lock.acquire()
         t = time.perf_counter()
         first = True
-        async with aclosing(gw.engines.open(decision, gen)) as it:
-            async for chunk in it:
-                if first:
-                    first = False
-                    self.engine_ttft_s = time.perf_counter() - t
-                    engine_ms = self.engine_ttft_s * 1000.0
-                    if delay:
-                        await asyncio.sleep(delay)  # response leg
-                    gw.router.first_token(decision.request_id, engine_ms)
-                yield chunk
+        try:
+            async with aclosing(gw.engines.open(decision, gen)) as it:
+                async for chunk in it:
+                    if first:
+                        first = False
+                        if lock is not None:
+                            lock.release()
+                            lock = None
+                        self.engine_ttft_s = time.perf_counter() - t
+                        engine_ms = self.engine_ttft_s * 1000.0
+                        if delay:
+                            await asyncio.sleep(delay)  # response leg
+                        gw.router.first_token(decision.request_id, engine_ms)
+                        if self.first is not None:  # a failover's: this replica answers now
+                            self.decision = decision
+                    yield chunk
+        finally:
+            if lock is not None:
+                lock.release()
 
     def _done(self, decision: Decision, ok: bool, err: BaseException | None) -> None:
         self.gw.router.finished(decision.request_id, ok)
@@ -204,6 +218,7 @@ class Choices:
             self.streams = [Stream(gw, replace(job, request_id=f"{job.request_id}-{i}", choice=i), ticket, self)
                             for i in range(n)]
         self._settled: list[Stream] = []
+        self.dispatching = asyncio.Lock()  # held by a choice from its engine call to its first chunk
 
     async def open(self) -> None:
         """Every choice up to its first chunk, in order. If one cannot be opened, the others are
@@ -220,7 +235,9 @@ class Choices:
         # One after another: Serve (2.60) gives every handle call made while serving one HTTP
         # request that request's internal id, and its request router indexes pending calls by
         # it; two calls pending together collide, and one is never assigned a replica (n of
-        # 3-4 hung under `make run` until the stall timeout; in-process they never did)
+        # 3-4 hung under `make run` until the stall timeout; in-process they never did). The
+        # same holds when a replica dies under several choices and failover re-opens them:
+        # `dispatching` lets one engine call be pending at a time.
         try:
             for s in rest:
                 await s.open()

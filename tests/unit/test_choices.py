@@ -176,3 +176,68 @@ async def test_n_null_is_one_choice():
     c, _, _ = make()
     r = await c.post("/v1/chat/completions", json=chat(max_tokens=2, n=None))
     assert r.status_code == 200 and len(r.json()["choices"]) == 1
+
+
+class CountingPending(LocalEngines):
+    """Engines that count the engine calls pending together (made, no first chunk yet): under
+    Serve 2.60 two pending at once for one HTTP request collide and one is never assigned."""
+
+    def __init__(self, engines):
+        super().__init__(engines)
+        self.pending = self.most = 0
+        self.opened: list[str] = []
+
+    async def open(self, decision, gen):
+        self.pending += 1
+        self.most = max(self.most, self.pending)
+        self.opened.append(decision.replica_id)
+        first = True
+        try:
+            await asyncio.sleep(0.02)  # Serve assigning a replica: the call is pending meanwhile
+            async for c in super().open(decision, gen):
+                if first:
+                    first = False
+                    self.pending -= 1
+                yield c
+        finally:
+            if first:
+                self.pending -= 1
+
+
+async def test_choices_failing_over_together_reach_their_engines_one_at_a_time():
+    """Found by a failure drill: a replica killed under a streamed n=2 request froze it for 30 s
+    under Serve, as both choices' failover re-opened their engine calls at once."""
+    c, engines, router = make()
+    counting = c.gateway.engines = CountingPending(engines)
+    for e in engines.values():
+        e.time_scale = 0.2
+    task = asyncio.ensure_future(c.post("/v1/chat/completions", json=chat(max_tokens=60, n=3, seed=2, stream=True)))
+    while len(counting.opened) < 3 or not any(e.core.running for e in engines.values()):
+        await asyncio.sleep(0.001)
+    await asyncio.sleep(0.05)
+    victim = max(engines.values(), key=lambda e: len(e.core.running))
+    under = len(victim.core.running)
+    assert under >= 2
+    victim.kill()
+    r = await task
+    assert r.status_code == 200
+    texts = {i: "".join(ch["delta"].get("content") or "" for ch in chs) for i, chs in by_choice(events(r.text)).items()}
+    assert sorted(texts) == [0, 1, 2] and all(len(t.split()) == 60 for t in texts.values())
+    assert len(counting.opened) == 3 + under and counting.most == 1  # re-opened, never two pending at once
+
+
+async def test_a_whole_answer_names_the_replica_that_finished_it():
+    """Found by a failure drill: after a failover mid-answer, a non-streamed response's
+    x-proxima-replica named the dead replica."""
+    c, engines, _ = make()
+    for e in engines.values():
+        e.time_scale = 0.2
+    task = asyncio.ensure_future(c.post("/v1/chat/completions", json=chat(max_tokens=60, seed=2)))
+    while not any(e.core.running for e in engines.values()):
+        await asyncio.sleep(0.001)
+    await asyncio.sleep(0.05)
+    victim = next(rid for rid, e in engines.items() if e.core.running)
+    engines[victim].kill()
+    r = await task
+    assert r.status_code == 200 and len(r.json()["choices"][0]["message"]["content"].split()) == 60
+    assert r.headers["x-proxima-replica"] != victim and r.headers["x-proxima-replica"] in engines
