@@ -59,6 +59,7 @@ from serving.routing.router import Router
 from serving.types import Decision, Health, ReplicaSnapshot, RouteRequest
 
 NAMESPACE = "proxima"
+LEASE_S = 90.0  # a booking no ingress has said is live for this long is released (RouterActor)
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
@@ -87,6 +88,13 @@ class RouterActor:
         self.idle_exit_s = cfg.router.idle_exit_s
         self._last_report = time.monotonic()
         self._watchdog: asyncio.Task | None = None
+        # Bookings are leased: an ingress says which of its requests are still live every
+        # LEASE_S / 3 ("alive" events); one not heard of for LEASE_S is released. A request
+        # whose ingress crashed (or whose routing call it gave up waiting for) would otherwise
+        # stay booked on its replica for good, skewing every later decision.
+        self.leased: dict[str, float] = {}
+        self.leases_expired = 0
+        self._lease_swept = time.monotonic()
 
     async def channel(self) -> tuple[str, int, bytes]:
         """Where the direct channel listens and its token (serving.ray.channel); started on first ask.
@@ -122,7 +130,9 @@ class RouterActor:
             if self.window is not None and not req.exclude:  # a retry is not new demand
                 self.window.arrival(time.monotonic(), req.client_region, req.model, req.prompt_tokens,
                                     req.max_tokens)
-            return self.router.route(req)
+            d = self.router.route(req)
+            self.leased[d.request_id] = time.monotonic()
+            return d
         except ProximaError as e:  # errors travel as values: the caller raises our type
             return self._rebuilding(e)
         finally:
@@ -152,16 +162,24 @@ class RouterActor:
         self.router.on_first_token(request_id, engine_ttft_ms)
 
     def events(self, batch: list[tuple[str, str, Any]]) -> None:
-        """Lifecycle hooks sent together: ("first", id, engine_ttft_ms) | ("done", id, ok)."""
+        """Lifecycle hooks sent together: ("first", id, engine_ttft_ms) | ("done", id, ok) |
+        ("alive", "", [ids]): an ingress's requests still running (their bookings' lease)."""
         r = self.router
+        now = time.monotonic()
         for kind, request_id, arg in batch:
             if kind == "first":
                 r.on_first_token(request_id, arg)
+            elif kind == "alive":
+                for rid in arg:
+                    if rid in self.leased:
+                        self.leased[rid] = now
             else:
                 r.on_finished(request_id, arg)
+                self.leased.pop(request_id, None)
 
     def finished(self, request_id: str, ok: bool = True) -> None:
         self.router.on_finished(request_id, ok)
+        self.leased.pop(request_id, None)
 
     def predict(self, req: RouteRequest) -> float | ProximaError:
         """Dry run for delegation: the best replica's predicted TTFT, nothing booked."""
@@ -219,6 +237,7 @@ class RouterActor:
         self._sweep()
         out = router_stats(self.router, {r: {"counters": c} for r, c in self.counters.items()})
         out["router_uptime_s"] = round(time.monotonic() - self.started, 3)
+        out["leases_expired"] = self.leases_expired  # bookings released for want of an ingress
         us = sorted(self.route_us)
         if us:
             out["route_us_p50"] = round(us[len(us) // 2], 1)
@@ -232,7 +251,8 @@ class RouterActor:
         """What the router holds, for the soak: its structures' sizes and the
         interpreter's live allocations (they level off when nothing leaks)."""
         return {"allocated_blocks": sys.getallocatedblocks(), "index_entries": len(self.router.index),
-                "index_bookings": self.router.index.booked, "inflight": self.router.inflight}
+                "index_bookings": self.router.index.booked, "inflight": self.router.inflight,
+                "leased": len(self.leased)}
 
     def _watch(self) -> None:
         """Start the idle watchdog (from an async method: on the actor's loop)."""
@@ -265,6 +285,12 @@ class RouterActor:
         for rid, t in list(self.seen.items()):
             if now - t > self.stale_after_s:
                 self.remove(rid)
+        if now - self._lease_swept >= 1.0:
+            self._lease_swept = now
+            for request_id in [q for q, t in self.leased.items() if now - t > LEASE_S]:
+                del self.leased[request_id]
+                self.router.on_finished(request_id, False)
+                self.leases_expired += 1
 
 
 def config_digest(config: dict[str, Any]) -> str:
@@ -310,8 +336,12 @@ class RayRouter:
 
     def __init__(self, handle, flush_s: float = 0.005, reconnect: Callable[[], Any] | None = None,
                  retry_s: float = 20.0, channel: bool = True, channel_retry_s: float = 1.0,
-                 channel_timeout_s: float = 5.0):
+                 channel_timeout_s: float = 5.0, lease_every_s: float = LEASE_S / 3):
         self.handle = handle
+        # this ingress's requests routed and not finished: said to be alive every lease_every_s
+        self.live: set[str] = set()
+        self.lease_every_s = lease_every_s
+        self._leaser: asyncio.Task | None = None
         self.flush_s = flush_s
         self.reconnect, self.retry_s = reconnect, retry_s
         self.retries = 0  # calls repeated because the router was down or rebuilding
@@ -392,10 +422,16 @@ class RayRouter:
                 self.channel_lost += 1
         while True:
             try:
-                res = await getattr(self.handle, method).remote(*args)
+                # bounded: a router that does not answer (stalled, or its node gone silent) must
+                # not hold the request past the deadline (a decision it makes later is released
+                # with its lease, as no ingress says it is live)
+                async with asyncio.timeout(max(0.05, deadline - loop.time())):
+                    res = await getattr(self.handle, method).remote(*args)
                 if not isinstance(res, RouterUnavailable):
                     return res
                 why = res.message
+            except TimeoutError:
+                why = f"no answer in {self.retry_s if retry_s is None else retry_s:.0f} s"
             except RayActorError as e:
                 why = f"{type(e).__name__}"
                 try:  # gone for good: the named actor is found again, or created afresh
@@ -414,12 +450,24 @@ class RayRouter:
         self.route_rtt_us.append((time.perf_counter() - t) * 1e6)
         if isinstance(res, ProximaError):
             raise res
+        self.live.add(req.request_id)
+        if self._leaser is None or self._leaser.done():
+            self._leaser = asyncio.get_running_loop().create_task(self._renew_leases())
         return res
+
+    async def _renew_leases(self) -> None:
+        """Every lease_every_s, tell the router which of its bookings are still live here (their
+        lease); stops when none is (and starts again with the next route)."""
+        while self.live:
+            await asyncio.sleep(self.lease_every_s)
+            if self.live:
+                self._post(("alive", "", sorted(self.live)))
 
     def first_token(self, request_id: str, engine_ttft_ms: float | None) -> None:
         self._post(("first", request_id, engine_ttft_ms))
 
     def finished(self, request_id: str, ok: bool) -> None:
+        self.live.discard(request_id)
         self._post(("done", request_id, ok))
 
     async def predict(self, req: RouteRequest) -> float:
