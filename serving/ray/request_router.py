@@ -10,20 +10,98 @@ A call without a target (none today) or whose target is gone (the replica died
 since the decision) ranks every candidate; the engine refuses a call meant for
 another replica with a retriable EngineError, so dispatch re-routes it through
 the central router instead of landing somewhere the router did not book.
+
+When a deployment has no running replica at all (a region's engines all died),
+Serve holds a call until one runs again, and `choose_replicas` is not even
+asked. So each router records its deployment's running replicas in this
+process (`running`), and the ingress fails a new call to an empty deployment at
+once (serving.ray.ingress.RayEngines); calls already waiting when the last
+replica goes are failed here, with the retriable EngineError. Failover moves
+them on within milliseconds rather than after the first-token timeout (30 s).
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import List, Optional
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+
+from serving.errors import EngineError
 
 
 def target_uid(target: str) -> str:
     return target.rsplit("-", 1)[-1]
 
 
+# (application, deployment) -> its running replicas' unique ids, as Serve says
+_RUNNING: dict[tuple[str, str], set[str]] = {}
+
+
+def running(app: str, deployment: str) -> set[str] | None:
+    """The deployment's running replicas as this process's router knows them (None: not known
+    yet, no call was made through it)."""
+    return _RUNNING.get((app, deployment))
+
+
 class DecisionRouter(RequestRouter):
+    def update_replicas(self, replicas: List[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        d = getattr(self, "_deployment_id", None)
+        if d is not None:
+            _RUNNING[(d.app_name, d.name)] = {r.replica_id.unique_id for r in replicas}
+        if not replicas:
+            self._while_empty()
+
+    def on_replica_actor_died(self, replica_id) -> None:
+        super().on_replica_actor_died(replica_id)
+        d = replica_id.deployment_id
+        live = _RUNNING.get((d.app_name, d.name))
+        if live is not None:
+            live.discard(replica_id.unique_id)
+        if not getattr(self, "_replicas", True):
+            self._while_empty()
+
+    def _while_empty(self) -> None:
+        """While the deployment has no running replica, fail the calls that wait for one, those
+        queued later too (a call Serve retries after its replica died is queued again)."""
+        watch = getattr(self, "_empty_watch", None)
+        loop = getattr(self, "_event_loop", None)
+        if loop is None or (watch is not None and not watch.done()):
+            return
+
+        async def watch_empty() -> None:
+            while not getattr(self, "_replicas", True):
+                self._fail_waiting()
+                await asyncio.sleep(0.05)
+
+        def start() -> None:
+            if getattr(self, "_empty_watch", None) is None or self._empty_watch.done():
+                self._empty_watch = loop.create_task(watch_empty())
+
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if here is loop:
+            start()
+        else:
+            loop.call_soon_threadsafe(start)
+
+    def _fail_waiting(self) -> None:
+        """The deployment has no running replica: the calls waiting for one fail now, retriably
+        (Serve's own routing tasks skip a request whose future is done)."""
+        waiting = getattr(self, "_pending_requests_to_fulfill", None)
+        if not waiting:
+            return
+        deployment = getattr(getattr(self, "_deployment_id", None), "name", "?")
+        forget = getattr(self, "_remove_pending_request_from_indices", None)  # Serve 2.60's index
+        for pr in list(waiting):
+            if not pr.future.done():
+                pr.future.set_exception(EngineError(f"deployment {deployment} has no running replica"))
+                if forget is not None:
+                    forget(pr)
+
     async def choose_replicas(self, candidate_replicas: List[RunningReplica],
                               pending_request: Optional[PendingRequest] = None,
                               ) -> List[List[RunningReplica]]:
