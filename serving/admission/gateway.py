@@ -88,7 +88,9 @@ class BudgetAdmission:
         if not self.running:
             self._idle.set()
         task = self._background(ticket, used_tokens)
-        if self.settle_wait_s <= 0:  # configured not to wait: the charge goes on in the background
+        if self.settle_wait_s <= 0 or self.unlimited(ticket.tenant):
+            # configured not to wait, or nothing to hold to (a tenant without a budget: its usage
+            # is only recorded): the charge goes on in the background, the response does not wait
             return
         try:
             await asyncio.wait_for(asyncio.shield(task), self.settle_wait_s)
