@@ -10,8 +10,8 @@
     │   └── ModelNotFound (404, code=model_not_found)
     ├── BudgetExceeded (429, code=budget_exceeded, Retry-After)
     ├── RateLimited (429, rate_limit_error, Retry-After)
-    ├── NoReplicaAvailable (503, code=no_replica_available)
-    │   └── ResidencyUnavailable (503, code=residency_unavailable)
+    ├── NoReplicaAvailable (503, code=no_replica_available, Retry-After)
+    │   └── ResidencyUnavailable (503, code=residency_unavailable, Retry-After)
     ├── RouterUnavailable (503, code=router_unavailable, Retry-After)  # restarting past the retry window
     ├── EngineError (502, code=engine_error)  # an engine failed; retriable
     └── Timeout (504, code=timeout)
@@ -94,7 +94,14 @@ class RateLimited(_RetryAfter):
 
 
 class NoReplicaAvailable(ProximaError):
+    """No replica can take the request now (they died, or none is allowed): Serve replaces dead
+    replicas within seconds, so the client is told when to try again."""
+
     status, type, code = 503, "service_unavailable", "no_replica_available"
+
+    def __init__(self, message: str, **kw: Any):
+        super().__init__(message, **kw)
+        self.headers.setdefault("Retry-After", "1")
 
 
 class ResidencyUnavailable(NoReplicaAvailable):

@@ -125,6 +125,7 @@ async def test_residency_unavailable_is_503_not_a_move(gw):
         r = await c.post("/v1/chat/completions", json=chat("euco", max_tokens=4), headers=auth("euco"))
     assert r.status_code == 503 and r.json()["error"]["code"] == "residency_unavailable"
     assert "['eu']" in r.json()["error"]["message"]
+    assert r.headers["retry-after"] == "1"  # replicas come back: the client is told when to retry
 
 
 @pytest.mark.parametrize("headers,tier,reason", [
