@@ -60,30 +60,45 @@ class Stream:
         self.t0 = job.arrived or time.perf_counter()
         self._routed_at = time.perf_counter()
         self._closed = False
+        self._dispatching = False  # holds the request's dispatch lock (Choices.dispatching)
         self._it = stream_with_failover(job.route_request(), job.generate_request(), self._route,
                                         self._open, self._done, gw.retry, self.trace)
 
     # --- the failover loop's callbacks --------------------------------------
     async def _route(self, req: RouteRequest) -> Decision:
-        if self.gw.failover is not None:
-            self.gw.failover.tick()
-        t = time.perf_counter()
-        d = await self.gw.router.route(req)
+        # A request's choices reach their engines one at a time, each from its routing to its
+        # first chunk (see Choices.open; failover re-opens several at once too). Taken here,
+        # outside the failover loop's first-token timer: waiting for a sibling is no replica's
+        # stall. Released at the first chunk (_open) or when the attempt ends (_done).
+        lock = self.group.dispatching if self.group is not None else None
+        if lock is not None and not self._dispatching:
+            await lock.acquire()
+            self._dispatching = True
+        try:
+            if self.gw.failover is not None:
+                self.gw.failover.tick()
+            t = time.perf_counter()
+            d = await self.gw.router.route(req)
+        except BaseException:
+            self._dispatched()
+            raise
         self._routed_at = time.perf_counter()
         self.gw.metrics.routing.observe(self._routed_at - t)
         self._routed = d
         return d
+
+    def _dispatched(self) -> None:
+        """This choice's engine call is no longer pending: the next choice's may start."""
+        if self._dispatching:
+            self._dispatching = False
+            assert self.group is not None
+            self.group.dispatching.release()
 
     async def _open(self, decision: Decision, gen: GenerateRequest) -> AsyncIterator[Chunk]:
         gw = self.gw
         delay = gw.rtt_s(self.job.client_region, decision.region) / 2
         if delay:
             await asyncio.sleep(delay)  # request leg
-        # A request's choices reach their engines one at a time, each until its first chunk
-        # (Choices.open, and again when failover re-opens several at once): see Choices.open
-        lock = self.group.dispatching if self.group is not None else None
-        if lock is not None:
-            await lock.acquire()
         t = time.perf_counter()
         first = True
         try:
@@ -91,9 +106,7 @@ class Stream:
                 async for chunk in it:
                     if first:
                         first = False
-                        if lock is not None:
-                            lock.release()
-                            lock = None
+                        self._dispatched()
                         self.engine_ttft_s = time.perf_counter() - t
                         engine_ms = self.engine_ttft_s * 1000.0
                         if delay:
@@ -103,10 +116,10 @@ class Stream:
                             self.decision = decision
                     yield chunk
         finally:
-            if lock is not None:
-                lock.release()
+            self._dispatched()
 
     def _done(self, decision: Decision, ok: bool, err: BaseException | None) -> None:
+        self._dispatched()  # an attempt that never reached its first chunk (or never started)
         self.gw.router.finished(decision.request_id, ok)
         if self.gw.failover is not None and (ok or isinstance(err, (EngineError, Timeout))):
             self.gw.failover.record(decision, ok)  # a client's disconnect is not the replica's fault

@@ -182,10 +182,11 @@ class CountingPending(LocalEngines):
     """Engines that count the engine calls pending together (made, no first chunk yet): under
     Serve 2.60 two pending at once for one HTTP request collide and one is never assigned."""
 
-    def __init__(self, engines):
+    def __init__(self, engines, assign_s: float = 0.02):
         super().__init__(engines)
         self.pending = self.most = 0
         self.opened: list[str] = []
+        self.assign_s = assign_s
 
     async def open(self, decision, gen):
         self.pending += 1
@@ -193,7 +194,7 @@ class CountingPending(LocalEngines):
         self.opened.append(decision.replica_id)
         first = True
         try:
-            await asyncio.sleep(0.02)  # Serve assigning a replica: the call is pending meanwhile
+            await asyncio.sleep(self.assign_s)  # Serve assigning a replica: the call is pending meanwhile
             async for c in super().open(decision, gen):
                 if first:
                     first = False
@@ -224,6 +225,35 @@ async def test_choices_failing_over_together_reach_their_engines_one_at_a_time()
     texts = {i: "".join(ch["delta"].get("content") or "" for ch in chs) for i, chs in by_choice(events(r.text)).items()}
     assert sorted(texts) == [0, 1, 2] and all(len(t.split()) == 60 for t in texts.values())
     assert len(counting.opened) == 3 + under and counting.most == 1  # re-opened, never two pending at once
+
+
+async def test_waiting_for_a_siblings_dispatch_is_no_replicas_stall():
+    """Found by a review: the wait for the dispatch lock ran on the next replica's first-token
+    timer, so a healthy replica was declared stalled (and struck) when siblings were slow."""
+    from dataclasses import replace
+
+    c, engines, _ = make()
+    counting = c.gateway.engines = CountingPending(engines, assign_s=0.3)
+    c.gateway.retry = replace(c.gateway.retry, first_token_timeout_s=0.5)
+    for e in engines.values():
+        e.time_scale = 0.2
+    task = asyncio.ensure_future(c.post("/v1/chat/completions", json=chat(max_tokens=400, n=3, seed=2, stream=True),
+                                        headers={"x-session-id": "slow-siblings"}))
+    for _ in range(5000):  # until every choice has started, two of them on one replica
+        if len(counting.opened) == 3 and counting.pending == 0 and \
+                max(len(e.core.running) for e in engines.values()) >= 2:
+            break
+        await asyncio.sleep(0.001)
+    victim = max(engines.values(), key=lambda e: len(e.core.running))
+    assert len(victim.core.running) >= 2
+    victim.kill()
+    r = await task
+    assert r.status_code == 200
+    steps = (await c.get("/v1/sessions/slow-siblings/steps")).json()["data"]
+    outcomes = [a for s in steps for a in s["attempts"]]
+    assert all(a["outcome"] in ("ok", "failed") for a in outcomes)
+    failed = [a for a in outcomes if a["outcome"] == "failed"]
+    assert {a["replica"] for a in failed} == {victim.replica_id}, outcomes  # no healthy replica struck
 
 
 async def test_a_whole_answer_names_the_replica_that_finished_it():
