@@ -55,6 +55,7 @@ class Stream:
         self.routed_ttft_s: float | None = None  # from the answering replica's routing decision
         self.engine_ttft_s: float | None = None  # from opening the engine stream
         self.error: BaseException | None = None
+        self.client_left = False  # it closed because the client went away (the observer says)
         self.trace = Trace()  # the failover loop's attempts
         self.reader = job.reader()  # the answer's reasoning and tool calls (None: all content)
         self.t0 = job.arrived or time.perf_counter()

@@ -132,7 +132,8 @@ class Observer:
             if to_region != from_region:
                 m.failovers.labels(from_region, to_region).inc()
         err = None if ok else _error_type(s.error)
-        if err == "client_disconnected" and job.choice == 0 and not _choice_failed(s):  # once a request
+        s.client_left = err == "client_disconnected"
+        if s.client_left and s.group is None:  # a request of n choices: counted once, in choices_done
             m.disconnects.labels(region, model, tenant).inc()
         if job.session_id is None and not self._spans and not self.access_log:
             return  # nobody reads a record: don't build one
@@ -146,10 +147,15 @@ class Observer:
 
     def choices_done(self, c: "Choices") -> None:
         """Every choice of a request for n > 1 is closed: the request's one span, with the
-        whole request's tokens and each choice's finish_reason."""
+        whole request's tokens and each choice's finish_reason. A client that left before every
+        answer was whole is counted once, here."""
+        first = c.streams[0]
+        if any(s.client_left for s in c.streams) and not _choice_failed(first):
+            d = first.decision
+            self.m.disconnects.labels(d.region if d is not None else "", c.job.model,
+                                      c.job.principal.tenant).inc()
         if not self._spans:
             return
-        first = c.streams[0]
         failed = next((s.error for s in c.streams if s.error is not None), None)
         err = None if failed is None else _error_type(failed)
         charged = sum(s.charged for s in c.streams)

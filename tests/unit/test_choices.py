@@ -271,3 +271,39 @@ async def test_a_whole_answer_names_the_replica_that_finished_it():
     r = await task
     assert r.status_code == 200 and len(r.json()["choices"][0]["message"]["content"].split()) == 60
     assert r.headers["x-proxima-replica"] != victim and r.headers["x-proxima-replica"] in engines
+
+
+class ShortFirstChoice(LocalEngines):
+    """Choice 0's answer is cut at 2 tokens; the others run on."""
+
+    async def open(self, decision, gen):
+        from dataclasses import replace
+
+        if gen.request_id.split("~")[0].endswith("-0"):
+            gen = replace(gen, max_tokens=2)
+        async for c in super().open(decision, gen):
+            yield c
+
+
+@pytest.mark.parametrize("leave_after_first_done", [True, False])
+async def test_a_client_that_left_is_counted_once_whichever_choice_it_cut(leave_after_first_done):
+    """Found by a review: only choice 0's own disconnect was counted, so a client that left after
+    choice 0 was whole (cutting another) was not counted at all."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    c, engines, router = make()
+    gw = c.gateway
+    gw.engines = ShortFirstChoice(engines)
+    for e in engines.values():
+        e.time_scale = 1.0
+    job = gw.prepare(parse_chat(chat(max_tokens=200, n=2, stream=True)), Principal("anonymous"), "us", "gone2")
+    choices = await gw.start(job)
+    async with aclosing(_events(choices, Responder("chat", "gone2", "m"), lambda e: None)) as body:
+        async for ev in body:
+            if b'"finish_reason":"length"' in ev.replace(b" ", b"") or not leave_after_first_done:
+                break  # the client leaves: after choice 0 is whole, or at once
+    await asyncio.sleep(0.05)
+    assert idle(engines, router)
+    left = [s.value for f in text_string_to_metric_families(gw.metrics.render().decode()) for s in f.samples
+            if s.name == "proxima_client_disconnects_total"]
+    assert left == [1.0]
