@@ -27,7 +27,7 @@ from serving.ingress.metrics import GatewayMetrics
 from serving.ingress.policies import budget_policies, gateway_policies
 from serving.ray.ledger import LedgerClient, start_ledger
 from serving.observability.logs import configure_logging
-from serving.ray.request_router import running
+from serving.ray.request_router import gone
 from serving.ray.router_actor import RayRouter, actor_name, router_actor
 from serving.ray.telemetry import RayTelemetry, telemetry_actor
 from serving.types import Decision
@@ -49,7 +49,7 @@ class RayEngines:
         h = self.handles.get(engine_key(decision.region, gen.model))
         if h is None:
             raise EngineError(f"no engine deployment for {gen.model} in {decision.region}")
-        if running(h.app_name, h.deployment_name) == set():  # Serve would hold it until one runs again
+        if gone(h.app_name, h.deployment_name, decision.replica_id):  # Serve would hold it for nothing
             raise EngineError(f"replica {decision.replica_id} failed: deployment {h.deployment_name} has no "
                               "running replica")
         resp = h.generate.remote(gen, target=decision.replica_id)

@@ -18,11 +18,17 @@ process (`running`), and the ingress fails a new call to an empty deployment at
 once (serving.ray.ingress.RayEngines); calls already waiting when the last
 replica goes are failed here, with the retriable EngineError. Failover moves
 them on within milliseconds rather than after the first-token timeout (30 s).
+Only calls meant for a replica Serve has had running (so it died) fail at once:
+a new replica reports itself to the central router before Serve has it
+running, so a region coming back gets calls for it first; those wait for it,
+up to NEW_REPLICA_GRACE_S (one that never runs, say crash-looping at start, is
+then given up on like a dead one).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import List, Optional
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
@@ -36,6 +42,8 @@ def target_uid(target: str) -> str:
 
 # (application, deployment) -> its running replicas' unique ids, as Serve says
 _RUNNING: dict[tuple[str, str], set[str]] = {}
+_SEEN: dict[tuple[str, str], set[str]] = {}  # and every one it ever said was running
+NEW_REPLICA_GRACE_S = 5.0
 
 
 def running(app: str, deployment: str) -> set[str] | None:
@@ -44,12 +52,19 @@ def running(app: str, deployment: str) -> set[str] | None:
     return _RUNNING.get((app, deployment))
 
 
+def gone(app: str, deployment: str, target: str) -> bool:
+    """The deployment has no running replica, and `target` was one (it died): a call to it
+    would wait in Serve for nothing."""
+    return _RUNNING.get((app, deployment)) == set() and target_uid(target) in _SEEN.get((app, deployment), ())
+
+
 class DecisionRouter(RequestRouter):
     def update_replicas(self, replicas: List[RunningReplica]) -> None:
         super().update_replicas(replicas)
         d = getattr(self, "_deployment_id", None)
         if d is not None:
-            _RUNNING[(d.app_name, d.name)] = {r.replica_id.unique_id for r in replicas}
+            live = _RUNNING[(d.app_name, d.name)] = {r.replica_id.unique_id for r in replicas}
+            _SEEN.setdefault((d.app_name, d.name), set()).update(live)
         if not replicas:
             self._while_empty()
 
@@ -94,9 +109,16 @@ class DecisionRouter(RequestRouter):
         waiting = getattr(self, "_pending_requests_to_fulfill", None)
         if not waiting:
             return
-        deployment = getattr(getattr(self, "_deployment_id", None), "name", "?")
+        d = getattr(self, "_deployment_id", None)
+        deployment = getattr(d, "name", "?")
+        seen = _SEEN.get((d.app_name, d.name), set()) if d is not None else set()
         forget = getattr(self, "_remove_pending_request_from_indices", None)  # Serve 2.60's index
+        now = time.time()
         for pr in list(waiting):
+            target = pr.kwargs.get("target")
+            new = target and target_uid(target) not in seen  # not running yet: it may be starting
+            if new and now - pr.created_at < NEW_REPLICA_GRACE_S:
+                continue
             if not pr.future.done():
                 pr.future.set_exception(EngineError(f"deployment {deployment} has no running replica"))
                 if forget is not None:
