@@ -291,6 +291,7 @@ class Parsed:
     continuous_usage: bool = False  # streamed: the usage so far in every chunk
     echo: bool = False  # completions: the prompt's text comes back before the answer
     n: int = 1  # choices: n engine requests over the one prompt (seed + i for choice i, as vLLM's)
+    max_tokens_param: str = "max_tokens"  # the field the client set it with (chat: or max_completion_tokens)
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -334,9 +335,9 @@ def _refuse_unserved(kind: str, raw: dict[str, Any]) -> None:
         spec = _UNSERVED[key]
         if kind not in spec and "*" not in spec:
             continue
-        unset = spec.get(kind, spec.get("*"))
-        if raw[key] is None or raw[key] == unset:
-            continue
+        unset, v = spec.get(kind, spec.get("*")), raw[key]
+        if v is None or (v == unset and isinstance(v, bool) == isinstance(unset, bool)):
+            continue  # not set, or set to what means "not used" (True is no 1.0 here)
         hint = f" ({spec['hint']})" if "hint" in spec else ""
         raise InvalidRequest(f"`{key}` (vLLM's option) is not supported by this gateway{hint}.", param=key)
 
@@ -498,6 +499,7 @@ def parse_chat(body: bytes | dict[str, Any]) -> Parsed:
     max_tokens = r.max_completion_tokens or r.max_tokens
     messages = tuple(_template_message(i, m) for i, m in enumerate(r.messages))
     return Parsed("chat", prompt=prompt, prompt_token_ids=None, max_tokens=max_tokens, **_common(r),
+                  max_tokens_param="max_completion_tokens" if r.max_completion_tokens else "max_tokens",
                   tools=tools, tool_choice=choice, tool_name=name, parallel_tool_calls=r.parallel_tool_calls,
                   tool_format=guided_format(tools, choice, name, r.parallel_tool_calls), messages=messages,
                   template_kwargs=_template_kwargs(r), include_reasoning=r.include_reasoning,

@@ -332,8 +332,9 @@ class Gateway:
         limit = self.context_limit(job.model) if limit is None else limit
         room = limit - job.prompt_tokens
         if job.parsed.max_tokens is not None and job.parsed.max_tokens > limit:
-            raise ContextLengthExceeded(f"`max_tokens` ({job.parsed.max_tokens}) is more than the model's "
-                                        f"maximum context length ({limit} tokens).", param="max_tokens")
+            name = job.parsed.max_tokens_param
+            raise ContextLengthExceeded(f"`{name}` ({job.parsed.max_tokens}) is more than the model's "
+                                        f"maximum context length ({limit} tokens).", param=name)
         if job.max_tokens > room > 0:
             return replace(job, max_tokens=room)
         if job.max_tokens > room:

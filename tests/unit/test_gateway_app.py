@@ -174,6 +174,8 @@ async def test_context_length_checked_against_the_model():
     assert cut.json()["choices"][0]["finish_reason"] == "length"
     over = await c.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 5000})
     assert over.status_code == 400 and over.json()["error"]["param"] == "max_tokens"  # more than the whole context
+    over = await c.post("/v1/chat/completions", json=chat(max_completion_tokens=5000))
+    assert over.status_code == 400 and over.json()["error"]["param"] == "max_completion_tokens"  # as vLLM names it
     # max_tokens left out: the model's default (4), cut to the context the prompt leaves, as vLLM fills it
     near = await c.post("/v1/chat/completions", json=chat("x " * 4091))
     prompt = near.json()["usage"]["prompt_tokens"]

@@ -120,6 +120,7 @@ def test_bad_chat_input_is_400_naming_the_field(raw, param, fragment):
     ("use_beam_search", True, "completion"), ("cache_salt", "mine", "chat"), ("echo", True, "chat"),
     ("add_special_tokens", True, "chat"), ("add_special_tokens", False, "completion"),
     ("chat_template", "{{ x }}", "chat"), ("kv_transfer_params", {"do_remote_prefill": True}, "completion"),
+    ("use_beam_search", 0, "chat"), ("priority", False, "completion"),  # not the bools / ints that mean "unused"
 ])
 def test_vllm_options_the_gateway_does_not_serve_are_refused_not_dropped(key, value, kind):
     """Found by a review: vLLM's options were ignored (a 200 with wrong or missing data)."""
@@ -130,7 +131,7 @@ def test_vllm_options_the_gateway_does_not_serve_are_refused_not_dropped(key, va
     # set to what means "not used", they pass, as a client library's defaults do
     unset = {"prompt_logprobs": None, "return_token_ids": False, "truncate_prompt_tokens": None,
              "use_beam_search": False, "cache_salt": None, "echo": False, "chat_template": None,
-             "kv_transfer_params": None}.get(key, kind == "completion")
+             "kv_transfer_params": None, "priority": 0}.get(key, kind == "completion")
     (parse_chat if kind == "chat" else parse_completion)(
         body(**{key: unset}) if kind == "chat" else {"model": "m", "prompt": "a", key: unset})
 
