@@ -150,7 +150,9 @@ class Observer:
         whole request's tokens and each choice's finish_reason. A client that left before every
         answer was whole is counted once, here."""
         first = c.streams[0]
-        if any(s.client_left for s in c.streams) and not _choice_failed(first):
+        failed = any(s.error is not None and not isinstance(s.error, (GeneratorExit, asyncio.CancelledError))
+                     for s in c.streams)  # then the others were closed for it, not by the client
+        if not failed and any(s.client_left for s in c.streams):
             d = first.decision
             self.m.disconnects.labels(d.region if d is not None else "", c.job.model,
                                       c.job.principal.tenant).inc()
@@ -173,13 +175,6 @@ class Observer:
         self.tracer.end(job.trace, _span_attributes(record), err)
         if self.access_log:
             access.info("request refused", extra={"summary": record})
-
-
-def _choice_failed(s: "Stream") -> bool:
-    """Another of the request's choices failed (its siblings were closed for it, not by the client)."""
-    return s.group is not None and any(
-        x.error is not None and not isinstance(x.error, (GeneratorExit, asyncio.CancelledError))
-        for x in s.group.streams)
 
 
 def _error_type(e: BaseException | None) -> str:
