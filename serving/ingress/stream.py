@@ -102,22 +102,19 @@ class Stream:
             await asyncio.sleep(delay)  # request leg
         t = time.perf_counter()
         first = True
-        try:
-            async with aclosing(gw.engines.open(decision, gen)) as it:
-                async for chunk in it:
-                    if first:
-                        first = False
-                        self._dispatched()
-                        self.engine_ttft_s = time.perf_counter() - t
-                        engine_ms = self.engine_ttft_s * 1000.0
-                        if delay:
-                            await asyncio.sleep(delay)  # response leg
-                        gw.router.first_token(decision.request_id, engine_ms)
-                        if self.first is not None:  # a failover's: this replica answers now
-                            self.decision = decision
-                    yield chunk
-        finally:
-            self._dispatched()
+        async with aclosing(gw.engines.open(decision, gen)) as it:
+            async for chunk in it:
+                if first:
+                    first = False
+                    self._dispatched()
+                    self.engine_ttft_s = time.perf_counter() - t
+                    engine_ms = self.engine_ttft_s * 1000.0
+                    if delay:
+                        await asyncio.sleep(delay)  # response leg
+                    gw.router.first_token(decision.request_id, engine_ms)
+                    if self.first is not None:  # a failover's: this replica answers now
+                        self.decision = decision
+                yield chunk
 
     def _done(self, decision: Decision, ok: bool, err: BaseException | None) -> None:
         self._dispatched()  # an attempt that never reached its first chunk (or never started)
