@@ -62,10 +62,8 @@ def sim_prompt_logprobs(ids: tuple[int, ...], text: str | None, k: int | None) -
     if k is None:
         return None
     words = re.findall(r"\s*\S+", text) if text else []
-    texts = words if len(words) == len(ids) else [_piece(t) for t in ids]
-    out: list[PromptLogprob] = [(w, _UNIFORM, ((w, _UNIFORM),) + tuple((_piece(t + j), _UNIFORM)
-                                                                      for j in range(1, k + 1)))
-                                for t, w in zip(ids, texts)]
+    out: list[PromptLogprob] = list(sim_logprobs(ids, words if len(words) == len(ids) else
+                                                 [_piece(t) for t in ids], k) or ())
     if out:
         out[0] = (out[0][0], None, None)
     return tuple(out)

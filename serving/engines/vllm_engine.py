@@ -232,15 +232,8 @@ def _prompt_logprobs(token_ids: Any, positions: Any, tokenizer: Any) -> tuple[Pr
     """vLLM's prompt logprobs (None for the first token, then {token id: Logprob}: the token's own
     and the k most likely) as Chunk.prompt_logprobs, every entry kept as vLLM's server keeps it
     (the first token's text decoded alone, as there)."""
-    out: list[PromptLogprob] = []
-    for tid, lps in zip(token_ids, positions):
-        if lps is None:
-            out.append((tokenizer.decode(tid), None, None))
-            continue
-        chosen = lps[tid]
-        out.append((chosen.decoded_token or "", chosen.logprob,
-                    tuple((lp.decoded_token or "", lp.logprob) for lp in lps.values())))
-    return tuple(out)
+    return tuple((tokenizer.decode(tid), None, None) if lps is None else _logprobs((tid,), (lps,))[0]
+                 for tid, lps in zip(token_ids, positions))
 
 
 def _client_error(e: BaseException) -> bool:
