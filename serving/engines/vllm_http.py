@@ -333,9 +333,10 @@ def _split_echo(lp: dict[str, Any], prompt_tokens: int) -> tuple[dict[str, Any],
     prompt's `prompt_tokens` entries (every alternative vLLM gave kept; the first has none)."""
     keys = ("tokens", "token_logprobs", "top_logprobs")
     cols = [list(lp.get(k) or ()) for k in keys]
-    prompt = tuple((t, v, None if top is None else tuple(top.items()))
-                   for t, v, top in zip(*(c[:prompt_tokens] for c in cols)))
-    return {k: c[prompt_tokens:] for k, c in zip(keys, cols)}, prompt
+    prompt: list[PromptLogprob] = list(_logprobs({k: c[:prompt_tokens] for k, c in zip(keys, cols)}))
+    if prompt:
+        prompt[0] = (prompt[0][0], None, None)
+    return {k: c[prompt_tokens:] for k, c in zip(keys, cols)}, tuple(prompt)
 
 
 def _logprobs(lp: dict[str, Any] | None) -> tuple[TokenLogprob, ...]:
