@@ -63,6 +63,9 @@ class GenerateRequest:
     # the prompt's log-probabilities (completions' `echo` with `logprobs`, as vLLM's server asks
     # for them): k, each prompt token's own and its k most likely alternatives' (Chunk.prompt_logprobs)
     prompt_logprobs: int | None = None
+    # vLLM's return_token_ids: the prompt's token ids, as the engine read the prompt, on the
+    # answer's first chunk (Chunk.prompt_token_ids); the generated ids are in every chunk anyway
+    return_prompt_ids: bool = False
     # W3C traceparent/tracestate (the gateway's span), x-session-id, x-agent-step: engines
     # pass them on (vllm_http as HTTP headers, vllm as trace_headers) or just carry them (sim)
     trace_headers: tuple[tuple[str, str], ...] = ()
@@ -109,6 +112,9 @@ class Chunk:
     # vLLM's stop_reason, on the last chunk: the stop string or stop token id that ended the answer
     # (None: the model's end of sequence, or max_tokens)
     stop_reason: str | int | None = None
+    # the prompt's token ids as the engine read it, on the answer's first chunk, if the request
+    # asked (return_prompt_ids)
+    prompt_token_ids: tuple[int, ...] | None = None
 
 
 @runtime_checkable

@@ -156,6 +156,7 @@ class SimEngine:
         stops = StopStrings(request.stop, bool(dict(request.sampling).get("include_stop_str_in_output"))) \
             if request.stop else None
         prompt_lps = sim_prompt_logprobs(tokens, request.prompt, request.prompt_logprobs)  # on the first chunk
+        prompt_ids = tuple(tokens) if request.return_prompt_ids else None  # and these
         done = False
         try:
             while True:
@@ -180,8 +181,8 @@ class SimEngine:
                 done = finished and not complete
                 yield Chunk(request.request_id, ids, "".join(pieces), reason, seq.prompt_len, seq.cached, out,
                             sim_logprobs(ids, pieces, request.logprobs), prompt_lps,
-                            stops.hit if stops is not None else None)
-                prompt_lps = None
+                            stops.hit if stops is not None else None, prompt_ids)
+                prompt_lps = prompt_ids = None
                 if finished or complete:  # after a stop the rest is not generated: `finally` aborts it
                     return
         finally:

@@ -126,6 +126,7 @@ class VLLMEngine:
         if request.prompt_token_ids:
             self.pending.add(rid, request.prompt_token_ids, request.cache_salt)
         finished = False
+        first = True
         total = 0
         try:
             async for out in self.engine.generate(prompt, params, rid,
@@ -135,15 +136,18 @@ class VLLMEngine:
                     self.pending.done(rid)
                 total += len(c.token_ids)
                 finished = bool(out.finished)
-                prompt_lps = None
+                prompt_lps = prompt_ids = None
                 if request.prompt_logprobs is not None and out.prompt_logprobs:  # the first output's
                     prompt_lps = _prompt_logprobs(out.prompt_token_ids or (), out.prompt_logprobs,
                                                   self.engine.get_tokenizer())
+                if request.return_prompt_ids and first:
+                    prompt_ids = tuple(out.prompt_token_ids or ())
+                first = False
                 yield Chunk(rid, tuple(c.token_ids), c.text,
                             (c.finish_reason or "length") if finished else None,
                             len(out.prompt_token_ids or ()), int(out.num_cached_tokens or 0), total,
                             None if request.logprobs is None else _logprobs(c.token_ids, c.logprobs),
-                            prompt_lps, c.stop_reason if finished else None)
+                            prompt_lps, c.stop_reason if finished else None, prompt_ids)
                 if finished:
                     return
         except (EngineError, InvalidRequest):

@@ -129,8 +129,11 @@ class VLLMHttpEngine:
                     continue
                 ch = choices[0]
                 toks = tuple(ch.get("token_ids") or ())
-                if ch.get("prompt_token_ids"):
+                prompt_ids = None
+                if ch.get("prompt_token_ids"):  # the first event's (we ask with return_token_ids)
                     prompt_tokens = len(ch["prompt_token_ids"])
+                    if request.return_prompt_ids:
+                        prompt_ids = tuple(ch["prompt_token_ids"])
                 if toks or ch.get("text"):
                     self.pending.done(rid)
                 out = usage.get("completion_tokens", out + len(toks))
@@ -141,7 +144,7 @@ class VLLMHttpEngine:
                 chunk = Chunk(rid, toks, ch.get("text") or "", ch.get("finish_reason"),
                               usage.get("prompt_tokens", prompt_tokens), 0, out,
                               None if request.logprobs is None else _logprobs(lp), prompt_lps,
-                              ch.get("stop_reason"))
+                              ch.get("stop_reason"), prompt_ids)
                 if chunk.finish_reason:
                     last = chunk
                 else:

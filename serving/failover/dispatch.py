@@ -85,6 +85,7 @@ async def stream_with_failover(req: RouteRequest, gen: GenerateRequest, route: R
     sent_text: list[str] = []
     prompt_tokens = cached = 0
     prompt_lps_sent = False
+    answered = False  # a first chunk went out: the prompt's ids (return_prompt_ids) went with it
     failed_region: str | None = None
     last_error: ProximaError | None = None
     for attempt in range(1, policy.max_attempts + 1):
@@ -96,6 +97,8 @@ async def stream_with_failover(req: RouteRequest, gen: GenerateRequest, route: R
         g = continuation(gen, sent_ids, "".join(sent_text), attempt, seed)
         if prompt_lps_sent:  # the prompt's logprobs came with the first chunk: not again
             g = replace(g, prompt_logprobs=None)
+        if answered and g.return_prompt_ids:  # nor its ids (a continuation's prompt is longer)
+            g = replace(g, return_prompt_ids=False)
         got = 0
         try:
             async with aclosing(open_(decision, g)) as it:
@@ -117,6 +120,9 @@ async def stream_with_failover(req: RouteRequest, gen: GenerateRequest, route: R
                         if prompt_lps_sent:  # a continuation's engine gave them again
                             chunk = replace(chunk, prompt_logprobs=None)
                         prompt_lps_sent = True
+                    if answered and chunk.prompt_token_ids is not None:
+                        chunk = replace(chunk, prompt_token_ids=None)
+                    answered = True
                     yield replace(chunk, request_id=gen.request_id, prompt_tokens=prompt_tokens,
                                   cached_tokens=cached, completion_tokens=len(sent_ids))
         except (EngineError, Timeout) as e:  # the replica failed: try elsewhere

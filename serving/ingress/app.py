@@ -23,6 +23,7 @@ import asyncio
 import logging
 import time
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 from starlette.applications import Starlette
@@ -33,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from serving.engines.base import TokenLogprob
+from serving.engines.base import Chunk, TokenLogprob
 from serving.errors import InvalidRequest, ModelNotFound, NotFound, ProximaError, RequestTooLarge, quoted
 from serving.ingress import sse
 from serving.ingress.answer import Part
@@ -41,7 +42,7 @@ from serving.ingress.metrics import CONTENT_TYPE
 from serving.ingress.openai_api import (Parsed, Responder, parse_chat, parse_completion, parse_detokenize,
                                         parse_tokenize, usage)
 from serving.ingress.openapi import openapi_schema
-from serving.ingress.pipeline import Gateway
+from serving.ingress.pipeline import Gateway, Job
 from serving.ingress.stream import Choices, Stream
 from serving.ingress.tools import whole_calls
 from serving.observability.fleet import PART_TIMEOUT_S, render_gateway
@@ -120,9 +121,10 @@ def build_app(gw: Gateway) -> Starlette:
             job = gw.prepare(parsed, principal, region, rid, extra + tuple(echo.items()), arrived)
             request.state.labels = (principal.tenant, job.model, "")
             choices = await gw.start(job)
-            # completions' `echo`: the prompt's text first (ids: as the chosen model's tokenizer reads them)
+            # completions' `echo`: the prompt's text first (ids: as the chosen model's tokenizer reads
+            # them); with return_token_ids vLLM's server echoes no text (the ids are there)
             try:
-                shown = "" if not parsed.echo else parsed.prompt or \
+                shown = "" if not parsed.echo or parsed.return_token_ids else parsed.prompt or \
                     await gw.token_texts(choices.job.model, list(parsed.prompt_token_ids or ()), whole=True)
             except BaseException:
                 await choices.aclose()
@@ -142,7 +144,7 @@ def build_app(gw: Gateway) -> Starlette:
         answers = await _answers(choices, shown)
         # checked on each answer's content (a reasoning model's thinking is not the JSON)
         check = getattr(gw.delegation, "cascade", lambda job, text: None)
-        redo = next((r for part, _ in answers if (r := check(choices.job, part.content)) is not None), None)
+        redo = next((r for a in answers if (r := check(choices.job, a.part.content)) is not None), None)
         if redo is not None:  # a small tier's answer failed its check: the large tier redoes the request
             try:
                 choices = await gw.start(redo)
@@ -150,9 +152,10 @@ def build_app(gw: Gateway) -> Starlette:
                 return _error(e, echo)
             answers = await _answers(choices, shown)
             request.state.labels = _labels(choices)
-        body = resp.response([resp.choice(i, part.content, s.answer_finish_reason, part.tool_calls, part.reasoning, lps,
-                                          s.stop_reason)
-                              for i, (s, (part, lps)) in enumerate(zip(choices.streams, answers))], _usage(choices))
+        body = resp.response([resp.choice(i, a.part.content, s.answer_finish_reason, a.part.tool_calls, a.part.reasoning,
+                                          a.logprobs, s.stop_reason, a.token_ids, a.prompt_token_ids)
+                              for i, (s, a) in enumerate(zip(choices.streams, answers))], _usage(choices),
+                             answers[0].prompt_token_ids)
         return _json(body, headers={**choices.headers(), **echo})
 
     async def chat(request: Request) -> Response:
@@ -331,7 +334,35 @@ def _usage(choices: Choices) -> dict[str, Any]:
     return usage(choices.prompt_tokens, choices.completion_tokens, choices.cached_tokens)
 
 
-async def _answers(choices: Choices, shown: str = "") -> list[tuple[Part, list[TokenLogprob] | None]]:
+@dataclass(slots=True)
+class _Answer:
+    """One choice's whole answer: what its reader made of it, its tokens' logprobs if asked, and
+    with return_token_ids its generated ids and the prompt's (None: not asked, or not shown)."""
+
+    part: Part
+    logprobs: list[TokenLogprob] | None = None
+    token_ids: list[int] | None = None
+    prompt_token_ids: tuple[int, ...] | None = None
+
+
+def _shows_ids(job: Job) -> tuple[bool, bool]:
+    """(prompt ids, generated ids) the response carries: vLLM's return_token_ids; the generated
+    ids are left out where a reasoning model's thinking is (include_reasoning false), as vLLM does."""
+    p = job.parsed
+    if not p.return_token_ids:
+        return False, False
+    return True, p.include_reasoning or job.reasoning_parser is None or p.kind != "chat"
+
+
+def _prompt_ids(stream: Stream, c: Chunk) -> tuple[int, ...]:
+    """The prompt's ids as the engine read them (its first chunk has them); the gateway's own
+    where it sent the model's ids and the engine said nothing."""
+    if c.prompt_token_ids is not None:
+        return c.prompt_token_ids
+    return stream.job.prompt_token_ids if stream.job.model_tokens else ()
+
+
+async def _answers(choices: Choices, shown: str = "") -> list[_Answer]:
     """Every choice's whole answer, read together; one that fails fails the request (the
     others are closed)."""
     if len(choices.streams) == 1:
@@ -347,14 +378,21 @@ async def _answers(choices: Choices, shown: str = "") -> list[tuple[Part, list[T
         raise
 
 
-async def _whole(stream: Stream, shown: str = "") -> tuple[Part, list[TokenLogprob] | None]:
+async def _whole(stream: Stream, shown: str = "") -> _Answer:
     """The whole answer: what the stream's reader made of it (the text as content without
-    one, after `shown`: an echoed prompt), and its tokens' logprobs if asked. The reader sees
+    one, after `shown`: an echoed prompt), its tokens' logprobs and ids if asked. The reader sees
     every chunk before the stream is accounted, so the agent-step record has its tool calls."""
     text, part, reader = [shown], Part(), stream.reader
     lps: list[TokenLogprob] | None = None if stream.job.parsed.logprobs is None else []
+    show_prompt, show_ids = _shows_ids(stream.job)
+    ids: list[int] | None = [] if show_ids else None
+    prompt_ids: tuple[int, ...] | None = None
     async with aclosing(stream.chunks()) as chunks:
         async for c in chunks:
+            if show_prompt and prompt_ids is None:
+                prompt_ids = _prompt_ids(stream, c)
+            if ids is not None:
+                ids.extend(c.token_ids)
             if lps is not None and c.prompt_logprobs:  # an echoed prompt's, before the answer's
                 lps.extend(c.prompt_logprobs)
             if lps is not None and c.logprobs:
@@ -364,10 +402,10 @@ async def _whole(stream: Stream, shown: str = "") -> tuple[Part, list[TokenLogpr
             else:
                 text.append(c.text)
     if reader is None:
-        return Part("".join(text)), lps
+        return _Answer(Part("".join(text)), lps, ids, prompt_ids)
     part += reader.end()  # nothing, unless the engine ended without a finish_reason
     part.tool_calls = whole_calls(part.tool_calls)
-    return part, lps
+    return _Answer(part, lps, ids, prompt_ids)
 
 
 async def _choice_events(stream: Stream, resp: Responder, shown: str = "") -> AsyncIterator[bytes]:
@@ -375,27 +413,32 @@ async def _choice_events(stream: Stream, resp: Responder, shown: str = "") -> As
     back; the first after `shown`, an echoed prompt)."""
     first = True
     reader, index = stream.reader, stream.job.choice
+    show_prompt, show_ids = _shows_ids(stream.job)
     held: tuple[TokenLogprob, ...] = ()  # logprobs of tokens whose text is held back
+    held_ids: tuple[int, ...] = ()  # and their ids (return_token_ids)
     async with aclosing(stream.chunks()) as chunks:
         async for c in chunks:
             lps = c.logprobs
             if c.prompt_logprobs and lps is not None:  # an echoed prompt's, with its text
                 lps = c.prompt_logprobs + lps
+            prompt_ids = _prompt_ids(stream, c) if show_prompt and first else None
+            ids = (held_ids + c.token_ids) if show_ids else None
             if reader is None:
                 text, shown = shown + c.text, ""
                 yield sse.event(resp.chunk(text, c.finish_reason, first, logprobs=lps, index=index,
-                                           stop_reason=c.stop_reason))
+                                           stop_reason=c.stop_reason, token_ids=ids, prompt_token_ids=prompt_ids))
             else:  # reasoning and tool calls are read out of the text as it comes
                 part = reader.take(c.text, c.finish_reason)
                 reason = reader.finish_reason(c.finish_reason)
                 lps = lps if not held else held + (lps or ())
                 if not (first or part or reason):
-                    held = lps or ()
+                    held, held_ids = lps or (), ids or ()
                     continue  # held back: it may be the start of a tag or a call
-                held = ()
+                held, held_ids = (), ()
                 calls = whole_calls(part.tool_calls) if len(part.tool_calls) > 1 else part.tool_calls
                 yield sse.event(resp.chunk(part.content, reason, first, calls, part.reasoning, lps,  # one entry a call
-                                           index=index, stop_reason=c.stop_reason if reason else None))
+                                           index=index, stop_reason=c.stop_reason if reason else None,
+                                           token_ids=ids, prompt_token_ids=prompt_ids))
             first = False
 
 

@@ -222,6 +222,8 @@ class _Common(_Body):
     spaces_between_special_tokens: bool | None = None
     allowed_token_ids: list[Annotated[int, Field(ge=0, lt=2**31)]] | None = Field(default=None, max_length=1_000_000)
     bad_words: list[str] | None = Field(default=None, max_length=1024)
+    # vLLM's: the prompt's token ids and each answer's, beside the text (RL trainers read them)
+    return_token_ids: bool | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -292,6 +294,9 @@ class Parsed:
     echo: bool = False  # completions: the prompt's text comes back before the answer
     n: int = 1  # choices: n engine requests over the one prompt (seed + i for choice i, as vLLM's)
     max_tokens_param: str = "max_tokens"  # the field the client set it with (chat: or max_completion_tokens)
+    # vLLM's return_token_ids: the prompt's ids (chat: the response's `prompt_token_ids`, completions:
+    # each choice's) and each choice's generated `token_ids`, streamed as deltas
+    return_token_ids: bool = False
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -315,7 +320,7 @@ def _load(body: bytes) -> Any:
 # set to anything else they are a 400, not dropped (unknown fields are ignored, as vLLM's are)
 _UNSERVED: dict[str, dict[str, Any]] = {
     "prompt_logprobs": {"*": None, "hint": "completions give the prompt's logprobs with `echo` and `logprobs`"},
-    "return_token_ids": {"*": False}, "return_token_offsets": {"*": False},
+    "return_token_offsets": {"*": False},
     "return_tokens_as_token_ids": {"*": False}, "logprob_token_ids": {"*": None},
     "truncate_prompt_tokens": {"*": None}, "truncation_side": {"*": None},
     "add_special_tokens": {"chat": False, "completion": True},
@@ -381,7 +386,7 @@ def _common(r: _Common) -> dict[str, Any]:
                 continuous_usage=bool(r.stream and r.stream_options and r.stream_options.include_usage
                                       and r.stream_options.continuous_usage_stats),
                 temperature=r.temperature, top_p=r.top_p, seed=r.seed, stop=stop,
-                ignore_eos=r.ignore_eos, n=r.n or 1,
+                ignore_eos=r.ignore_eos, n=r.n or 1, return_token_ids=bool(r.return_token_ids),
                 response_format=None if r.response_format is None else r.response_format.model_dump(
                     by_alias=True, exclude_none=True),
                 structured_outputs=_structured(r),
@@ -568,6 +573,16 @@ def _finite(logprob: float | None) -> float | None:
     return None if logprob is None else max(logprob, -9999.0)
 
 
+def _token_ids(kind: str, event: dict[str, Any], choice: dict[str, Any], token_ids: Sequence[int] | None,
+               prompt_token_ids: Sequence[int] | None) -> None:
+    """vLLM's return_token_ids fields: the generated ids in the choice; the prompt's beside the
+    choices for chat, in the choice for completions."""
+    if prompt_token_ids is not None:
+        (event if kind == "chat" else choice)["prompt_token_ids"] = list(prompt_token_ids)
+    if token_ids is not None:
+        choice["token_ids"] = list(token_ids)
+
+
 class Responder:
     """Builds one request's response objects (ids and `created` fixed per request)."""
 
@@ -613,8 +628,11 @@ class Responder:
     def chunk(self, text: str, finish_reason: str | None, first: bool = False,
               tool_calls: list[dict[str, Any]] | None = None, reasoning: str = "",
               logprobs: Sequence[TokenLogprob] | None = None, index: int = 0,
-              stop_reason: str | int | None = None) -> dict[str, Any]:
-        """One streamed event of choice `index` (`first`: that choice's first)."""
+              stop_reason: str | int | None = None, token_ids: Sequence[int] | None = None,
+              prompt_token_ids: Sequence[int] | None = None) -> dict[str, Any]:
+        """One streamed event of choice `index` (`first`: that choice's first). With vLLM's
+        return_token_ids: the event's generated `token_ids`, and on a choice's first event the
+        prompt's (chat: beside `choices`, completions: in the choice), as vLLM's servers stream them."""
         if self.kind == "chat":
             delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
             if reasoning:
@@ -630,6 +648,7 @@ class Responder:
             d = self._head("text_completion")
             d["choices"] = [{"index": index, "text": text, "logprobs": self.logprobs(logprobs, index),
                              "finish_reason": finish_reason, "stop_reason": stop_reason}]
+        _token_ids(self.kind, d, d["choices"][0], token_ids, prompt_token_ids)
         if self.include_usage:
             d["usage"] = self.live_usage() if self.live_usage is not None else None
         return d
@@ -643,12 +662,16 @@ class Responder:
     def choice(self, index: int, text: str, finish_reason: str | None,
                tool_calls: list[dict[str, Any]] | None = None, reasoning: str = "",
                logprobs: Sequence[TokenLogprob] | None = None,
-               stop_reason: str | int | None = None) -> dict[str, Any]:
+               stop_reason: str | int | None = None, token_ids: Sequence[int] | None = None,
+               prompt_token_ids: Sequence[int] | None = None) -> dict[str, Any]:
         """One whole choice of a non-streamed response (`stop_reason`: vLLM's, the stop string or
-        stop token id that ended it)."""
+        stop token id that ended it; `token_ids`, `prompt_token_ids`: vLLM's return_token_ids, the
+        prompt's in the choice for completions, beside the choices for chat (`response`))."""
         if self.kind != "chat":
-            return {"index": index, "text": text, "logprobs": self.logprobs(logprobs, index),
-                    "finish_reason": finish_reason, "stop_reason": stop_reason}
+            c = {"index": index, "text": text, "logprobs": self.logprobs(logprobs, index),
+                 "finish_reason": finish_reason, "stop_reason": stop_reason}
+            _token_ids(self.kind, {}, c, token_ids, prompt_token_ids)
+            return c
         msg: dict[str, Any] = {"role": "assistant", "content": text}
         if reasoning:
             msg["reasoning"] = reasoning
@@ -656,14 +679,21 @@ class Responder:
         if tool_calls:  # whole calls, without the streaming `index`
             msg["content"] = text or None
             msg["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in tool_calls]
-        return {"index": index, "message": msg, "logprobs": self.logprobs(logprobs, index),
-                "finish_reason": finish_reason, "stop_reason": stop_reason}
+        c = {"index": index, "message": msg, "logprobs": self.logprobs(logprobs, index),
+             "finish_reason": finish_reason, "stop_reason": stop_reason}
+        if token_ids is not None:
+            c["token_ids"] = list(token_ids)
+        return c
 
-    def response(self, choices: list[dict[str, Any]], u: dict[str, Any]) -> dict[str, Any]:
-        """The non-streamed response: its `choices` (from `choice`), and the usage."""
+    def response(self, choices: list[dict[str, Any]], u: dict[str, Any],
+                 prompt_token_ids: Sequence[int] | None = None) -> dict[str, Any]:
+        """The non-streamed response: its `choices` (from `choice`), and the usage (and for chat
+        with return_token_ids, the prompt's ids)."""
         d = self._head("chat.completion" if self.kind == "chat" else "text_completion")
         d["choices"] = choices
         d["usage"] = u
+        if prompt_token_ids is not None and self.kind == "chat":
+            d["prompt_token_ids"] = list(prompt_token_ids)
         return d
 
     def full(self, text: str, finish_reason: str | None, u: dict[str, Any],

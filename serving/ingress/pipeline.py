@@ -133,7 +133,8 @@ class Job:
                                self.model, self.cache_salt, p.temperature, p.top_p, seed, p.stop,
                                ignore_eos=p.ignore_eos, sampling=sampling, block_hashes=self.block_hashes,
                                response_format=rf, structured_outputs=p.structured_outputs, logprobs=p.logprobs,
-                               prompt_logprobs=p.logprobs if p.echo else None, trace_headers=self.trace_headers())
+                               prompt_logprobs=p.logprobs if p.echo else None, return_prompt_ids=p.return_token_ids,
+                               trace_headers=self.trace_headers())
 
     def reader(self) -> AnswerReader | None:
         """The reader of this answer's reasoning and tool calls (None: the answer is content)."""

@@ -353,3 +353,37 @@ async def test_vllms_sampling_extensions_give_vllms_own_answers(gateway, vllm_se
     word = plain.split()[0] if plain.split() else plain[:3]
     await both({"bad_words": [word]})
     await both({"skip_special_tokens": False, "spaces_between_special_tokens": False})
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("kind", ["chat", "completion"])
+async def test_return_token_ids_are_vllms_own(gateway, vllm_servers, kind, stream):
+    """vLLM's return_token_ids (RL trainers read them): the prompt's ids and the answer's, where
+    vLLM's own server puts them, whole and streamed (the prompt's once, the answer's as deltas)."""
+    client, _ = gateway
+    path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+    body = {"model": "tiny", "max_tokens": 4, "temperature": 0, "ignore_eos": True, "return_token_ids": True,
+            "stream": stream, **({"messages": [{"role": "user", "content": "zo ba route this"}]} if kind == "chat"
+                                 else {"prompt": "zo ba route this"})}
+    ours = await client.post(path, json=body)
+    async with httpx.AsyncClient(timeout=60) as direct:
+        theirs = await direct.post(vllm_servers.urls[0] + path, json=body)
+    assert ours.status_code == theirs.status_code == 200, (ours.text, theirs.text)
+
+    def ids(r):
+        if not stream:
+            d = r.json()
+            ch = d["choices"][0]
+            return (d if kind == "chat" else ch)["prompt_token_ids"], ch["token_ids"]
+        prompt, out = [], []
+        for e in _events(r.text)[:-1]:
+            for ch in e["choices"]:
+                p = (e if kind == "chat" else ch).get("prompt_token_ids")
+                if p:
+                    prompt.append(p)
+                out += ch.get("token_ids") or []
+        assert len(prompt) == 1
+        return prompt[0], out
+
+    (p, out), (want_p, want_out) = ids(ours), ids(theirs)
+    assert (p, out) == (want_p, want_out) and len(out) == 4 and len(p) >= 4

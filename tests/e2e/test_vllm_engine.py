@@ -101,6 +101,11 @@ async def test_in_process_engine_streams_caches_salts_and_aborts(tiny_model, mon
         prompt = pl[0].prompt_logprobs
         assert len(prompt) == 40 and prompt[0][1:] == (None, None)
         assert all(v <= 0 and 1 <= len(top) <= 2 and top[0] == (t, v) for t, v, top in prompt[1:])
+        # return_token_ids: the prompt's ids as vLLM read them, on the first chunk only
+        rt = await _drain(engine, GenerateRequest("rt", prompt="zo ba route this", max_tokens=3, ignore_eos=True,
+                                                  return_prompt_ids=True))
+        assert [c.prompt_token_ids is not None for c in rt] == [True] + [False] * (len(rt) - 1)
+        assert list(rt[0].prompt_token_ids) == engine.engine.get_tokenizer().encode("zo ba route this")
         snap = engine.snapshot()
         assert snap.waiting_prefill_tokens == 0
         # vLLM's own counters: 4 queries of 520 tokens (+ the aborted one), 512 hit.

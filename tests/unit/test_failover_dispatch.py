@@ -68,6 +68,27 @@ async def test_the_prompts_logprobs_come_once_whatever_fails(schedule):
     assert asked == [1] * (sent_before + 1) + [None] * (len(asked) - sent_before - 1)
 
 
+@pytest.mark.parametrize("schedule", [[0], [4], [0, 2, 3]], ids=["before-first", "mid", "three-failures"])
+async def test_the_prompts_ids_come_once_whatever_fails(schedule):
+    """return_token_ids: the prompt's ids as the engine read it come with the first chunk; a
+    continuation's prompt is longer (it holds the tokens sent), so it is not asked for them."""
+    from dataclasses import replace
+    from serving.engines.tokenizer import encode
+    c = Cluster.build(TWO_REGIONS, schedule=list(schedule))
+    req, gen = request(regions=frozenset({"eu", "us"}))
+    asked = []
+    open_ = c.open
+    c.open = lambda d, g: (asked.append(g.return_prompt_ids), open_(d, g))[1]
+    chunks, _ = await run(c, req, replace(gen, return_prompt_ids=True))
+    await c.close()
+    got = [x.prompt_token_ids for x in chunks if x.prompt_token_ids is not None]
+    assert got == [tuple(encode(gen.prompt))] and chunks[0].prompt_token_ids == got[0]
+    sent_before = 0 if schedule[0] else 1
+    assert asked == [True] * (sent_before + 1) + [False] * (len(asked) - sent_before - 1)
+    want = await uninterrupted()
+    assert [t for x in chunks for t in x.token_ids] == [t for x in want for t in x.token_ids]
+
+
 async def test_a_json_constrained_answer_is_retried_before_its_first_token_but_not_continued():
     from dataclasses import replace
     fmt = {"type": "json_object"}

@@ -832,3 +832,75 @@ async def test_a_pythonic_models_calls_reach_the_openai_client():
             pass
         final = await s.get_final_completion()
     assert [t.function.name for t in final.choices[0].message.tool_calls] == ["get_weather", "get_weather"]
+
+
+@pytest.mark.parametrize("kind", ["chat", "completion"])
+async def test_return_token_ids_gives_the_prompts_and_each_answers_ids_whole_and_streamed(kind):
+    """vLLM's return_token_ids (RL trainers read them): the prompt's ids as the engine read it
+    (chat: beside the choices, completions: in each choice) and each choice's generated ids;
+    streamed, the prompt's on each choice's first event and the generated ones as deltas."""
+    c, engines, _ = make()
+    seen = requests_seen(engines)
+    path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+    body = (chat("route this call", max_tokens=5, n=2, seed=3, return_token_ids=True) if kind == "chat" else
+            {"model": "m", "prompt": "route this call", "max_tokens": 5, "n": 2, "seed": 3, "return_token_ids": True})
+    r = await c.post(path, json=body)
+    assert r.status_code == 200, r.text
+    whole = r.json()
+    prompt_ids = list(seen[0].prompt_token_ids)
+    assert [g.return_prompt_ids for g in seen] == [True, True] and prompt_ids
+    if kind == "chat":
+        assert whole["prompt_token_ids"] == prompt_ids and "prompt_token_ids" not in whole["choices"][0]
+    else:
+        assert [ch["prompt_token_ids"] for ch in whole["choices"]] == [prompt_ids] * 2
+    ids = [ch["token_ids"] for ch in whole["choices"]]
+    assert [len(x) for x in ids] == [5, 5] and ids[0] != ids[1]
+    # the ids spell the text (the simulated engines' words)
+    texts = [ch["message"]["content"] if kind == "chat" else ch["text"] for ch in whole["choices"]]
+    for x, text in zip(ids, texts):
+        r = await c.post("/detokenize", json={"model": "m", "tokens": x})
+        assert r.json()["prompt"] == text
+    r = await c.post(path, json={**body, "stream": True})
+    got, prompts = {0: [], 1: []}, {0: [], 1: []}
+    for e in events(r.text):
+        ch = e["choices"][0]
+        got[ch["index"]] += ch["token_ids"]
+        p = e.get("prompt_token_ids") if kind == "chat" else ch.get("prompt_token_ids")
+        if p is not None:
+            prompts[ch["index"]].append(p)
+        assert kind == "completion" or "prompt_token_ids" not in ch
+    assert [got[0], got[1]] == ids and prompts == {0: [prompt_ids], 1: [prompt_ids]}
+    # not asked: none of these fields
+    r = await c.post(path, json={**body, "return_token_ids": False})
+    assert "prompt_token_ids" not in r.json() and not {"token_ids", "prompt_token_ids"} & r.json()["choices"][0].keys()
+
+
+async def test_return_token_ids_with_held_back_tool_call_text_loses_no_id():
+    """Text held back while a tool call may be starting sends no event: its ids go with the next."""
+    config = {**CONFIG, "models": [{"name": "m", "max_model_len": 4096, "tool_parser": "hermes"}]}
+    c, engines, _ = make(config)
+    scripted(engines, HERMES)
+    body = chat(tools=[WEATHER], return_token_ids=True)
+    r = await c.post("/v1/chat/completions", json=body)
+    assert r.json()["choices"][0]["token_ids"] == [0, 1, 2]
+    r = await c.post("/v1/chat/completions", json={**body, "stream": True})
+    evs = events(r.text)
+    assert [t for e in evs for t in e["choices"][0]["token_ids"]] == [0, 1, 2] and len(evs) < 3
+
+
+async def test_return_token_ids_hides_a_hidden_thinkings_ids_and_echo_shows_no_text():
+    """As vLLM's server: with include_reasoning false the generated ids (which hold the thinking)
+    are left out; completions' echo with return_token_ids echoes no text (the ids are there)."""
+    config = {**CONFIG, "models": [{"name": "m", "max_model_len": 4096, "reasoning_parser": "qwen3"}]}
+    c, engines, _ = make(config)
+    scripted(engines, ["<think>secret", "</think>answer"])
+    for stream in (False, True):
+        r = await c.post("/v1/chat/completions", json=chat(return_token_ids=True, include_reasoning=False,
+                                                           stream=stream))
+        assert "secret" not in r.text and "token_ids" not in r.text.replace("prompt_token_ids", "")
+        assert "prompt_token_ids" in r.text
+    c, _, _ = make()
+    r = await c.post("/v1/completions", json={"model": "m", "prompt": "route this", "max_tokens": 2, "echo": True,
+                                             "return_token_ids": True})
+    ch = r.json()["choices"][0]
+    assert not ch["text"].startswith("route this") and len(ch["prompt_token_ids"]) == 2

@@ -116,7 +116,7 @@ def test_bad_chat_input_is_400_naming_the_field(raw, param, fragment):
 
 
 @pytest.mark.parametrize("key,value,kind", [
-    ("prompt_logprobs", 1, "completion"), ("return_token_ids", True, "chat"), ("truncate_prompt_tokens", 8, "chat"),
+    ("prompt_logprobs", 1, "completion"), ("return_token_offsets", True, "chat"), ("truncate_prompt_tokens", 8, "chat"),
     ("use_beam_search", True, "completion"), ("cache_salt", "mine", "chat"), ("echo", True, "chat"),
     ("add_special_tokens", True, "chat"), ("add_special_tokens", False, "completion"),
     ("chat_template", "{{ x }}", "chat"), ("kv_transfer_params", {"do_remote_prefill": True}, "completion"),
@@ -129,7 +129,7 @@ def test_vllm_options_the_gateway_does_not_serve_are_refused_not_dropped(key, va
         (parse_chat if kind == "chat" else parse_completion)(raw)
     assert (e.value.status, e.value.param) == (400, key) and "not supported" in e.value.message
     # set to what means "not used", they pass, as a client library's defaults do
-    unset = {"prompt_logprobs": None, "return_token_ids": False, "truncate_prompt_tokens": None,
+    unset = {"prompt_logprobs": None, "return_token_offsets": False, "truncate_prompt_tokens": None,
              "use_beam_search": False, "cache_salt": None, "echo": False, "chat_template": None,
              "kv_transfer_params": None, "priority": 0}.get(key, kind == "completion")
     (parse_chat if kind == "chat" else parse_completion)(
