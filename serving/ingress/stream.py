@@ -153,6 +153,8 @@ class Stream:
             ok = True
         except BaseException as e:
             self.error = e
+            if self.group is not None and not self.job.parsed.stream and not _left(e):
+                self.group.failed = True  # a whole answer failed: the request is the client's error
             raise
         finally:
             await self.aclose(ok)
@@ -181,17 +183,27 @@ class Stream:
 
     async def _settle(self) -> None:
         if self.group is None:
-            await self.gw.admission.settle(self.job, self.ticket, self.prompt_tokens + self.completion_tokens)
+            await self.gw.admission.settle(self.job, self.ticket, self.billed)
         else:
             await self.group.settle(self)
 
     @property
-    def charged(self) -> int:
-        """Tokens this stream adds to the request's charge (a choice after the first: its
-        completion only; the prompt is charged once)."""
-        if self.ticket is None:
+    def billed(self) -> int:
+        """Tokens this stream adds to the request's bill: what reached the client. A choice after
+        the first adds its completion only (the prompt is billed once). Nothing when the client
+        got an error instead of the answer: no engine answered (every attempt failed before its
+        first token), a whole (non-streamed) answer failed, or another choice failed the request.
+        A streamed answer cut by an error, or one the client left, is billed what was generated."""
+        if self.first is None or (self.group is not None and self.group.failed):
+            return 0
+        if not self.job.parsed.stream and self.error is not None and not _left(self.error):
             return 0
         return self.completion_tokens + (self.prompt_tokens if self.job.choice == 0 else 0)
+
+    @property
+    def charged(self) -> int:
+        """Tokens this stream adds to its tenant's budget (`billed`, where a budget is kept)."""
+        return 0 if self.ticket is None else self.billed
 
     def _take(self, c: Chunk) -> None:
         if c.prompt_tokens:
@@ -230,6 +242,7 @@ class Choices:
                             for i in range(n)]
         self._settled: list[Stream] = []
         self.dispatching = asyncio.Lock()  # held by a choice from its engine call to its first chunk
+        self.failed = False  # the client gets an error, not the choices: nothing is billed
 
     async def open(self) -> None:
         """Every choice up to its first chunk, in order. If one cannot be opened, the others are
@@ -238,6 +251,7 @@ class Choices:
         try:
             await first.open()
         except BaseException:
+            self.failed = True
             for s in rest:
                 await s.discard()
             raise
@@ -253,6 +267,7 @@ class Choices:
             for s in rest:
                 await s.open()
         except BaseException:
+            self.failed = True
             for s in self.streams:  # the one that failed closed itself; those not reached are settled
                 await (s.aclose(ok=False) if s.first is not None else s.discard())
             raise
@@ -263,7 +278,7 @@ class Choices:
         self._settled.append(stream)
         if len(self._settled) == len(self.streams):
             self.gw.observer.choices_done(self)
-            await self.gw.admission.settle(self.job, self.ticket, self.prompt_tokens + self.completion_tokens)
+            await self.gw.admission.settle(self.job, self.ticket, sum(s.billed for s in self.streams))
 
     async def aclose(self) -> None:
         """Close every choice not closed yet (their engines abort; each is accounted once)."""
@@ -290,3 +305,9 @@ class Choices:
 
     def headers(self) -> dict[str, str]:
         return self.streams[0].headers()
+
+
+def _left(e: BaseException) -> bool:
+    """The stream ended because its reader stopped (the client left, or the request was
+    cancelled), not for an error of its own."""
+    return isinstance(e, (GeneratorExit, asyncio.CancelledError))

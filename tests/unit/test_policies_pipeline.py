@@ -640,3 +640,39 @@ async def test_what_can_never_be_served_is_a_400_before_the_budget_is_asked():
     finally:
         for e in engines.values():
             await e.close()
+
+
+@pytest.mark.parametrize("case", ["no-engine", "no-engine-n2", "second-choice", "cut"])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_request_the_client_got_only_an_error_for_is_billed_nothing(gw, stream, case):
+    """Found by a review: every replica failing before its first token billed the prompt (a
+    502/503 cost the tenant tokens). Billed is what reached the client: nothing for an error
+    status (a second choice that cannot start fails the request: the first one's work is not
+    billed either), nothing for a whole answer that failed midway; a streamed answer cut by
+    an error is billed what was sent."""
+    from serving.engines.base import Chunk
+    from serving.errors import EngineError
+
+    def failing(after: int):
+        async def generate(req):
+            for i in range(after):
+                yield Chunk(req.request_id, (i,), f" w{i}", None, 7, 0, i + 1)
+            raise EngineError("replica down")
+        return generate
+
+    first = next(iter(gw.engines_by_id))
+    for rid, e in gw.engines_by_id.items():
+        if case == "cut":
+            e.generate = failing(3)
+        elif case != "second-choice" or rid != first:
+            e.generate = failing(0)
+    n = 1 if case in ("no-engine", "cut") else 2
+    async with client(gw) as c:
+        r = await c.post("/v1/chat/completions", json=chat("acme", stream=stream, n=n), headers=auth("acme"))
+        used = day_budget((await c.get("/v1/budgets", headers=auth("acme"))).json())["used"]
+    if case == "cut" and stream:
+        assert r.status_code == 200 and '"error"' in r.text
+        sent = r.text.count('"content": " w') + r.text.count('"content":" w')  # a token an event
+        assert sent >= 3 and used == 7 + sent  # the prompt and the tokens the client got
+    else:
+        assert r.status_code in (502, 503) and used == 0, r.text
