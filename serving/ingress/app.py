@@ -133,7 +133,8 @@ def build_app(gw: Gateway) -> Starlette:
             request.state.error = e.code or e.type
             return _error(e, echo)
         request.state.labels = labels = _labels(choices)
-        resp = Responder(parsed.kind, rid, job.model, parsed.include_usage, top_logprobs=parsed.logprobs or 0)
+        # `model` names the model that answers (an alias's tier), as OpenAI names the snapshot
+        resp = Responder(parsed.kind, rid, choices.job.model, parsed.include_usage, top_logprobs=parsed.logprobs or 0)
         if parsed.stream:
             if parsed.continuous_usage:
                 resp.live_usage = lambda: _usage(choices)
@@ -152,6 +153,7 @@ def build_app(gw: Gateway) -> Starlette:
                 return _error(e, echo)
             answers = await _answers(choices, shown)
             request.state.labels = _labels(choices)
+            resp.model = choices.job.model
         body = resp.response([resp.choice(i, a.part.content, s.answer_finish_reason, a.part.tool_calls, a.part.reasoning,
                                           a.logprobs, s.stop_reason, a.token_ids, a.prompt_token_ids)
                               for i, (s, a) in enumerate(zip(choices.streams, answers))], _usage(choices),

@@ -141,6 +141,9 @@ async def test_auto_picks_a_tier_and_says_why(gw, headers, tier, reason):
     assert r.status_code == 200
     assert (r.headers["x-proxima-tier"], r.headers["x-proxima-tier-reason"]) == (tier, reason)
     assert r.headers["x-proxima-replica"].split("-")[1] == ("small" if tier == "small" else "big")
+    # the response names the model that answered, not the alias (found by a review: cost
+    # tracking that reads `model` could not tell the tiers apart)
+    assert r.json()["model"] == ("small" if tier == "small" else "big")
     assert f'proxima_delegation_total{{reason="{reason}",tier="{tier}"}} 1.0' in m
 
 
@@ -258,9 +261,10 @@ async def test_json_cascade(gw, stream, tier, reason, replica_model):
         events = [json.loads(x[6:]) for x in r.text.splitlines()
                   if x.startswith("data: ") and x != "data: [DONE]"]
         total = next(ev["usage"]["total_tokens"] for ev in events if ev.get("usage"))
-        assert day["used"] == total
+        assert day["used"] == total and {ev["model"] for ev in events} == {replica_model}
     else:  # both attempts were real work and are billed: same prompt, same max_tokens
         assert day["used"] == 2 * r.json()["usage"]["total_tokens"]
+        assert r.json()["model"] == replica_model  # the tier that redid it
     assert day["reserved"] == 0
 
 
