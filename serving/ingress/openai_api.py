@@ -302,11 +302,22 @@ class Parsed:
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
+MAX_DEPTH = 128  # JSON nesting a request may use (a tool's schema included): deeper is a 400
+
+
 def _load(body: bytes) -> Any:
     try:
-        raw = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
+        text = body.decode("utf-8")  # strict: JSON on the wire is UTF-8 (RFC 8259), surrogates are no text
+    except UnicodeDecodeError as e:
+        raise InvalidRequest(f"The body of your request is not UTF-8 text ({e.reason} at byte {e.start}).") from None
+    try:
+        raw = json.loads(text)
+    except ValueError as e:
         raise InvalidRequest(f"We could not parse the JSON body of your request: {e}") from None
+    except RecursionError:
+        raise InvalidRequest(f"The JSON body of your request is nested more than {MAX_DEPTH} levels deep.") from None
+    if text.count("[") + text.count("{") > MAX_DEPTH and _too_deep(raw):
+        raise InvalidRequest(f"The JSON body of your request is nested more than {MAX_DEPTH} levels deep.")
     if _SURROGATE_ESCAPE.search(body):  # a \uD800-\uDFFF escape: fine in pairs, no text alone
         try:
             json.dumps(raw, ensure_ascii=False).encode()
@@ -314,6 +325,21 @@ def _load(body: bytes) -> Any:
             raise InvalidRequest("The JSON body of your request has a lone surrogate escape (\\uD800-\\uDFFF "
                                  "without its pair): it is no Unicode text.") from None
     return raw
+
+
+def _too_deep(raw: Any) -> bool:
+    """Nested deeper than MAX_DEPTH (the stages after parsing recurse into schemas and values)."""
+    stack = [(raw, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict):
+            v = v.values()
+        elif not isinstance(v, list):
+            continue
+        if d > MAX_DEPTH:
+            return True
+        stack.extend((x, d + 1) for x in v if isinstance(x, (dict, list)))
+    return False
 
 
 # vLLM's request fields this gateway does not serve, with the value that means "not used":

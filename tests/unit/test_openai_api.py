@@ -17,7 +17,7 @@ TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "ob
 
 BAD_CHAT = [
     ("malformed-json", b'{"model": "m",', None, "could not parse the JSON body"),
-    ("not-utf8", b'\xff\xfe{', None, "could not parse the JSON body"),
+    ("not-utf8", b'\xff\xfe{', None, "is not UTF-8 text"),
     ("array-body", b"[1, 2]", None, "must be a JSON object"),
     ("no-model", json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode(), "model", "Field required"),
     ("empty-model", body(model=""), "model", "at least 1 character"),
@@ -308,3 +308,25 @@ def test_a_completion_takes_one_prompt_of_text_or_ids_and_names_a_batch():
         with pytest.raises(InvalidRequest, match="Exactly one prompt") as e:
             parse_completion({"model": "m", "prompt": batch})
         assert e.value.param == "prompt"
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "x": ' + b"[" * 129 + b"]" * 129 + b"}",
+    b'{"model": "m", "messages": [{"role": "user", "content": "a\xed\xa0\x80b"}]}',  # an encoded surrogate
+    '{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'.encode("utf-16"),
+], ids=["deep", "just-too-deep", "raw-surrogate", "utf-16"])
+def test_bodies_no_stage_could_take_are_a_400_not_a_500(raw):
+    """Found by a review: JSON nested deeper than Python recurses, or a UTF-8-encoded surrogate
+    (json.loads of bytes lets it through), reached later stages and failed there with a 500."""
+    with pytest.raises(InvalidRequest) as e:
+        parse_chat(raw)
+    assert e.value.status == 400 and ("nested more than 128" in e.value.message or "not UTF-8" in e.value.message)
+
+
+def test_a_body_nested_to_the_limit_is_read():
+    schema: dict = {"type": "string"}
+    for _ in range(60):  # a tool's schema 60 objects deep: 126 levels of JSON in the body
+        schema = {"type": "object", "properties": {"a": schema}}
+    p = parse_chat(body(tools=[{"type": "function", "function": {"name": "f", "parameters": schema}}]))
+    assert p.tools[0]["function"]["name"] == "f"
