@@ -62,6 +62,10 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 
+# The most prompt log-probability entries (tokens x alternatives x choices) an `echo` may ask
+# for: about 8 MB of JSON (an evaluation harness scoring a 32k-token prompt with logprobs 5 is 200k)
+MAX_ECHO_LOGPROBS = 262_144
+
 class RouterPort(Protocol):
     async def route(self, req: RouteRequest) -> Decision: ...
 
@@ -345,6 +349,15 @@ class Gateway:
                 f"{job.prompt_tokens + job.max_tokens} tokens ({job.prompt_tokens} in the messages, "
                 f"{job.max_tokens} in the completion{asked}). Please reduce the length of the messages "
                 "or completion.", param="messages" if job.parsed.kind == "chat" else "prompt")
+        p = job.parsed
+        if p.echo and p.logprobs is not None and p.n * job.prompt_tokens * (p.logprobs + 1) > MAX_ECHO_LOGPROBS:
+            # each choice repeats the prompt's logprobs: a short request could ask for a response
+            # of hundreds of MB, built on the ingress's event loop
+            raise InvalidRequest(
+                f"`echo` with `logprobs` {p.logprobs} and `n` {p.n} asks for {p.n * job.prompt_tokens * (p.logprobs + 1)} "
+                f"prompt log-probabilities ({job.prompt_tokens} prompt tokens, each with its alternatives, in each "
+                f"choice); at most {MAX_ECHO_LOGPROBS} are given. Lower `n` or `logprobs`: the prompt's are the "
+                "same in every choice.", param="n" if p.n > 1 else "logprobs")
         return job
 
     def _alias_limit(self) -> int:

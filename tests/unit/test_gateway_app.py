@@ -904,3 +904,17 @@ async def test_return_token_ids_hides_a_hidden_thinkings_ids_and_echo_shows_no_t
                                              "return_token_ids": True})
     ch = r.json()["choices"][0]
     assert not ch["text"].startswith("route this") and len(ch["prompt_token_ids"]) == 2
+
+
+async def test_echoed_prompt_logprobs_are_bounded_across_the_choices():
+    """Found by a review: a 12 KB request (4000 prompt ids, echo, logprobs 20, n 128) made a
+    341 MB response on the ingress's event loop. Each choice repeats the prompt's logprobs: past
+    MAX_ECHO_LOGPROBS entries in all, a 400 naming `n`; one choice of the same is served."""
+    from serving.ingress.pipeline import MAX_ECHO_LOGPROBS
+    c, _, _ = make({**CONFIG, "models": [{"name": "m", "max_model_len": 8192, "default_max_tokens": 4}]})
+    body = {"model": "m", "prompt": [7] * 4000, "max_tokens": 1, "echo": True, "logprobs": 20, "n": 128}
+    r = await c.post("/v1/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+    assert str(MAX_ECHO_LOGPROBS) in r.json()["error"]["message"]
+    r = await c.post("/v1/completions", json={**body, "n": 1})
+    assert r.status_code == 200 and len(r.json()["choices"][0]["logprobs"]["tokens"]) == 4001
