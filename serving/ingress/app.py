@@ -58,6 +58,9 @@ _EXPOSED = ("x-request-id", "x-proxima-region", "x-proxima-replica", "x-proxima-
 _NO_LABELS = ("", "", "")  # tenant, model, region: unknown (before auth, or not a completion)
 
 
+_OFF_LOOP_BYTES = 256 * 1024
+
+
 def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(sse.dumps(obj), status, headers, media_type="application/json")
 
@@ -115,7 +118,9 @@ def build_app(gw: Gateway) -> Starlette:
         try:
             principal = gw.auth.authenticate(request.headers.get("authorization"))
             request.state.labels = (principal.tenant, "", "")
-            parsed = parse(await body_of(request))
+            body = await body_of(request)
+            # a large body is parsed off the event loop: the streams it serves go on meanwhile
+            parsed = parse(body) if len(body) < _OFF_LOOP_BYTES else await asyncio.to_thread(parse, body)
             region = gw.client_region(request.headers.get("x-client-region"))
             extra = tuple((k, v) for k in _HEADERS if (v := request.headers.get(k)) is not None)
             job = gw.prepare(parsed, principal, region, rid, extra + tuple(echo.items()), arrived)

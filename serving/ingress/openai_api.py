@@ -238,7 +238,7 @@ class ChatRequest(_Common):
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1, le=2**31 - 1)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=2**31 - 1)
-    tools: list[Tool] | None = Field(default=None, min_length=1)
+    tools: list[Tool] | None = Field(default=None, min_length=1, max_length=128)  # OpenAI's limit
     # vLLM's extensions for a model's own chat template
     add_generation_prompt: bool = True
     continue_final_message: bool = False  # the answer goes on from the last (assistant) message

@@ -918,3 +918,21 @@ async def test_echoed_prompt_logprobs_are_bounded_across_the_choices():
     assert str(MAX_ECHO_LOGPROBS) in r.json()["error"]["message"]
     r = await c.post("/v1/completions", json={**body, "n": 1})
     assert r.status_code == 200 and len(r.json()["choices"][0]["logprobs"]["tokens"]) == 4001
+
+
+async def test_more_tools_than_openai_takes_are_a_400_and_a_large_body_is_read_off_the_loop(monkeypatch):
+    """Found by a review: 290k tools (16 MB) took ~15 s of the event loop to refuse (every other
+    stream froze). Tools are at most 128, as OpenAI's; a body over 256 KiB is parsed on a thread."""
+    import threading
+    from serving.ingress import app as app_module
+    c, _, _ = make()
+    tools = [{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)]
+    r = await c.post("/v1/chat/completions", json=chat(tools=tools, tool_choice="none"))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
+    threads = []
+    real = app_module.parse_chat
+    monkeypatch.setattr(app_module, "parse_chat", lambda b: threads.append(threading.current_thread()) or real(b))
+    for stops in (10, 5000):  # 1 KB, 330 KB
+        r = await c.post("/v1/chat/completions", json=chat(max_tokens=2, stop=["x" * 64] * stops))
+        assert r.status_code == 200
+    assert threads[0] is threading.main_thread() and threads[1] is not threading.main_thread()
