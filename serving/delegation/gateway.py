@@ -25,6 +25,9 @@ SLO_HEADER = "x-proxima-slo-ttft-ms"
 CHECK_HEADER = "x-proxima-tier-check"  # the small answer must pass this check (cascade)
 
 Predict = Callable[[RouteRequest], Awaitable[float]]
+# (job, model) -> the job with `model`'s own prompt ids (its tokenizer and template; the gateway
+# sets it): the prompt rules count the small tier's own tokens, not the alias's word ids
+TokenizeFor = Callable[[Any, str], Awaitable[Any]]
 
 
 class TierDelegation:
@@ -33,6 +36,7 @@ class TierDelegation:
         self.cfg, self.predict, self.slo_ttft_ms = cfg, predict, slo_ttft_ms
         self.on_choice = on_choice
         self.aliases = frozenset({cfg.alias})
+        self.tokenize_for: TokenizeFor | None = None
 
     async def resolve(self, job: Any) -> Any:
         if job.model != self.cfg.alias:
@@ -40,7 +44,11 @@ class TierDelegation:
         headers = dict(job.headers)
         slo = self._slo(headers.get(SLO_HEADER))
         p = job.parsed
-        f = Features(job.prompt_tokens, has_tools=bool(getattr(p, "tools", False)),
+        small = self.cfg.tier(self.cfg.small)
+        as_small = job  # the prompt as the small tier counts it (an alias comes with word ids)
+        if self.tokenize_for is not None and headers.get(HEADER) is None:
+            as_small = await self.tokenize_for(job, small.model)
+        f = Features(as_small.prompt_tokens, has_tools=bool(getattr(p, "tools", False)),
                      json_format=is_json_format(getattr(p, "response_format", None)),
                      header_tier=headers.get(HEADER), slo_ttft_ms=slo, stream=p.stream,
                      needs_tool_parser=bool(getattr(p, "tools", False))
@@ -66,7 +74,8 @@ class TierDelegation:
         extra = tuple(choice.headers().items())
         if choice.check_then_large:
             extra += ((CHECK_HEADER, p.response_format["type"]),)
-        return replace(job, model=choice.model, reply_headers=job.reply_headers + extra)
+        base = as_small if choice.model == small.model else job  # tokenized once if it is the small one
+        return replace(base, model=choice.model, reply_headers=job.reply_headers + extra)
 
     def cascade(self, job: Any, text: str) -> Any | None:
         """The job to redo on the large tier if this small answer fails its check, else None.

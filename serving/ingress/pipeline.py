@@ -187,6 +187,8 @@ class Gateway:
         self.router, self.engines = router, engines
         self.admission = admission or Admission()
         self.delegation = delegation or Delegation()
+        if hasattr(self.delegation, "tokenize_for"):  # its prompt rules count a tier's own tokens
+            self.delegation.tokenize_for = self._tokenized_for
         self.failover = failover  # serving.failover.gateway.CircuitFeed: attempts feed the breakers
         self.metrics = metrics or GatewayMetrics()
         obs = config.observability
@@ -428,6 +430,11 @@ class Gateway:
         choices = Choices(self, job, ticket)
         await choices.open()
         return choices
+
+    async def _tokenized_for(self, job: Job, model: str) -> Job:
+        """`job` with `model`'s own prompt ids (word ids where it has no tokenizer of its own)."""
+        job = replace(job, model=model)
+        return await self._off_loop(self.tokenize, job) if model in self.hf else self.tokenize(job)
 
     async def _off_loop(self, fn: Callable[[Any], _T], arg: Any) -> _T:
         """A tokenizer's CPU work, on the tokenizer thread: the event loop goes on serving streams."""

@@ -43,7 +43,10 @@ def delegation_config(cfg: Config) -> DelegationConfig | None:
     tiers = []
     for name, t in d.tiers.items():
         m = cfg.model(t.model)
-        tiers.append(Tier(name, t.model, m.default_max_tokens if m else 256, t.max_prompt_tokens,
+        longest = t.max_prompt_tokens  # what the tier takes: its own limit, within its context (room for a token)
+        if m is not None and m.max_model_len:
+            longest = min(longest or m.max_model_len, m.max_model_len - 1)
+        tiers.append(Tier(name, t.model, m.default_max_tokens if m else 256, longest,
                           reads_tools=m is None or m.tool_parser is not None))
     return DelegationConfig(tuple(tiers), small=d.small, large=d.large, default=d.default, alias=d.alias,
                             short_prompt_tokens=d.short_prompt_tokens,

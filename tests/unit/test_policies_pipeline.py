@@ -680,3 +680,35 @@ async def test_a_request_the_client_got_only_an_error_for_is_billed_nothing(gw, 
         assert sent >= 3 and used == 7 + sent  # the prompt and the tokens the client got
     else:
         assert r.status_code in (502, 503) and used == 0, r.text
+
+
+@pytest.mark.parametrize("small_context,max_prompt,short", [(4096, 200, 50), (512, None, 0)],
+                         ids=["max_prompt_tokens", "context"])
+async def test_auto_counts_the_prompt_in_the_small_tiers_own_tokens(tiny_tokenizer, small_context, max_prompt,
+                                                                    short):  # noqa: F811
+    """Found by a review: the prompt rules read the alias's word count, so a one-word prompt of
+    545 tokens was `short_prompt` (<= 50) and sent to a small tier that takes 200 (served past
+    its limit), or to one whose context is 512 (a 400 the large tier would have served)."""
+    path, _ = tiny_tokenizer
+    models = [{"name": "big", "default_max_tokens": 32, "tokenizer": path, "max_model_len": 4096},
+              {"name": "small", "default_max_tokens": 32, "tokenizer": path, "max_model_len": small_context}]
+    deleg = {"tiers": {"small": {"model": "small", "max_prompt_tokens": max_prompt}, "large": {"model": "big"}},
+             "short_prompt_tokens": short, "default": "small"}
+    cfg = load_config(CONFIG | {"models": models, "delegation": deleg})
+    engines = {f"{r}-{m}-0": SimEngine(f"{r}-{m}-0", r, m, profile="llama3-1b-h100")
+               for m in ("big", "small") for r in ("us", "eu")}
+    router = LocalRouter(Router("latency", seed=0, default_profile="llama3-1b-h100"), LocalEngines(engines))
+    gw = Gateway(cfg, router, router.engines, **gateway_policies(cfg, router))
+    try:
+        async with client(gw) as c:
+            body = {"model": "auto", "max_tokens": 4, "messages": [{"role": "user", "content": "abcdefghij" * 60}]}
+            r = await c.post("/v1/chat/completions", json=body, headers=auth("euco"))
+            assert r.status_code == 200, r.text
+            assert (r.headers["x-proxima-tier"], r.headers["x-proxima-tier-reason"]) == ("large", "long_prompt")
+            assert r.json()["model"] == "big" and r.json()["usage"]["prompt_tokens"] > 512
+            body["messages"][0]["content"] = "zo ba"  # a short one still goes small
+            r = await c.post("/v1/chat/completions", json=body, headers=auth("euco"))
+            assert r.status_code == 200 and r.headers["x-proxima-tier"] == "small"
+    finally:
+        for e in engines.values():
+            await e.close()
