@@ -21,6 +21,7 @@ start full on restart; a restart grants at most one extra minute of rate.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from collections import defaultdict
 from datetime import datetime, timezone
@@ -28,7 +29,7 @@ from typing import Callable, Mapping
 
 from serving.admission.budget import BudgetPolicy, Reservation, TokenBucket
 from serving.admission.store import Store
-from serving.errors import BudgetExceeded
+from serving.errors import BudgetExceeded, LedgerUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,16 @@ class Ledger:
     # --- admission ----------------------------------------------------------
     def reserve(self, request_id: str, tenant: str, tokens: int,
                 session: str | None = None) -> Reservation:
-        """Hold `tokens` for a request or raise BudgetExceeded naming the budget."""
+        """Hold `tokens` for a request or raise BudgetExceeded naming the budget; LedgerUnavailable
+        (503) if the file cannot take the hold (locked by another process, a full disk): nothing
+        is held then, the rate buckets included."""
+        try:
+            return self._reserve(request_id, tenant, tokens, session)
+        except sqlite3.Error as e:
+            log.error("ledger: reservation for %s not recorded: %s: %s", request_id, type(e).__name__, e)
+            raise LedgerUnavailable("The budget ledger could not record the reservation; retry shortly.") from None
+
+    def _reserve(self, request_id: str, tenant: str, tokens: int, session: str | None) -> Reservation:
         if request_id in self.open:
             return self.open[request_id][0]  # a retried admission holds once
         now = self.clock()
@@ -95,11 +105,11 @@ class Ledger:
                                 wait if wait != float("inf") else 60.0,
                                 "the request alone is larger than this rate allows; lower max_tokens"
                                 if wait == float("inf") else "tokens refill continuously")
-        for _, b in buckets:
-            b.take(tokens, now)
         r = Reservation(request_id, tenant, tokens, day, session)
         if self.store is not None:
-            self.store.hold(r, now)
+            self.store.hold(r, now)  # first: if the file refuses it, nothing was taken
+        for _, b in buckets:
+            b.take(tokens, now)
         self._hold(r, now)
         return r
 

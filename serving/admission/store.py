@@ -34,9 +34,11 @@ _ADD = ("INSERT INTO usage (tenant, scope, key, tokens) VALUES (?, ?, ?, ?) "
 
 
 class Store:
-    def __init__(self, path: str):
+    def __init__(self, path: str, busy_timeout_s: float = 1.0):
         self.path = path
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        # a file another process holds locked fails a write after busy_timeout_s (a reservation:
+        # a 503 to retry), not sqlite3's 5 s default on every call
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_s)
         if path != ":memory:":
             mode = self.db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode.lower() != "wal":

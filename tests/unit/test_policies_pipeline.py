@@ -712,3 +712,31 @@ async def test_auto_counts_the_prompt_in_the_small_tiers_own_tokens(tiny_tokeniz
     finally:
         for e in engines.values():
             await e.close()
+
+
+async def test_a_ledger_file_locked_by_another_process_is_a_503_that_takes_nothing(tmp_path):
+    """Found by a review: an operator's tool holding the ledger file's write lock made each
+    capped request a 500 after 5 s, and the refused request's tokens stayed taken from the rate
+    bucket. Now: a 503 `ledger_unavailable` with Retry-After after ~1 s, the bucket untouched."""
+    import sqlite3
+    path = str(tmp_path / "ledger.db")
+    acme = {**CONFIG["auth"]["tenants"]["acme"], "budget": {"tokens_per_day": 100000, "tokens_per_minute": 1000}}
+    cfg = load_config(CONFIG | {"budgets": {"ledger_path": path},
+                                "auth": {"tenants": {**CONFIG["auth"]["tenants"], "acme": acme}}})
+    gw, engines = one_big_per_region(cfg)
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        async with client(gw) as c:
+            other.execute("BEGIN EXCLUSIVE")
+            t0 = time.monotonic()
+            r = await c.post("/v1/chat/completions", json=chat("acme", max_tokens=500), headers=auth("acme"))
+            assert r.status_code == 503 and r.json()["error"]["code"] == "ledger_unavailable"
+            assert r.headers["retry-after"] == "1" and time.monotonic() - t0 < 3
+            other.execute("ROLLBACK")
+            assert gw.admission.ledger.ledger.buckets[("acme", None)].level == pytest.approx(1000, abs=5)
+            r = await c.post("/v1/chat/completions", json=chat("acme", max_tokens=500), headers=auth("acme"))
+            assert r.status_code == 200, r.text
+    finally:
+        other.close()
+        for e in engines.values():
+            await e.close()
