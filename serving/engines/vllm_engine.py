@@ -21,6 +21,7 @@ tenant's `cache_salt` keeps its blocks apart. vLLM failures become EngineError
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -30,6 +31,8 @@ from serving.engines.base import SAMPLING_ALL, Chunk, GenerateRequest, PromptLog
 from serving.engines.pending import PendingPrefill
 from serving.errors import ContextLengthExceeded, EngineError, InvalidRequest
 from serving.types import Health, ReplicaSnapshot
+
+log = logging.getLogger(__name__)
 
 
 class VLLMEngine:
@@ -160,7 +163,8 @@ class VLLMEngine:
                 raise InvalidRequest(msg) from None
             if self.engine is not None and getattr(self.engine, "errored", False):
                 self.health = Health.DOWN
-            raise EngineError(f"replica {self.replica_id}: {type(e).__name__}: {e}") from None
+            log.warning("replica %s: %s: %s", self.replica_id, type(e).__name__, e)  # the detail: the log only
+            raise EngineError(f"replica {self.replica_id} failed ({type(e).__name__})") from None
         finally:
             self.pending.done(rid)
             if not finished and self.engine is not None:

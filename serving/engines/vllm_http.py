@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from dataclasses import replace
 from typing import Any, AsyncIterator
@@ -35,6 +36,8 @@ from serving.engines.base import Chunk, GenerateRequest, PromptLogprob, TokenLog
 from serving.engines.pending import PendingPrefill
 from serving.errors import ContextLengthExceeded, EngineError, InvalidRequest, ProximaError
 from serving.types import Health, ReplicaSnapshot
+
+log = logging.getLogger(__name__)
 
 METRICS = frozenset({
     "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
@@ -108,7 +111,7 @@ class VLLMHttpEngine:
                                           headers={"X-Request-Id": rid, **dict(request.trace_headers),
                                                    **(headers or {})})
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
-                raise self._down(f"replica {self.replica_id} unreachable: {type(e).__name__}: {e}") from None
+                raise self._down(f"replica {self.replica_id} unreachable", e) from None
             if resp.status != 200:
                 raise await self._http_error(resp)
             self._streams[rid] = resp
@@ -158,7 +161,7 @@ class VLLMHttpEngine:
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
             if rid in self._aborted:  # we closed it (abort): the replica is fine
                 raise asyncio.CancelledError(f"request {rid} aborted") from None
-            raise self._down(f"replica {self.replica_id} failed mid-stream: {type(e).__name__}: {e}") from None
+            raise self._down(f"replica {self.replica_id} failed mid-stream", e) from None
         finally:
             self._aborted.discard(rid)
             self.pending.done(rid)
@@ -221,7 +224,7 @@ class VLLMHttpEngine:
                     raise EngineError(f"replica {self.replica_id}: reset_prefix_cache returned {r.status} "
                                       "(start vLLM with VLLM_SERVER_DEV_MODE=1)")
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
-            raise self._down(f"replica {self.replica_id} unreachable: {type(e).__name__}: {e}") from None
+            raise self._down(f"replica {self.replica_id} unreachable", e) from None
         self.pending.clear()
 
     # --- internals ------------------------------------------------------------------
@@ -257,9 +260,19 @@ class VLLMHttpEngine:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
         return self._session
 
-    def _down(self, message: str) -> EngineError:
+    def _down(self, message: str, cause: BaseException | None = None) -> EngineError:
+        """The replica is down. The client's error names the replica and the kind of failure; the
+        cause's own text (URLs, hosts, the engine's internals) goes to the log only."""
         self.health = Health.DOWN
-        return EngineError(message)
+        if cause is None:
+            return EngineError(message)
+        log.warning("%s: %s: %s", message, type(cause).__name__, cause)
+        return EngineError(f"{message} ({type(cause).__name__})")
+
+    def _failed(self, msg: str, status: int | str | None) -> EngineError:
+        """An engine's own error (5xx): its text is logged, the client's error only says so."""
+        log.warning("replica %s: engine error %s: %s", self.replica_id, status or "", msg)
+        return EngineError(f"replica {self.replica_id}: the engine failed" + (f" (status {status})" if status else ""))
 
     def _stream_error(self, err: Any) -> ProximaError:
         """An error event in vLLM's stream: the request's fault (a 4xx code, say a JSON schema its
@@ -270,7 +283,7 @@ class VLLMHttpEngine:
             client = 400 <= int(code) < 500 and int(code) not in (408, 429)
         except (TypeError, ValueError):
             client = isinstance(err, dict) and err.get("type") in ("BadRequestError", "invalid_request_error")
-        return _request_error(msg) if client else EngineError(f"replica {self.replica_id}: {msg}")
+        return _request_error(msg) if client else self._failed(msg, code)
 
     async def _http_error(self, resp: aiohttp.ClientResponse) -> ProximaError:
         try:
@@ -284,7 +297,7 @@ class VLLMHttpEngine:
             return _request_error(msg)
         if resp.status >= 500:
             self.health = Health.DOWN if resp.status in (502, 503) else self.health
-        return EngineError(f"replica {self.replica_id}: {msg}")
+        return self._failed(msg, resp.status)
 
     async def _poll_loop(self) -> None:
         while True:
