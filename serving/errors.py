@@ -79,10 +79,11 @@ class ModelNotFound(NotFound):
 class _RetryAfter(ProximaError):
     status, type = 429, "rate_limit_error"
 
-    def __init__(self, message: str, *, retry_after_s: float = 1.0, **kw: Any):
+    def __init__(self, message: str, *, retry_after_s: float | None = 1.0, **kw: Any):
         super().__init__(message, **kw)
-        self.retry_after_s = max(0.0, retry_after_s)
-        self.headers.setdefault("Retry-After", str(max(1, int(round(self.retry_after_s + 0.499)))))
+        self.retry_after_s = None if retry_after_s is None else max(0.0, retry_after_s)
+        if self.retry_after_s is not None:  # None: waiting will not help (no Retry-After)
+            self.headers.setdefault("Retry-After", str(max(1, int(round(self.retry_after_s + 0.499)))))
 
 
 class BudgetExceeded(_RetryAfter):

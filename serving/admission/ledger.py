@@ -102,7 +102,7 @@ class Ledger:
             wait = b.wait_s(tokens, now)
             if wait > 0:
                 raise _exceeded(tenant, name, int(b.capacity), int(b.capacity - b.level), tokens,
-                                wait if wait != float("inf") else 60.0,
+                                wait if wait != float("inf") else None,
                                 "the request alone is larger than this rate allows; lower max_tokens"
                                 if wait == float("inf") else "tokens refill continuously")
         r = Reservation(request_id, tenant, tokens, day, session)
@@ -197,7 +197,9 @@ class Ledger:
         used, held = self.used[(tenant, *key)], self.held[(tenant, *key)]
         if used + held + tokens <= limit:
             return
-        if used + tokens <= limit:  # it fits once requests in flight settle
+        if tokens > limit:  # no wait helps: no Retry-After
+            wait, why = None, "the request alone is larger than this budget; lower max_tokens (or n)"
+        elif used + tokens <= limit:  # it fits once requests in flight settle
             wait, why = 1.0, "requests in flight hold the rest; retry when they finish"
         elif resets_in is not None:
             wait, why = resets_in, "the budget resets at 00:00 UTC"
@@ -239,7 +241,7 @@ class Ledger:
         return r
 
 
-def _exceeded(tenant: str, name: str, limit: int, used: int, tokens: int, wait: float,
+def _exceeded(tenant: str, name: str, limit: int, used: int, tokens: int, wait: float | None,
               why: str) -> BudgetExceeded:
     e = BudgetExceeded(
         f"Token budget `{name}` of tenant `{tenant}` exceeded: limit {limit}, in use {used}, "
