@@ -28,7 +28,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from serving.engines.factory import known_kinds
+from serving.engines.factory import check_options, known_kinds
 from serving.engines.profiles import PROFILES
 from serving.routing.policies import POLICIES, make_policy
 
@@ -324,7 +324,7 @@ class Config(_Strict):
     home_region: str
     rtt_ms: dict[str, dict[str, float]] = Field(default_factory=dict)
     router: RouterConfig = Field(default_factory=RouterConfig)
-    models: list[ModelConfig]
+    models: list[ModelConfig] = Field(min_length=1)
     regions: dict[str, RegionConfig]
     auth: AuthConfig = Field(default_factory=AuthConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
@@ -356,10 +356,21 @@ class Config(_Strict):
                     raise _Keyed(f"rtt_ms.{client}.{server}", "unknown region (not under regions)")
                 if v < 0:
                     raise _Keyed(f"rtt_ms.{client}.{server}", "must be >= 0")
+        if self.rtt_ms:  # a partial matrix would read a missing pair as 0 ms: the nearest region
+            given = {(c, s) for c, row in self.rtt_ms.items() for s in row}
+            for c in self.regions:
+                for s in self.regions:
+                    if c != s and (c, s) not in given and (s, c) not in given:
+                        raise _Keyed(f"rtt_ms.{c}.{s}", "missing: give every pair of regions (one way is "
+                                                        "mirrored), or no rtt_ms at all (every pair 0 ms)")
         for name, r in self.regions.items():
             for m in r.models or ():
                 if m not in names:
                     raise _Keyed(f"regions.{name}.models", f"unknown model {m!r}; configured: {names}")
+            try:
+                check_options(r.engine.kind, r.engine.options, self.region_models(name))
+            except ValueError as e:
+                raise _Keyed(f"regions.{name}.engine.options", str(e)) from None
             for m in r.per_model:
                 if m not in self.region_models(name):
                     raise _Keyed(f"regions.{name}.per_model.{m}", f"model not served in this region; "

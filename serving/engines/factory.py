@@ -65,6 +65,25 @@ def make_engine(spec: EngineSpec) -> Engine:
 SIM_OPTIONS = {"time_scale"}
 
 
+def check_options(kind: str, options: dict[str, Any], models: list[str]) -> None:
+    """A built-in kind's options, checked when the config loads (a typo must not first show in
+    an engine replica's constructor, in the Serve controller's log): unknown keys and a missing
+    required one raise ValueError. A kind registered elsewhere checks its own when built."""
+    if kind == "sim":
+        unknown = sorted(set(options) - SIM_OPTIONS)
+        if unknown:
+            raise ValueError(f"engine options {unknown} are not known to kind 'sim' (known: {sorted(SIM_OPTIONS)})")
+        return
+    if kind not in ("vllm", "vllm_http"):
+        return
+    from serving.engines.vllm_engine import ENGINE_OPTIONS, model_options  # light: vLLM is imported lazily
+    from serving.engines.vllm_http import HTTP_OPTIONS
+    known, need = (ENGINE_OPTIONS, "model_path") if kind == "vllm" else (HTTP_OPTIONS, "url")
+    for model in models:
+        if not model_options(kind, options, model, known).get(need):
+            raise ValueError(f"engine kind {kind!r} needs options.{need} (model {model!r})")
+
+
 def make_sim(spec: EngineSpec) -> Engine:
     from serving.engines.sim import SimEngine
 
