@@ -22,6 +22,7 @@ from pathlib import Path
 from serving.sim.loop import run_policies
 from serving.sim.scenario import PolicySpec, ScenarioError, load
 from serving.sim.tracegen import write_trace
+from serving.sim.workload import arrivals
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,11 +63,14 @@ def main(argv: list[str] | None = None) -> int:
                     raise ScenarioError(f"--autoscaler {name}: not in autoscaling.compare {sorted(known)}")
             sc = replace(sc, autoscaling=replace(sc.autoscaling,
                                                  variants=tuple(known[n] for n in args.autoscaler)))
+        if next(iter(arrivals(sc)), None) is None:
+            raise ScenarioError(f"workload: no request arrives in [0, duration_s) ({sc.duration_s:g} s): "
+                                "check the rates, the traces and their start_s/end_s")
+        t0 = time.perf_counter()
+        res = run_policies(sc, specs, progress=not args.quiet)  # a trace is read as it is replayed
     except ScenarioError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    t0 = time.perf_counter()
-    res = run_policies(sc, specs, progress=not args.quiet)
     series = res.pop("_series")
     res["wall_s"] = round(time.perf_counter() - t0, 2)
     text = json.dumps(res, indent=2)

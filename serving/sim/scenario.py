@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from serving.engines.profiles import PROFILES
-from serving.routing.policies import POLICIES
+from serving.routing.policies import POLICIES, make_policy
 from serving.sim.checks import (ScenarioError, as_list, as_mapping, integer, known_keys, length_knob,
                                 number)
 
@@ -220,7 +220,7 @@ def _source(raw: Any, k: str, base_dir: Path, known_regions: set[str]) -> Source
     if gen not in GENERATORS:
         raise ScenarioError(f"{k}.generator: unknown generator {gen!r}; known: {list(GENERATORS)}")
     params = {p: v for p, v in s.items() if p not in common and p != "generator"}
-    known_keys(params, set(GENERATOR_PARAMS[gen]), k + ".")
+    known_keys(params, set(GENERATOR_PARAMS[gen]) | common | {"generator"}, k + ".")  # all it may name
     for p, v in params.items():
         length_knob(v, f"{k}.{p}")
     if "rate_per_s" not in s:
@@ -262,6 +262,10 @@ def _policies(raw: Any) -> tuple[PolicySpec, ...]:
             spec = PolicySpec(str(d.get("name", pol)), pol, dict(as_mapping(d.get("options", {}), k + ".options")))
         if spec.policy not in POLICIES:
             raise ScenarioError(f"{k}: unknown routing policy {spec.policy!r}; known: {sorted(POLICIES)}")
+        try:
+            make_policy(spec.policy, **spec.options)
+        except (ValueError, TypeError) as e:
+            raise ScenarioError(f"{k}.options: {e}") from None
         out.append(spec)
     labels = [p.label for p in out]
     if len(set(labels)) != len(labels) or not out:

@@ -99,7 +99,8 @@ def _source(sc: Scenario, i: int, src: Source) -> Iterator[Arrival]:
 # --- traces -------------------------------------------------------------------
 @lru_cache(maxsize=8)
 def read_trace(path: Path) -> tuple[tuple, ...]:
-    """Parsed rows (t_ms, input, output, hash_ids, region, session, tenant), validated once."""
+    """Parsed rows (t_ms, input, output, hash_ids, region, session, tenant, line), validated once,
+    in time order (`line`: where the record is in the file, for errors)."""
     rows = []
     with open(path) as f:
         for n, line in enumerate(f, 1):
@@ -109,7 +110,7 @@ def read_trace(path: Path) -> tuple[tuple, ...]:
                 r = json.loads(line)
                 row = (float(r["timestamp"]), int(r["input_length"]), int(r["output_length"]),
                        tuple(int(h) for h in r.get("hash_ids", ())), r.get("region"),
-                       r.get("session_id"), r.get("tenant"))
+                       r.get("session_id"), r.get("tenant"), n)
             except (ValueError, KeyError, TypeError) as e:
                 raise ScenarioError(f"{path}:{n}: bad trace record ({type(e).__name__}: {e})") from None
             if row[1] < 1 or row[2] < 1:
@@ -122,13 +123,13 @@ def read_trace(path: Path) -> tuple[tuple, ...]:
 def _trace(sc: Scenario, i: int, src: Source, end: float) -> Iterator[Arrival]:
     known = set(sc.regions) | set(sc.rtt_ms)
     fallback = src.default_region or next(iter(sc.regions))
-    for n, (t_ms, inp, out, ids, region, session, tenant) in enumerate(read_trace(src.path)):
+    for n, (t_ms, inp, out, ids, region, session, tenant, line) in enumerate(read_trace(src.path)):
         t = src.start_s + t_ms * src.time_scale / 1000.0
         if t >= end:
             return
         region = region or fallback
         if region not in known:
-            raise ScenarioError(f"{src.path}: record {n + 1}: region {region!r} is not in the scenario")
+            raise ScenarioError(f"{src.path}:{line}: region {region!r} is not in the scenario")
         segs = []
         left = inp
         for h in ids:

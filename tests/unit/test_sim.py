@@ -147,6 +147,32 @@ def test_cli_writes_results_json(tmp_path, capsys):
     assert res["policies"]["latency"]["requests"] > 0
 
 
+@pytest.mark.parametrize("case,message", [
+    ("bad-line", ":3: bad trace record (JSONDecodeError"),
+    ("bad-region", ":1: region 'mars' is not in the scenario"),  # the file's line, not the sorted order
+    ("no-arrivals", "workload: no request arrives"),
+    ("policy-options", "policies[0].options: bad options for routing policy 'latency'"),
+])
+def test_cli_bad_input_is_an_error_line_and_exit_2(tmp_path, capsys, case, message):
+    """Found by a newcomer review: a bad trace line or policy option printed a traceback (exit 1),
+    and a workload with no request ran to empty results (exit 0)."""
+    trace = tmp_path / "t.jsonl"
+    good = '{"timestamp": %d, "input_length": 100, "output_length": 10, "hash_ids": [1]}'
+    lines = {"bad-line": [good % 0, good % 5, '{"timestamp": 9, "input_len'],
+             "bad-region": ['{"timestamp": 50, "input_length": 100, "output_length": 10, "region": "mars"}', good % 0],
+             "no-arrivals": [], "policy-options": [good % 0]}[case]
+    trace.write_text("\n".join(lines) + "\n")
+    d = small(duration_s=10)
+    d["workload"] = [{"trace": str(trace)}]
+    if case == "policy-options":
+        d["policies"] = [{"name": "x", "policy": "latency", "options": {"bogus": 1}}]
+    path = tmp_path / "s.yaml"
+    path.write_text(json.dumps(d))
+    assert main(["run", str(path), "--quiet", "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
 def test_trace_command_round_trips(tmp_path):
     path = tmp_path / "s.yaml"
     d = small(duration_s=20)

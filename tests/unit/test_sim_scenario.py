@@ -120,3 +120,12 @@ def test_trace_blocks_map_onto_engine_blocks_and_tenants_never_share(tmp_path):
     # The chain is seeded like the router's own: model and salt.
     assert h.root("default", "a") != h.root("default", "b")
     assert hashes_from_ids([1], "default", "a") != hashes_from_ids([1], "default", "b")
+
+
+def test_a_generators_typo_lists_every_key_it_may_name():
+    """Found by a newcomer review: `rate_per_sec` was answered with only the generator's own
+    knobs as allowed, not rate_per_s, diurnal, tenant, ..."""
+    with pytest.raises(ScenarioError) as e:
+        parse(_bad(lambda d: d["workload"][1].update(rate_per_sec=3)), base_dir=SCENARIOS)
+    assert str(e.value).startswith("workload[1].rate_per_sec: unknown key")
+    assert "'rate_per_s'" in str(e.value) and "'diurnal'" in str(e.value)
