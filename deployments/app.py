@@ -30,10 +30,11 @@ import yaml
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
-from serving.config import load_config
+from serving.config import ConfigError, load_config
 from serving.ray.autoscaler import AutoscalerDeployment
 from serving.ray.engine import EngineDeployment
 from serving.ray.ingress import IngressDeployment, engine_key
+from serving.ray.router_actor import shared_config
 
 ROUTER_CLASS = "serving.ray.request_router:DecisionRouter"
 
@@ -48,13 +49,19 @@ def _config_dict(args: dict[str, Any]) -> dict[str, Any]:
     if path is not None:
         if args:
             raise ValueError(f"args: give either config_path or an inline config, not both ({sorted(args)})")
-        return yaml.safe_load(Path(path).read_text())
+        try:
+            return yaml.safe_load(Path(path).read_text())
+        except OSError as e:
+            raise ConfigError(f"config_path: cannot read {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config_path: {path} is not valid YAML: {e}") from None
     return args
 
 
 def build_app(args: dict[str, Any]) -> Application:
     raw = _config_dict(args)
     cfg = load_config(raw)  # fail here, naming the key, before anything is deployed
+    shared = shared_config(raw)  # engines and the autoscaler never see `auth` (keys' hashes, tenants)
     engines = {}
     for region, r in cfg.regions.items():
         if r.replicas == 0:
@@ -76,11 +83,11 @@ def build_app(args: dict[str, Any]) -> Application:
                 max_ongoing_requests=cfg.serve.engine_max_ongoing_requests,
                 ray_actor_options=actor, **placement,
                 request_router_config=RequestRouterConfig(request_router_class=ROUTER_CLASS),
-            ).bind(raw, region, model)
+            ).bind(shared, region, model)
     autoscaler = None
     if cfg.autoscaler is not None:  # needs the app deployed with external_scaler_enabled: true
         autoscaler = AutoscalerDeployment.options(name="autoscaler").bind(
-            raw, {k: engine_name(*k.split("/", 1)) for k in engines})
+            shared, {k: engine_name(*k.split("/", 1)) for k in engines})
     return IngressDeployment.options(
         name="ingress", num_replicas=cfg.serve.ingress_replicas,
         max_ongoing_requests=cfg.serve.ingress_max_ongoing_requests,

@@ -25,7 +25,7 @@ from serving.ingress.app import build_app
 from serving.ingress.pipeline import Gateway
 from serving.ingress.metrics import GatewayMetrics
 from serving.ingress.policies import budget_policies, gateway_policies
-from serving.ray.ledger import LedgerClient, start_ledger
+from serving.ray.ledger import LedgerClient, ledger_name, start_ledger
 from serving.observability.logs import configure_logging
 from serving.ray.request_router import gone
 from serving.ray.router_actor import RayRouter, actor_name, router_actor
@@ -87,7 +87,8 @@ class IngressDeployment:
             return telemetry_actor(actor_name("telemetry", config), obs.max_sessions, obs.max_steps_per_session)
 
         def led():
-            return start_ledger(budget_policies(cfg), cfg.budgets.ledger_path, name=actor_name("ledger", config),
+            return start_ledger(budget_policies(cfg), cfg.budgets.ledger_path,
+                                name=ledger_name(cfg.budgets.ledger_path, actor_name("ledger", config)),
                                 reservation_ttl_s=cfg.budgets.reservation_ttl_s)
 
         # /metrics and session steps for the whole fleet, not this replica's

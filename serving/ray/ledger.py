@@ -13,6 +13,7 @@ project's own error, not a RayTaskError wrapper.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict
 from typing import Any, Callable
 
@@ -50,6 +51,11 @@ class LedgerActor:
     def touch(self, request_ids: list[str]) -> int:
         return self.ledger.touch(request_ids)
 
+    def set_policies(self, policies: dict[str, dict[str, Any]], reservation_ttl_s: float) -> None:
+        """A ledger file's actor outlives a redeploy: the budgets of the config now deployed."""
+        self.ledger.policies = {t: BudgetPolicy.from_dict(p, f"tenants.{t}.budget") for t, p in policies.items()}
+        self.ledger.ttl_s = reservation_ttl_s
+
     def pid(self) -> int:
         import os
         return os.getpid()
@@ -57,9 +63,21 @@ class LedgerActor:
 
 def start_ledger(policies: dict[str, dict[str, Any]], path: str | None,
                  name: str = LEDGER_NAME, namespace: str = "proxima", reservation_ttl_s: float = 900.0):
-    """Get the named ledger actor, creating it if this is the first caller."""
-    return LedgerActor.options(name=name, namespace=namespace, get_if_exists=True,
-                               lifetime="detached").remote(policies, path, reservation_ttl_s)
+    """Get the named ledger actor, creating it if this is the first caller; it takes these
+    budgets either way (an existing one may have been started by another config)."""
+    handle = LedgerActor.options(name=name, namespace=namespace, get_if_exists=True,
+                                 lifetime="detached").remote(policies, path, reservation_ttl_s)
+    handle.set_policies.remote(policies, reservation_ttl_s)  # before this caller's own calls (in order)
+    return handle
+
+
+def ledger_name(path: str | None, fallback: str) -> str:
+    """One actor per ledger file, whatever config uses it: two (say, an old and a new config's
+    during a redeploy) would each count only their own usage, and a cap could be passed. A
+    memory-only ledger is its config's (`fallback`)."""
+    if not path:
+        return fallback
+    return f"{LEDGER_NAME}-file-{hashlib.sha256(path.encode()).hexdigest()[:12]}"
 
 
 class LedgerClient:

@@ -15,10 +15,14 @@ linger for good (a process of its own, with its index), so a router that no
 engine has reported to for `router.idle_exit_s` (engines report every
 `snapshot_period_s` while they live) kills itself without restart; anyone who
 calls it later creates it again under the same name (`reconnect`). The
-config's budget ledger and telemetry actors are named after the same digest
-(`actor_name`) and would linger the same way: the exiting router takes them
-with it, and their clients create them again should the app come back (the
-ledger reloads its SQLite file; a memory-only ledger starts empty).
+config's telemetry actor and memory-only budget ledger are named after the same
+digest (`actor_name`) and would linger the same way: the exiting router takes
+them with it, and their clients create them again should the app come back (a
+memory-only ledger starts empty). A ledger kept in a file is one actor per file
+(serving.ray.ledger.ledger_name), shared by every config that uses it (two
+would each count only their own usage) and given the budgets of the config
+deployed last; it stays. The digest leaves `auth` out (`shared_config`): the
+engines, which are not given it, name the same actors.
 
 Restarts. Ray restarts the actor when its process dies (max_restarts=-1);
 the new incarnation starts empty and rebuilds its view from the engines'
@@ -293,8 +297,17 @@ class RouterActor:
                 self.leases_expired += 1
 
 
+def shared_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The config every part but the ingress gets: without `auth` (tenants, their keys' hashes,
+    the cache-salt key). Serve writes a deployment's arguments to its controller's log, and
+    engines, the autoscaler and the router have no use for them."""
+    return {k: v for k, v in config.items() if k != "auth"}
+
+
 def config_digest(config: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    """Names a config's shared actors: over `shared_config`, so the ingress (which has `auth`)
+    and the engines (which do not) name the same ones, and rotating a key keeps the router."""
+    return hashlib.sha256(json.dumps(shared_config(config), sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def actor_name(kind: str, config: dict[str, Any]) -> str:
@@ -305,7 +318,7 @@ def actor_name(kind: str, config: dict[str, Any]) -> str:
 def router_actor(config: dict[str, Any]):
     """The router actor for this config, created by whichever replica asks first."""
     return RouterActor.options(name=actor_name("router", config), namespace=NAMESPACE,
-                               get_if_exists=True, lifetime="detached").remote(config)
+                               get_if_exists=True, lifetime="detached").remote(shared_config(config))
 
 
 class RayRouter:

@@ -229,11 +229,15 @@ def test_ledger_killed_mid_load_loses_and_doubles_nothing(gp):
     assert ray.get(ledger.pid.remote()) != pid  # it really was a new process
 
 
-def _owns(actor_name: str, url: str) -> bool:
-    """The ledger of the policies app (the session's other app has its own)."""
-    from serving.ray.router_actor import config_digest
+def _owns(name: str, url: str) -> bool:
+    """The ledger of the policies app (the session's other app has its own): its file's."""
+    from serving.ray.ledger import ledger_name
+    from serving.ray.router_actor import actor_name
 
-    return actor_name.endswith(config_digest(_CFG[url])) if url in _CFG else True
+    if url not in _CFG:
+        return True
+    cfg = _CFG[url]
+    return name == ledger_name(cfg["budgets"]["ledger_path"], actor_name("ledger", cfg))
 
 
 def test_whole_region_killed_residency_holds_and_others_fail_over(gp):

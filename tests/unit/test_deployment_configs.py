@@ -130,3 +130,22 @@ def test_vllm_engine_options_are_checked(options, message):
     with pytest.raises(ValueError) as info:
         make_engine(EngineSpec("vllm", "r", "eu", "tiny", "tiny-cpu", 8192, options))
     assert message in str(info.value)
+
+
+def test_only_the_ingress_is_given_the_keys_and_every_part_names_the_same_actors():
+    """Found by a review: every engine deployment was bound with the whole config, keys' hashes
+    included, and Serve writes deployments' arguments to its controller's log."""
+    pytest.importorskip("ray")
+    from serving.ray.ledger import ledger_name
+    from serving.ray.router_actor import actor_name, shared_config
+    built = _built("gpu.yaml")
+    args = _args("gpu.yaml")
+    assert args["auth"]
+    for name, d in built.items():
+        assert ("auth" in d.init_args[0]) == (name == "ingress"), name
+    assert actor_name("router", args) == actor_name("router", shared_config(args))
+    # a ledger file is one actor whatever config uses it; a memory-only one is its config's
+    other = {**args, "router": {**args.get("router", {}), "policy": "power_of_two"}}
+    path = load_config(args).budgets.ledger_path
+    assert path and ledger_name(path, actor_name("ledger", args)) == ledger_name(path, actor_name("ledger", other))
+    assert ledger_name(None, actor_name("ledger", args)) != ledger_name(None, actor_name("ledger", other))
