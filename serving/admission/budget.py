@@ -89,3 +89,8 @@ class TokenBucket:
     def remaining(self, now: float) -> int:
         self._refill(now)
         return max(0, int(self.level))
+
+    def full(self, now: float) -> bool:
+        """Refilled to capacity: the same as a new bucket (which starts full)."""
+        self._refill(now)
+        return self.level >= self.capacity

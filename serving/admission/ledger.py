@@ -58,6 +58,7 @@ class Ledger:
         self.open: dict[str, tuple[Reservation, float]] = {}
         self.buckets: dict[tuple[str, str | None], TokenBucket] = {}
         self.settled_here: set[str] = set()  # fast path when there is no store
+        self._swept = self._pruned = clock()
         if self.store is not None:
             self._load()
 
@@ -90,6 +91,7 @@ class Ledger:
             return self.open[request_id][0]  # a retried admission holds once
         now = self.clock()
         self.expire(now)
+        self._sweep(now)
         p, day = self.policy(tenant), utc_day(now)
         tokens = max(0, int(tokens))
         self._check_cap(tenant, "tokens_per_day", p.tokens_per_day, ("day", day), tokens,
@@ -194,7 +196,7 @@ class Ledger:
                    tokens: int, resets_in: float | None) -> None:
         if limit is None:
             return
-        used, held = self.used[(tenant, *key)], self.held[(tenant, *key)]
+        used, held = self.used.get((tenant, *key), 0), self.held.get((tenant, *key), 0)
         if used + held + tokens <= limit:
             return
         if tokens > limit:  # no wait helps: no Retry-After
@@ -235,10 +237,25 @@ class Ledger:
         if entry is None:
             return None
         r = entry[0]
-        self.held[(r.tenant, "day", r.day)] -= r.tokens
-        if r.session is not None:
-            self.held[(r.tenant, "session", r.session)] -= r.tokens
+        for key in ((r.tenant, "day", r.day), (r.tenant, "session", r.session)):
+            if key[2] is not None:
+                self.held[key] -= r.tokens
+                if not self.held[key]:
+                    del self.held[key]  # nothing held: no entry (one per session ever seen otherwise)
         return r
+
+    def _sweep(self, now: float) -> None:
+        """Once a minute: drop sessions' rate buckets that have refilled (a new one starts full,
+        so nothing changes); once an hour, settled request ids older than a reconcile can be.
+        Clients name sessions: what each one leaves behind must not grow without bound."""
+        if now - self._swept < 60.0:
+            return
+        self._swept = now
+        for key in [k for k, b in self.buckets.items() if k[1] is not None and b.full(now)]:
+            del self.buckets[key]
+        if self.store is not None and now - self._pruned >= 3600.0:
+            self._pruned = now
+            self.store.prune_settled(now - self.settled_keep_s)
 
 
 def _exceeded(tenant: str, name: str, limit: int, used: int, tokens: int, wait: float | None,

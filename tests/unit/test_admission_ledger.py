@@ -152,3 +152,22 @@ def test_wal_mode(tmp_path):
 def test_policy_validation_names_key(bad, msg):
     with pytest.raises(ValueError, match=msg):
         BudgetPolicy.from_dict(bad, "tenants.acme.budget")
+
+
+def test_what_each_session_leaves_behind_is_swept(tmp_path):
+    """Found by two reviews: every client-named session left a zero hold and a rate bucket for
+    good, and settled ids were pruned only at start-up: state grew without bound."""
+    clock = Clock()
+    l = ledger(str(tmp_path / "l.db"), clock=clock, tokens_per_day=10**9, session_tokens_per_minute=600)
+    for i in range(500):
+        r = l.reserve(f"r{i}", "acme", 100, f"s{i}")
+        l.reconcile(r, 40)
+    assert len(l.buckets) == 500 and not [k for k, v in l.held.items() if v == 0]
+    clock.t += 61  # every session's bucket has refilled
+    l.reserve("late", "acme", 10, "s-late")
+    assert list(l.buckets) == [("acme", "s-late")]
+    assert budget(l, "session_tokens_per_minute", "s3")["remaining"] == 600  # as a fresh (full) bucket
+    assert l.store.db.execute("SELECT COUNT(*) FROM settled").fetchone()[0] == 500
+    clock.t += 3 * 86400  # settled ids older than the keep window go within the hour
+    l.reserve("later", "acme", 10)
+    assert l.store.db.execute("SELECT COUNT(*) FROM settled").fetchone()[0] == 0
