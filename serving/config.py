@@ -274,7 +274,7 @@ class FailoverSection(_Strict):
 class ObservabilitySection(_Strict):
     """Agent-step records, metrics merge, logs and traces (serving.observability)."""
 
-    max_sessions: int = Field(default=10_000, ge=1)  # sessions kept (LRU) for GET /v1/sessions/{id}/steps
+    max_sessions: int = Field(default=10_000, ge=1)  # sessions kept (LRU, the biggest tenant's first) for GET /v1/sessions/{id}/steps
     max_steps_per_session: int = Field(default=256, ge=1)  # last N steps kept per session
     metrics_push_s: float = Field(default=2.0, gt=0)  # ingress replica -> fleet metrics merge
     log_format: Literal["json", "text"] = "json"  # Ray replicas' `proxima.*` log lines

@@ -7,7 +7,8 @@ tokens in and out, the budget charged, its trace id. `GET
 
 Memory is bounded twice: each session keeps its last `max_steps` records
 (older ones drop off, `dropped` says how many), and at most `max_sessions`
-sessions are kept, least recently written evicted first. Sessions are keyed by
+sessions are kept: past that, the least recently written session of the tenant
+that keeps the most is evicted (one tenant's flood of sessions evicts its own). Sessions are keyed by
 (tenant, session id), so one tenant can neither read nor overwrite another's
 session of the same name: an unknown key is simply not found (404).
 One writer: the ingress event loop in-process, or the telemetry actor.
@@ -44,24 +45,34 @@ class _Session:
 
 
 class StepStore:
+    """The last `max_steps` steps of up to `max_sessions` sessions. Past that, the least recently
+    used session of the tenant that keeps the most goes: a tenant naming new sessions by the
+    thousand evicts its own, not another tenant's."""
+
     def __init__(self, max_sessions: int = 10_000, max_steps: int = 256):
         if max_sessions < 1 or max_steps < 1:
             raise ValueError("max_sessions and max_steps must be >= 1")
         self.max_sessions, self.max_steps = max_sessions, max_steps
-        self._sessions: OrderedDict[tuple[str, str], _Session] = OrderedDict()
+        self._tenants: dict[str, OrderedDict[str, _Session]] = {}  # each tenant's, least recent first
+        self._count = 0
 
     def __len__(self) -> int:
-        return len(self._sessions)
+        return self._count
 
     def add(self, tenant: str, session_id: str, record: dict[str, Any]) -> None:
-        key = (tenant, session_id)
-        s = self._sessions.get(key)
+        sessions = self._tenants.setdefault(tenant, OrderedDict())
+        s = sessions.get(session_id)
         if s is None:
-            s = self._sessions[key] = _Session(self.max_steps)
-            while len(self._sessions) > self.max_sessions:
-                self._sessions.popitem(last=False)
+            s = sessions[session_id] = _Session(self.max_steps)
+            self._count += 1
+            while self._count > self.max_sessions:
+                biggest = max(self._tenants, key=lambda t: len(self._tenants[t]))
+                self._tenants[biggest].popitem(last=False)
+                self._count -= 1
+                if not self._tenants[biggest]:
+                    del self._tenants[biggest]
         else:
-            self._sessions.move_to_end(key)
+            sessions.move_to_end(session_id)
         s.count += 1
         s.steps.append({**record, "n": s.count})
 
@@ -71,7 +82,7 @@ class StepStore:
 
     def get(self, tenant: str, session_id: str) -> dict[str, Any] | None:
         """The session's body for the API, or None when this tenant has no such session."""
-        s = self._sessions.get((tenant, session_id))
+        s = self._tenants.get(tenant, {}).get(session_id)
         if s is None:
             return None
         steps = list(s.steps)

@@ -124,15 +124,21 @@ async def test_requests_without_a_session_leave_no_steps():
 @settings(max_examples=100, deadline=None)
 def test_store_bounds_order_and_isolation_hold_for_any_sequence(ops, max_sessions, max_steps):
     s = StepStore(max_sessions, max_steps)
-    model: list[tuple[tuple[str, str], list[int]]] = []  # sessions, least recently written first
+    # each tenant's sessions, least recently written first; past the bound, the tenant keeping
+    # the most (the first of them to arrive, on a tie) loses its least recent
+    model: dict[str, list[tuple[str, list[int]]]] = {}
     for tenant, sid, v in ops:
         s.add(tenant, sid, {"v": v, "tenant": tenant})
-        old = [vals for key, vals in model if key == (tenant, sid)]
-        model = [(key, vals) for key, vals in model if key != (tenant, sid)]
-        model.append(((tenant, sid), (old[0] if old else []) + [v]))
-        model = model[-max_sessions:]
-    assert len(s) == len(model) <= max_sessions
-    kept = dict(model)
+        mine = model.setdefault(tenant, [])
+        old = [vals for key, vals in mine if key == sid]
+        mine[:] = [(key, vals) for key, vals in mine if key != sid] + [(sid, (old[0] if old else []) + [v])]
+        while sum(map(len, model.values())) > max_sessions:
+            biggest = max(model, key=lambda t: len(model[t]))
+            model[biggest].pop(0)
+            if not model[biggest]:
+                del model[biggest]
+    kept = {(t, sid): vals for t, mine in model.items() for sid, vals in mine}
+    assert len(s) == len(kept) <= max_sessions
     for tenant, sid, _ in ops:
         body = s.get(tenant, sid)
         if (tenant, sid) not in kept:
@@ -142,3 +148,14 @@ def test_store_bounds_order_and_isolation_hold_for_any_sequence(ops, max_session
         assert [r["v"] for r in body["data"]] == values[-max_steps:]
         assert all(r["tenant"] == tenant for r in body["data"])
         assert (body["total_steps"], body["dropped"]) == (len(values), max(0, len(values) - max_steps))
+
+
+
+def test_a_tenant_naming_sessions_by_the_thousand_evicts_its_own():
+    """Found by a review: one least-recently-used list for all tenants let one tenant's 10,000
+    fresh sessions evict every other tenant's steps."""
+    s = StepStore(max_sessions=100, max_steps=4)
+    s.add("victim", "mine", {"v": 1})
+    for i in range(10_000):
+        s.add("flood", f"s{i}", {"v": i})
+    assert s.get("victim", "mine")["data"] == [{"v": 1, "n": 1}] and len(s) == 100
