@@ -13,14 +13,20 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-$(STAMP): pyproject.toml | $(BIN)/python
+# The stamp's name carries pyproject.toml's checksum: a changed file installs again, a fresh
+# clone's newer copy of the same file does not
+$(STAMP): | $(BIN)/python
 	$(BIN)/pip install -q -e ".[dev,ray]"
 	rm -f $(VENV)/.installed-* && touch $@
 
-# The gateway in the foreground on 127.0.0.1:8000: three logical regions of
-# simulated engines (deployments/local.yaml). Ctrl-C stops it and its Ray.
+# The gateway in the foreground on 127.0.0.1:8000 (make run PORT=8080: another port): three
+# logical regions of simulated engines (deployments/local.yaml). Ctrl-C stops it and its Ray.
+PORT ?= 8000
 run: $(STAMP)
-	RAY_AUTH_MODE=disabled $(BIN)/python -m serving.ray.runtime $(BIN)/serve run deployments/local.yaml
+	@cfg=deployments/local.yaml; if [ "$(PORT)" != 8000 ]; then cfg=$$(mktemp --suffix=.yaml); \
+	  sed "s/^  port: 8000$$/  port: $(PORT)/" deployments/local.yaml > $$cfg; fi; \
+	echo "serve run deployments/local.yaml on 127.0.0.1:$(PORT)"; \
+	RAY_AUTH_MODE=disabled $(BIN)/python -m serving.ray.runtime $(BIN)/serve run $$cfg
 
 demo: $(STAMP)
 	$(BIN)/python -m serving.demo

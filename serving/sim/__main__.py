@@ -63,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
                     raise ScenarioError(f"--autoscaler {name}: not in autoscaling.compare {sorted(known)}")
             sc = replace(sc, autoscaling=replace(sc.autoscaling,
                                                  variants=tuple(known[n] for n in args.autoscaler)))
+        out = Path(args.out) if args.out else None
+        if out is not None:  # before the run: an unwritable directory must not cost a whole run
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "results.json").touch()
+            except OSError as e:
+                raise ScenarioError(f"--out {args.out}: cannot write there ({e.strerror})") from None
         if next(iter(arrivals(sc)), None) is None:
             raise ScenarioError(f"workload: no request arrives in [0, duration_s) ({sc.duration_s:g} s): "
                                 "check the rates, the traces and their start_s/end_s")
@@ -75,15 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     res["wall_s"] = round(time.perf_counter() - t0, 2)
     text = json.dumps(res, indent=2)
     print(text)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+    if out is not None:
         (out / "results.json").write_text(text + "\n")
         if not args.no_plots:
             from serving.sim.plots import plot
             made = plot(series, out)
-            print(f"plots: {', '.join(made) if made else 'skipped (pip install matplotlib)'}",
-                  file=sys.stderr)
+            if not args.quiet:
+                print(f"plots: {', '.join(made) if made else 'skipped (pip install matplotlib)'}",
+                      file=sys.stderr)
     return 0
 
 
