@@ -65,6 +65,9 @@ _T = TypeVar("_T")
 # The most prompt log-probability entries (tokens x alternatives x choices) an `echo` may ask
 # for: about 8 MB of JSON (an evaluation harness scoring a 32k-token prompt with logprobs 5 is 200k)
 MAX_ECHO_LOGPROBS = 262_144
+# Characters a model's token spans at most, for refusing a prompt before tokenizing it: real
+# tokenizers average ~4 and their longest tokens (runs of spaces or '=') are far below 64
+MAX_CHARS_PER_TOKEN = 64
 
 class RouterPort(Protocol):
     async def route(self, req: RouteRequest) -> Decision: ...
@@ -322,6 +325,14 @@ class Gateway:
         server would make), else word ids; nothing to do if the ids are already right."""
         hf, p = self.hf.get(job.model), job.parsed
         if hf is not None and job.tokens_of != job.model:
+            limit = self.limits.get(job.model, 0)
+            if not p.prompt_token_ids and limit and len(p.prompt) > MAX_CHARS_PER_TOKEN * limit:
+                # no tokenizer reads this into the context: refused before it holds the one
+                # tokenizer thread (a 15 MB prompt held every other request's tokenizing 25 s)
+                raise ContextLengthExceeded(
+                    f"The prompt is {len(p.prompt)} characters; this model's maximum context length is {limit} "
+                    "tokens, which no prompt that long fits. Please reduce the length of the "
+                    f"{'messages' if p.kind == 'chat' else 'prompt'}.", param="messages" if p.kind == "chat" else "prompt")
             ids = (hf.chat(p.messages, p.tools, p.template_kwargs, job.cache_salt) if p.kind == "chat"
                    else p.prompt_token_ids or hf.encode(p.prompt))
             return replace(job, prompt_token_ids=tuple(ids), tokens_of=job.model)

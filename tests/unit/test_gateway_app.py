@@ -936,3 +936,25 @@ async def test_more_tools_than_openai_takes_are_a_400_and_a_large_body_is_read_o
         r = await c.post("/v1/chat/completions", json=chat(max_tokens=2, stop=["x" * 64] * stops))
         assert r.status_code == 200
     assert threads[0] is threading.main_thread() and threads[1] is not threading.main_thread()
+
+
+async def test_a_prompt_no_context_could_hold_is_refused_before_the_tokenizer_thread(tiny_tokenizer):
+    """Found by a review: a 15 MB prompt held the one tokenizer thread 25 s (every other
+    request's tokenizing waited), and /tokenize is never charged. Past 64 characters per token of
+    the context, a prompt is a 400 before tokenizing."""
+    path, _ = tiny_tokenizer
+    c, _, _ = make({**CONFIG, "models": [{"name": "m", "max_model_len": 1024, "tokenizer": path}]})
+    gw = c.gateway
+    calls = []
+    encode, chat_ = gw.hf["m"].encode, gw.hf["m"].chat
+    gw.hf["m"].encode = lambda *a: calls.append("encode") or encode(*a)
+    gw.hf["m"].chat = lambda *a: calls.append("chat") or chat_(*a)
+    long = "zo " * 30_000  # 90k characters: over 64 x 1024
+    for path_, body in (("/v1/chat/completions", chat(long)), ("/v1/completions", {"model": "m", "prompt": long}),
+                        ("/tokenize", {"model": "m", "prompt": long})):
+        r = await c.post(path_, json=body)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+    assert calls == []
+    r = await c.post("/v1/completions", json={"model": "m", "prompt": "zo " * 100, "max_tokens": 2})
+    assert r.status_code == 200 and calls == ["encode"]
+    await gw.aclose()
