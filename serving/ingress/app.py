@@ -151,19 +151,26 @@ def build_app(gw: Gateway) -> Starlette:
         # checked on each answer's content (a reasoning model's thinking is not the JSON)
         check = getattr(gw.delegation, "cascade", lambda job, text: None)
         redo = next((r for a in answers if (r := check(choices.job, a.part.content)) is not None), None)
+        notes: dict[str, str] = {}
         if redo is not None:  # a small tier's answer failed its check: the large tier redoes the request
             try:
-                choices = await gw.start(redo)
+                redone = await gw.start(redo)
             except ProximaError as e:
-                return _error(e, echo)
-            answers = await _answers(choices, shown)
-            request.state.labels = _labels(choices)
-            resp.model = choices.job.model
+                # the redo cannot start (its budget, no large replica): the small answer, which
+                # was billed, is what the client gets, and the headers say why it stands
+                detail = dict(choices.job.reply_headers).get("x-proxima-tier-check", "format")
+                notes = {"x-proxima-tier-detail": f"the answer failed the {detail} check; the large tier's "
+                                                  f"redo was refused ({e.code or e.type})"}
+            else:
+                choices = redone
+                answers = await _answers(choices, shown)
+                request.state.labels = _labels(choices)
+                resp.model = choices.job.model
         body = resp.response([resp.choice(i, a.part.content, s.answer_finish_reason, a.part.tool_calls, a.part.reasoning,
                                           a.logprobs, s.stop_reason, a.token_ids, a.prompt_token_ids)
                               for i, (s, a) in enumerate(zip(choices.streams, answers))], _usage(choices),
                              answers[0].prompt_token_ids)
-        return _json(body, headers={**choices.headers(), **echo})
+        return _json(body, headers={**choices.headers(), **notes, **echo})
 
     async def chat(request: Request) -> Response:
         return await completions(request, parse_chat)

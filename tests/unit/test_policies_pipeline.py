@@ -740,3 +740,25 @@ async def test_a_ledger_file_locked_by_another_process_is_a_503_that_takes_nothi
         other.close()
         for e in engines.values():
             await e.close()
+
+
+async def test_a_cascade_whose_redo_is_refused_returns_the_answer_it_billed(gw):
+    """Found by a review: the small answer was billed, then the large tier's redo was refused by
+    the session's cap and the client got a 429 for tokens it paid for. Now it gets that answer,
+    and a header says the check failed and the redo was refused."""
+    from dataclasses import replace as dc_replace
+    gw.delegation.cfg = dc_replace(gw.delegation.cfg, cascade=True)
+    h = auth("acme", **{"x-session-id": "s", "x-proxima-slo-ttft-ms": "0.001"})
+    async with client(gw) as c:
+        r = await c.post("/v1/chat/completions", json=chat("acme", max_tokens=128), headers=h)
+        assert r.status_code == 200  # the session has 15-20 tokens left: one small try, no redo
+        before = {x["name"]: x for x in (await c.get("/v1/budgets", headers=h)).json()["budgets"]}
+        r = await c.post("/v1/chat/completions", headers=h,
+                         json=chat("acme", model="auto", max_tokens=4, response_format={"type": "json_object"}))
+        after = {x["name"]: x for x in (await c.get("/v1/budgets", headers=h)).json()["budgets"]}
+    assert r.status_code == 200, r.text
+    assert r.headers["x-proxima-tier"] == "small" and "redo was refused (budget_exceeded)" in \
+        r.headers["x-proxima-tier-detail"]
+    assert r.json()["model"] == "small" and r.json()["choices"][0]["message"]["content"]
+    billed = after["session_tokens"]["used"] - before["session_tokens"]["used"]
+    assert billed == r.json()["usage"]["total_tokens"] and after["session_tokens"]["reserved"] == 0
