@@ -55,6 +55,8 @@ CASES = [
      "router: tie margins, session_horizon and load_weight must be >= 0"),
     ("policy-option-unknown", with_("router.options", {"weight": 1}),
      "router: bad options for routing policy 'latency'"),
+    ("policy-option-type", with_("router.options", {"tie_margin_ms": "x"}),
+     "router: bad options for routing policy 'latency': tie_margin_ms must be a number, got 'x'"),
     ("region-model-unknown", with_("regions.us.models", ["m", "x"]), "regions.us.models: unknown model 'x'"),
     ("duplicate-models", with_("models", [{"name": "m"}, {"name": "m"}]), "models: duplicate model names"),
     ("no-models", with_("models", None), "models: Input should be a valid list"),

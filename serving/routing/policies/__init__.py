@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from serving.routing.policies.base import Context, Policy
@@ -20,6 +21,12 @@ def make_policy(name: str, **options: Any) -> Policy:
         cls = POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown routing policy {name!r}; known: {sorted(POLICIES)}") from None
+    params = inspect.signature(cls.__init__).parameters
+    for key, value in options.items():
+        default = params[key].default if key in params else None
+        numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
+        if numeric and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"bad options for routing policy {name!r}: {key} must be a number, got {value!r}")
     try:
         return cls(**options)
     except TypeError as e:
