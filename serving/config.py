@@ -348,6 +348,22 @@ class Config(_Strict):
         for reg in (self.autoscaler.regions if self.autoscaler else {}):
             if reg not in self.regions:
                 raise _Keyed(f"autoscaler.regions.{reg}", "unknown region (not under regions)")
+        if self.autoscaler is not None:  # bounds the policy would silently clip or overrun
+            a, floor = self.autoscaler, 0
+            for name, r in self.regions.items():
+                lo, hi = a.bounds(name)
+                key = f"autoscaler.regions.{name}" if name in a.regions else "autoscaler"
+                if lo > hi:
+                    raise _Keyed(key, f"min_replicas {lo} is above max_replicas {hi}")
+                if not lo <= r.replicas <= hi:
+                    raise _Keyed(f"regions.{name}.replicas", f"{r.replicas} is outside the autoscaler's "
+                                                            f"bounds [{lo}, {hi}]")
+                floor += lo * len(self.region_models(name))
+            if a.budget is not None and a.budget < floor:
+                raise _Keyed("autoscaler.budget", f"{a.budget} is below the sum of min_replicas ({floor})")
+            start = sum(r.replicas * len(self.region_models(n)) for n, r in self.regions.items())
+            if a.budget is not None and start > a.budget:
+                raise _Keyed("autoscaler.budget", f"{a.budget} is below the replicas deployed at start ({start})")
         for client, row in self.rtt_ms.items():
             if client not in self.regions:
                 raise _Keyed(f"rtt_ms.{client}", "unknown region (not under regions)")

@@ -43,6 +43,7 @@ from ray.exceptions import RayActorError, RayError
 from serving.autoscaler.policy import Limits, Observation, PolicyConfig, PoolLimits, decide
 from serving.config import load_config
 from serving.engines.profiles import get_profile
+from serving.observability.logs import configure_logging
 from serving.ray.named import find_again
 from serving.ray.router_actor import router_actor
 
@@ -60,6 +61,29 @@ def stale_drains(rows: list[dict[str, Any]], targets: dict[tuple, int], busy: se
         if len(pool) <= n:
             out += [r["replica_id"] for r in pool if r["draining"]]
     return out
+
+
+def serve_stop_order(details: dict[str, Any], app: str, deployment: str) -> list[str]:
+    """The replicas (Serve's unique ids) of `deployment` in the order Serve (2.60) stops them on a
+    downscale (DeploymentScheduler._get_replicas_to_stop): not yet running first; then by node,
+    off the head node first (the controller's node), the node with the fewest running replicas
+    of every deployment first; newest first within a node. From get_serve_instance_details."""
+    apps = details.get("applications") or {}
+    replicas = ((((apps.get(app) or {}).get("deployments") or {}).get(deployment) or {}).get("replicas")) or []
+    per_node: dict[Any, int] = {}
+    for a in apps.values():
+        for d in (a.get("deployments") or {}).values():
+            for r in d.get("replicas") or ():
+                if r.get("state") == "RUNNING":
+                    per_node[r.get("node_id")] = per_node.get(r.get("node_id"), 0) + 1
+    head = (details.get("controller_info") or {}).get("node_id")
+    live = [r for r in replicas if r.get("state") not in ("STOPPING",)]
+    order = [r["replica_id"] for r in live if r.get("state") != "RUNNING"]
+    running = [r for r in live if r.get("state") == "RUNNING"]
+    for node in sorted({r.get("node_id") for r in running}, key=lambda n: (n == head, per_node.get(n, 0))):
+        mine = sorted((r for r in running if r.get("node_id") == node), key=lambda r: -float(r.get("start_time_s") or 0))
+        order += [r["replica_id"] for r in mine]
+    return order
 
 
 def reported_kv(rows: list[dict[str, Any]], known: dict[tuple, int]) -> dict[tuple, int]:
@@ -98,7 +122,9 @@ class AutoscalerDeployment:
             upscale_cooldown_s=a.upscale_cooldown_s, downscale_delay_s=a.downscale_delay_s,
             move_delay_s=a.move_delay_s, lead_s=a.lead_s, max_down_step=a.max_down_step,
             kv_capacity_tokens={p: cfg.regions[p[0]].kv_capacity_tokens for p in self.names})
+        configure_logging(cfg.observability.log_format)  # its INFO lines reach the logs as the others'
         self.state: dict = {}
+        self.disabled: str | None = None  # why it stopped scaling (Serve refused a target)
         self.draining: dict[tuple, asyncio.Task] = {}
         self.events: list[dict[str, Any]] = []  # what it did, newest last (bounded)
         self.last: dict[str, Any] = {}
@@ -135,11 +161,13 @@ class AutoscalerDeployment:
                 await self.step()
             except RayActorError as e:  # gone for good (killed, exited idle): find or create it
                 self.router = await find_again(e, lambda: router_actor(self.config)) or self.router
-                log.warning("autoscaler step failed: %s", type(e).__name__)
+                log.warning("autoscaler step failed: %s: %s", type(e).__name__, e)
             except Exception as e:  # the router restarting: decide again next time
-                log.warning("autoscaler step failed: %s", type(e).__name__)
+                log.warning("autoscaler step failed: %s: %s", type(e).__name__, e)
 
     async def step(self) -> None:
+        if self.disabled is not None:
+            return
         view = await self.router.autoscale_view.remote()
         now = time.monotonic()
         busy = {p for p, t in self.draining.items() if not t.done()}
@@ -168,11 +196,36 @@ class AutoscalerDeployment:
             if target > cur:
                 await self._set(p, target)
             else:
-                victims = sorted((r for r in view["replicas"]
-                                  if (r["region"], r["model"]) == p and not r["draining"]),
-                                 key=lambda r: r["age_s"])[: cur - target]  # newest first, as Serve stops
+                victims = await self._victims(p, cur - target, view["replicas"])
+                log.info("autoscaler: %s %d -> %d (%s), draining %s", "/".join(p), cur, target,
+                         decision.reasons.get(p, ""), victims)
                 self.draining[p] = asyncio.get_running_loop().create_task(
-                    self._drain_then_set(p, target, [r["replica_id"] for r in victims]))
+                    self._drain_then_set(p, target, victims))
+
+    async def _victims(self, p: tuple, k: int, rows: list[dict[str, Any]]) -> list[str]:
+        """The `k` replicas Serve will stop when the target drops by `k`, as router ids: drained
+        first, so no new request starts on them (the router's own age of a replica is not Serve's
+        order: its clock starts at the first report, again after a router restart)."""
+        pool = {r["replica_id"] for r in rows if (r["region"], r["model"]) == p and not r["draining"]}
+        try:
+            details = await self.controller.get_serve_instance_details.remote()
+            order = [f"{p[0]}-{uid}" for uid in serve_stop_order(details, self.app, self.names[p])][:k]
+            return [rid for rid in order if rid in pool]  # one not started yet needs no drain
+        except (RayError, KeyError, TypeError, ValueError) as e:
+            log.warning("autoscaler: Serve's replicas unreadable (%s: %s); draining the newest the router saw",
+                        type(e).__name__, e)
+            newest = sorted((r for r in rows if r["replica_id"] in pool), key=lambda r: r["age_s"])[:k]
+            return [r["replica_id"] for r in newest]
+
+    async def _stopping(self, p: tuple) -> list[str]:
+        """Router ids of this pool's replicas Serve is stopping now."""
+        try:
+            details = await self.controller.get_serve_instance_details.remote()
+        except RayError:
+            return []
+        apps = details.get("applications") or {}
+        reps = (((apps.get(self.app) or {}).get("deployments") or {}).get(self.names[p]) or {}).get("replicas") or []
+        return [f"{p[0]}-{r['replica_id']}" for r in reps if r.get("state") == "STOPPING"]
 
     async def _drain_then_set(self, p: tuple, target: int, victims: list[str]) -> None:
         await self.router.drain.remote(victims)
@@ -182,11 +235,24 @@ class AutoscalerDeployment:
             if not any(r["outstanding"] for r in view["replicas"] if r["replica_id"] in victims):
                 break
             await asyncio.sleep(0.2)
-        await self._set(p, target, drained=victims)
-        # Serve picks which replica to stop; if it kept one we drained, that one serves again.
+        try:
+            await self._set(p, target, drained=victims)
+        except RayError as e:  # e.g. the app was deployed without external_scaler_enabled
+            await self.router.undrain.remote(victims)
+            self.disabled = f"{type(e).__name__}: {e}"
+            log.error("autoscaler: Serve refused the replica target for %s, so it stops scaling (the "
+                      "drained replicas serve again): %s", self.names[p], self.disabled)
+            return
+        # Serve picks which replica to stop: one it stops that was not drained is drained now (no
+        # new request starts on it while it finishes); one drained that it kept serves again.
         deadline = time.monotonic() + self.a.drain_timeout_s + 30.0
         while time.monotonic() < deadline:
             await asyncio.sleep(0.5)
+            stopping = [rid for rid in await self._stopping(p) if rid not in victims]
+            if stopping:
+                log.warning("autoscaler: Serve stops %s, not the drained %s: draining it now", stopping, victims)
+                await self.router.drain.remote(stopping)
+                victims = victims + stopping
             rows = [r["replica_id"] for r in (await self.router.autoscale_view.remote())["replicas"]
                     if (r["region"], r["model"]) == p]
             if len(rows) <= target:
@@ -198,6 +264,8 @@ class AutoscalerDeployment:
     async def _set(self, p: tuple, n: int, drained: list[str] | None = None) -> None:
         from ray.serve._private.common import DeploymentID
         await self.controller.update_deployment_replicas.remote(DeploymentID(name=self.names[p], app_name=self.app), n)
+        log.info("autoscaler: %s target %d -> %d%s", self.names[p], self.targets[p], n,
+                 f", drained {drained}" if drained else "")
         self.events.append({"t": round(time.time(), 3), "pool": "/".join(p), "from": self.targets[p], "to": n,
                             "drained": drained or []})
         del self.events[:-200]
@@ -205,4 +273,4 @@ class AutoscalerDeployment:
 
     async def status(self) -> dict[str, Any]:
         return {"targets": {"/".join(p): n for p, n in self.targets.items()}, "last": self.last,
-                "events": list(self.events)}
+                "events": list(self.events), "disabled": self.disabled}

@@ -229,3 +229,25 @@ def test_serve_baseline_runs_in_the_simulator_within_the_budget():
     assert out["policies"]["serve"]["failed"] == 0
     assert max(a + b for a, b in zip(reps["us"], reps["eu"])) <= 5
     assert reps["us"][-1] == 1  # no load at us: Serve scaled it down to its minimum
+
+
+def test_the_replicas_to_drain_are_the_ones_serve_stops():
+    """Found by a review: the controller drained the replica the router had seen last, and Serve
+    stopped another one, which took new requests until it went. Serve 2.60's order: not yet
+    running first, off the head node first, the node with the fewest replicas first, newest first."""
+    pytest.importorskip("ray")
+    from serving.ray.autoscaler import serve_stop_order
+
+    def rep(uid, node, t, state="RUNNING"):
+        return {"replica_id": uid, "node_id": node, "start_time_s": t, "state": state}
+
+    details = {"controller_info": {"node_id": "head"}, "applications": {
+        "app": {"deployments": {
+            "engine-us": {"replicas": [rep("a", "head", 1.0), rep("b", "head", 3.0), rep("c", "w1", 2.0),
+                                       rep("d", "w2", 0.5), rep("e", None, 9.0, "STARTING"),
+                                       rep("f", "w2", 9.5, "STOPPING")]},
+            "ingress": {"replicas": [rep("i1", "w2", 0.1), rep("i2", "w2", 0.2)]}}},
+        "other": {"deployments": {"x": {"replicas": [rep("x1", "w1", 0.1)]}}}}}
+    # e starting; then w1 (2 running in all) before w2 (3), the head last; newest first on each
+    assert serve_stop_order(details, "app", "engine-us") == ["e", "c", "d", "b", "a"]
+    assert serve_stop_order(details, "app", "nope") == [] and serve_stop_order({}, "app", "engine-us") == []
