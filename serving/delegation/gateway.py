@@ -18,7 +18,7 @@ from typing import Any, Awaitable, Callable
 
 from serving.delegation.cascade import is_json_format, passes_check
 from serving.delegation.tiers import HEADER, DelegationConfig, Features, choose_tier
-from serving.errors import InvalidRequest, NoReplicaAvailable
+from serving.errors import ContextLengthExceeded, InvalidRequest, NoReplicaAvailable
 from serving.types import RouteRequest
 
 SLO_HEADER = "x-proxima-slo-ttft-ms"
@@ -46,9 +46,14 @@ class TierDelegation:
         p = job.parsed
         small = self.cfg.tier(self.cfg.small)
         as_small = job  # the prompt as the small tier counts it (an alias comes with word ids)
+        small_tokens = job.prompt_tokens
         if self.tokenize_for is not None and headers.get(HEADER) is None:
-            as_small = await self.tokenize_for(job, small.model)
-        f = Features(as_small.prompt_tokens, has_tools=bool(getattr(p, "tools", False)),
+            try:
+                as_small = await self.tokenize_for(job, small.model)
+                small_tokens = as_small.prompt_tokens
+            except ContextLengthExceeded:  # too long to tokenize for the small tier: long_prompt
+                as_small, small_tokens = job, 2**31
+        f = Features(small_tokens, has_tools=bool(getattr(p, "tools", False)),
                      json_format=is_json_format(getattr(p, "response_format", None)),
                      header_tier=headers.get(HEADER), slo_ttft_ms=slo, stream=p.stream,
                      needs_tool_parser=bool(getattr(p, "tools", False))
@@ -74,7 +79,7 @@ class TierDelegation:
         extra = tuple(choice.headers().items())
         if choice.check_then_large:
             extra += ((CHECK_HEADER, p.response_format["type"]),)
-        base = as_small if choice.model == small.model else job  # tokenized once if it is the small one
+        base = as_small if choice.model == small.model and as_small is not job else job  # tokenized once
         return replace(base, model=choice.model, reply_headers=job.reply_headers + extra)
 
     def cascade(self, job: Any, text: str) -> Any | None:

@@ -24,7 +24,7 @@ import logging
 import time
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, TypeVar
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -59,6 +59,13 @@ _NO_LABELS = ("", "", "")  # tenant, model, region: unknown (before auth, or not
 
 
 _OFF_LOOP_BYTES = 256 * 1024
+_T = TypeVar("_T")
+
+
+async def _parsed(parse: Callable[[bytes], _T], body: bytes) -> _T:
+    """A large body is parsed on a thread: the loop's streams get the interpreter between
+    its switches (the parse holds the GIL, so they slow, but no longer stop)."""
+    return parse(body) if len(body) < _OFF_LOOP_BYTES else await asyncio.to_thread(parse, body)
 
 
 def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -118,9 +125,7 @@ def build_app(gw: Gateway) -> Starlette:
         try:
             principal = gw.auth.authenticate(request.headers.get("authorization"))
             request.state.labels = (principal.tenant, "", "")
-            body = await body_of(request)
-            # a large body is parsed off the event loop: the streams it serves go on meanwhile
-            parsed = parse(body) if len(body) < _OFF_LOOP_BYTES else await asyncio.to_thread(parse, body)
+            parsed = await _parsed(parse, await body_of(request))
             region = gw.client_region(request.headers.get("x-client-region"))
             extra = tuple((k, v) for k in _HEADERS if (v := request.headers.get(k)) is not None)
             job = gw.prepare(parsed, principal, region, rid, extra + tuple(echo.items()), arrived)
@@ -155,15 +160,17 @@ def build_app(gw: Gateway) -> Starlette:
         if redo is not None:  # a small tier's answer failed its check: the large tier redoes the request
             try:
                 redone = await gw.start(redo)
+                redone_answers = await _answers(redone, shown)
             except ProximaError as e:
-                # the redo cannot start (its budget, no large replica): the small answer, which
-                # was billed, is what the client gets, and the headers say why it stands
+                # the redo cannot start (its budget, no large replica) or fails (billed nothing):
+                # the small answer, which was billed, is what the client gets, and the headers
+                # say why it stands
                 detail = dict(choices.job.reply_headers).get("x-proxima-tier-check", "format")
                 notes = {"x-proxima-tier-detail": f"the answer failed the {detail} check; the large tier's "
-                                                  f"redo was refused ({e.code or e.type})"}
+                                                  f"redo {'failed' if e.status >= 500 else 'was refused'} "
+                                                  f"({e.code or e.type})"}
             else:
-                choices = redone
-                answers = await _answers(choices, shown)
+                choices, answers = redone, redone_answers
                 request.state.labels = _labels(choices)
                 resp.model = choices.job.model
         body = resp.response([resp.choice(i, a.part.content, s.answer_finish_reason, a.part.tool_calls, a.part.reasoning,
@@ -190,7 +197,7 @@ def build_app(gw: Gateway) -> Starlette:
         context); a chat body or a completion body. No engine is involved, no budget charged."""
         principal = gw.auth.authenticate(request.headers.get("authorization"))
         request.state.labels = (principal.tenant, "", "")
-        parsed, strs = parse_tokenize(await body_of(request))
+        parsed, strs = await _parsed(parse_tokenize, await body_of(request))
         request.state.labels = (principal.tenant, known(parsed.model), "")
         ids = await gw.prompt_tokens(parsed, principal)
         return _json({"count": len(ids), "max_model_len": gw.limits[parsed.model], "tokens": ids,
@@ -200,7 +207,7 @@ def build_app(gw: Gateway) -> Starlette:
         """vLLM's POST /detokenize: the text of `tokens`."""
         principal = gw.auth.authenticate(request.headers.get("authorization"))
         request.state.labels = (principal.tenant, "", "")
-        r = parse_detokenize(await body_of(request))
+        r = await _parsed(parse_detokenize, await body_of(request))
         request.state.labels = (principal.tenant, known(r.model), "")
         return _json({"prompt": await gw.token_texts(r.model, r.tokens, whole=True)})
 

@@ -243,6 +243,7 @@ class Choices:
         self._settled: list[Stream] = []
         self.dispatching = asyncio.Lock()  # held by a choice from its engine call to its first chunk
         self.failed = False  # the client gets an error, not the choices: nothing is billed
+        self.closed: list[tuple[Stream, float, str | None]] = []  # (choice, e2e, error): the observer's
 
     async def open(self) -> None:
         """Every choice up to its first chunk, in order. If one cannot be opened, the others are

@@ -107,7 +107,6 @@ class Observer:
         tenant, model = job.principal.tenant, job.model
         region = d.region if d is not None else ""
         e2e = time.perf_counter() - s.t0
-        charged = s.charged
         if d is not None:
             key = (region, model, tenant)
             ch = self._done.get(key)
@@ -121,8 +120,6 @@ class Observer:
             completion_c.inc(s.completion_tokens)
             cached_engine.inc(s.cached_tokens)
             cached_predicted.inc(d.cached_tokens)
-        if charged:
-            m.budget_charged.labels(tenant).inc(charged)
         attempts = s.trace.attempts
         for i, (_, from_region, sent, outcome) in enumerate(attempts[:-1]):
             if outcome != "failed":
@@ -133,8 +130,20 @@ class Observer:
                 m.failovers.labels(from_region, to_region).inc()
         err = None if ok else _error_type(s.error)
         s.client_left = err == "client_disconnected"
-        if s.client_left and s.group is None:  # a request of n choices: counted once, in choices_done
+        if s.group is not None:
+            # a choice of n: what it is billed is known once every choice has closed (another's
+            # failure bills the request nothing): its charge and record wait for choices_done
+            s.group.closed.append((s, e2e, err))
+            return
+        if s.client_left:
             m.disconnects.labels(region, model, tenant).inc()
+        self._charged(s, e2e, err)
+
+    def _charged(self, s: "Stream", e2e: float, err: str | None) -> None:
+        """The stream's charge (budget metric) and its step record, its outcome known."""
+        job, tenant, charged = s.job, s.job.principal.tenant, s.charged
+        if charged:
+            self.m.budget_charged.labels(tenant).inc(charged)
         if job.session_id is None and not self._spans and not self.access_log:
             return  # nobody reads a record: don't build one
         record = step_record(job, s, e2e, charged, err)
@@ -149,6 +158,8 @@ class Observer:
         """Every choice of a request for n > 1 is closed: the request's one span, with the
         whole request's tokens and each choice's finish_reason. A client that left before every
         answer was whole is counted once, here."""
+        for s, e2e, err in c.closed:
+            self._charged(s, e2e, err)
         first = c.streams[0]
         failed = any(s.error is not None and not isinstance(s.error, (GeneratorExit, asyncio.CancelledError))
                      for s in c.streams)  # then the others were closed for it, not by the client

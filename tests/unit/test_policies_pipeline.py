@@ -682,10 +682,12 @@ async def test_a_request_the_client_got_only_an_error_for_is_billed_nothing(gw, 
         assert r.status_code in (502, 503) and used == 0, r.text
 
 
-@pytest.mark.parametrize("small_context,max_prompt,short", [(4096, 200, 50), (512, None, 0)],
-                         ids=["max_prompt_tokens", "context"])
+@pytest.mark.parametrize("small_context,max_prompt,short,content", [
+    (4096, 200, 50, "abcdefghij" * 60), (512, None, 0, "abcdefghij" * 60),
+    (64, None, 0, "zo " * 1700),  # past 64 characters a token of the small context: not even tokenized
+], ids=["max_prompt_tokens", "context", "too-long-to-tokenize"])
 async def test_auto_counts_the_prompt_in_the_small_tiers_own_tokens(tiny_tokenizer, small_context, max_prompt,
-                                                                    short):  # noqa: F811
+                                                                    short, content):  # noqa: F811
     """Found by a review: the prompt rules read the alias's word count, so a one-word prompt of
     545 tokens was `short_prompt` (<= 50) and sent to a small tier that takes 200 (served past
     its limit), or to one whose context is 512 (a 400 the large tier would have served)."""
@@ -701,11 +703,11 @@ async def test_auto_counts_the_prompt_in_the_small_tiers_own_tokens(tiny_tokeniz
     gw = Gateway(cfg, router, router.engines, **gateway_policies(cfg, router))
     try:
         async with client(gw) as c:
-            body = {"model": "auto", "max_tokens": 4, "messages": [{"role": "user", "content": "abcdefghij" * 60}]}
+            body = {"model": "auto", "max_tokens": 4, "messages": [{"role": "user", "content": content}]}
             r = await c.post("/v1/chat/completions", json=body, headers=auth("euco"))
             assert r.status_code == 200, r.text
             assert (r.headers["x-proxima-tier"], r.headers["x-proxima-tier-reason"]) == ("large", "long_prompt")
-            assert r.json()["model"] == "big" and r.json()["usage"]["prompt_tokens"] > 512
+            assert r.json()["model"] == "big" and r.json()["usage"]["prompt_tokens"] > (max_prompt or small_context)
             body["messages"][0]["content"] = "zo ba"  # a short one still goes small
             r = await c.post("/v1/chat/completions", json=body, headers=auth("euco"))
             assert r.status_code == 200 and r.headers["x-proxima-tier"] == "small"
@@ -762,3 +764,60 @@ async def test_a_cascade_whose_redo_is_refused_returns_the_answer_it_billed(gw):
     assert r.json()["model"] == "small" and r.json()["choices"][0]["message"]["content"]
     billed = after["session_tokens"]["used"] - before["session_tokens"]["used"]
     assert billed == r.json()["usage"]["total_tokens"] and after["session_tokens"]["reserved"] == 0
+
+
+async def test_a_cascade_whose_redo_fails_midway_returns_the_answer_it_billed(gw):
+    """Found by a review of the fix above: a redo that started and then failed was a 502, and
+    the small answer stayed billed."""
+    from dataclasses import replace as dc_replace
+
+    from serving.engines.base import Chunk
+    from serving.errors import EngineError
+    gw.delegation.cfg = dc_replace(gw.delegation.cfg, cascade=True)
+
+    async def dies_after_one(req):
+        yield Chunk(req.request_id, (1,), " {", None, 7, 0, 1)
+        raise EngineError("replica down")
+
+    for rid, e in gw.engines_by_id.items():
+        if "-big-" in rid:
+            e.generate = dies_after_one
+    h = auth("acme", **{"x-proxima-slo-ttft-ms": "0.001"})
+    async with client(gw) as c:
+        r = await c.post("/v1/chat/completions", headers=h,
+                         json=chat("acme", model="auto", max_tokens=4, response_format={"type": "json_object"}))
+        day = day_budget((await c.get("/v1/budgets", headers=h)).json())
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == "small" and "redo failed (engine_error)" in r.headers["x-proxima-tier-detail"]
+    assert day["used"] == r.json()["usage"]["total_tokens"] and day["reserved"] == 0
+
+
+async def test_a_choice_whose_sibling_fails_shows_no_charge_in_metrics_or_steps(gw):
+    """Found by a review: with n=2 (not streamed), choice 0 was done and counted as charged in
+    proxima_budget_charged_tokens_total and its step record before choice 1 failed the request,
+    which the ledger then billed nothing."""
+    from serving.engines.base import Chunk
+    from serving.errors import EngineError
+
+    async def answer(req):
+        if req.seed == 5:  # choice 0: quick and whole
+            yield Chunk(req.request_id, (1,), " a", None, 7, 0, 1)
+            yield Chunk(req.request_id, (2,), " b", "length", 7, 0, 2)
+            return
+        for i in range(3):  # choice 1: fails after 3 tokens, everywhere
+            await asyncio.sleep(0.01)
+            yield Chunk(req.request_id, (i,), f" w{i}", None, 7, 0, i + 1)
+        raise EngineError("replica down")
+
+    for e in gw.engines_by_id.values():
+        e.generate = answer
+    h = auth("acme", **{"x-session-id": "s9"})
+    async with client(gw) as c:
+        r = await c.post("/v1/chat/completions", json=chat("acme", n=2, seed=5), headers=h)
+        used = day_budget((await c.get("/v1/budgets", headers=h)).json())["used"]
+        metrics = (await c.get("/metrics")).text
+        steps = (await c.get("/v1/sessions/s9/steps", headers=h)).json()["data"]
+    assert r.status_code == 502 and used == 0
+    assert not [x for x in metrics.splitlines() if x.startswith("proxima_budget_charged_tokens_total{")
+                and not x.endswith(" 0.0")]
+    assert len(steps) == 2 and [s["budget_charged_tokens"] for s in steps] == [0, 0]
