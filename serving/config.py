@@ -351,6 +351,8 @@ class Config(_Strict):
         if self.autoscaler is not None:  # bounds the policy would silently clip or overrun
             a, floor = self.autoscaler, 0
             for name, r in self.regions.items():
+                if r.replicas == 0:  # no engine deployment (a client-only region): nothing to scale
+                    continue
                 lo, hi = a.bounds(name)
                 key = f"autoscaler.regions.{name}" if name in a.regions else "autoscaler"
                 if lo > hi:

@@ -302,12 +302,13 @@ class Parsed:
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
-MAX_DEPTH = 128  # JSON nesting a request may use (a tool's schema included): deeper is a 400
+MAX_DEPTH = 128  # JSON nesting of what later stages recurse into (schemas, template kwargs): deeper is a 400
+_RECURSED = ("tools", "response_format", "structured_outputs", "chat_template_kwargs")
 
 
 def _load(body: bytes) -> Any:
     try:
-        text = body.decode("utf-8")  # strict: JSON on the wire is UTF-8 (RFC 8259), surrogates are no text
+        text = body.decode("utf-8-sig")  # strict: JSON on the wire is UTF-8 (RFC 8259; a BOM is let through)
     except UnicodeDecodeError as e:
         raise InvalidRequest(f"The body of your request is not UTF-8 text ({e.reason} at byte {e.start}).") from None
     try:
@@ -316,8 +317,10 @@ def _load(body: bytes) -> Any:
         raise InvalidRequest(f"We could not parse the JSON body of your request: {e}") from None
     except RecursionError:
         raise InvalidRequest(f"The JSON body of your request is nested more than {MAX_DEPTH} levels deep.") from None
-    if text.count("[") + text.count("{") > MAX_DEPTH and _too_deep(raw):
-        raise InvalidRequest(f"The JSON body of your request is nested more than {MAX_DEPTH} levels deep.")
+    if isinstance(raw, dict) and text.count("{") > MAX_DEPTH // 2:
+        for key in _RECURSED:  # json.loads itself stops at ~1000 levels; these are walked further on
+            if key in raw and _too_deep(raw[key]):
+                raise InvalidRequest(f"`{key}` is nested more than {MAX_DEPTH} levels deep.", param=key)
     if _SURROGATE_ESCAPE.search(body):  # a \uD800-\uDFFF escape: fine in pairs, no text alone
         try:
             json.dumps(raw, ensure_ascii=False).encode()
@@ -328,7 +331,7 @@ def _load(body: bytes) -> Any:
 
 
 def _too_deep(raw: Any) -> bool:
-    """Nested deeper than MAX_DEPTH (the stages after parsing recurse into schemas and values)."""
+    """Nested deeper than MAX_DEPTH (the stages after parsing recurse into schemas)."""
     stack = [(raw, 1)]
     while stack:
         v, d = stack.pop()

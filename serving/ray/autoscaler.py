@@ -194,7 +194,11 @@ class AutoscalerDeployment:
             if target == cur or p in busy:
                 continue
             if target > cur:
-                await self._set(p, target)
+                try:
+                    await self._set(p, target)
+                except RayError as e:  # e.g. the app was deployed without external_scaler_enabled
+                    self._refused(p, e)
+                    return
             else:
                 victims = await self._victims(p, cur - target, view["replicas"])
                 log.info("autoscaler: %s %d -> %d (%s), draining %s", "/".join(p), cur, target,
@@ -239,9 +243,7 @@ class AutoscalerDeployment:
             await self._set(p, target, drained=victims)
         except RayError as e:  # e.g. the app was deployed without external_scaler_enabled
             await self.router.undrain.remote(victims)
-            self.disabled = f"{type(e).__name__}: {e}"
-            log.error("autoscaler: Serve refused the replica target for %s, so it stops scaling (the "
-                      "drained replicas serve again): %s", self.names[p], self.disabled)
+            self._refused(p, e)
             return
         # Serve picks which replica to stop: one it stops that was not drained is drained now (no
         # new request starts on it while it finishes); one drained that it kept serves again.
@@ -260,6 +262,13 @@ class AutoscalerDeployment:
                 if kept:
                     await self.router.undrain.remote(kept)
                 return
+
+    def _refused(self, p: tuple, e: BaseException) -> None:
+        """Serve refused a replica target: stop scaling (every later step would be refused too),
+        say why once, at ERROR; `status()` shows it."""
+        self.disabled = f"{type(e).__name__}: {e}"
+        log.error("autoscaler: Serve refused the replica target for %s, so it stops scaling (any replica "
+                  "it drained serves again): %s", self.names[p], self.disabled)
 
     async def _set(self, p: tuple, n: int, drained: list[str] | None = None) -> None:
         from ray.serve._private.common import DeploymentID

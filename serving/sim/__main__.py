@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         if out is not None:  # before the run: an unwritable directory must not cost a whole run
             try:
                 out.mkdir(parents=True, exist_ok=True)
-                (out / "results.json").touch()
+                tempfile.TemporaryFile(dir=out).close()  # writable, and nothing left behind
             except OSError as e:
                 raise ScenarioError(f"--out {args.out}: cannot write there ({e.strerror})") from None
         if next(iter(arrivals(sc)), None) is None:

@@ -127,3 +127,10 @@ def test_engine_factory_builds_sim_and_registers_kinds():
     finally:
         from serving.engines import factory
         factory.KINDS.pop("sim-alias")
+
+
+def test_a_region_without_replicas_is_no_pool_of_the_autoscaler():
+    """A client-only region (replicas 0: no engine deployment) is outside the autoscaler's bounds."""
+    cfg = with_("regions.eu.replicas", 0)
+    cfg["autoscaler"] = {"budget": 2}
+    assert load_config(cfg).autoscaler.budget == 2
