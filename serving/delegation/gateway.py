@@ -79,7 +79,7 @@ class TierDelegation:
         extra = tuple(choice.headers().items())
         if choice.check_then_large:
             extra += ((CHECK_HEADER, p.response_format["type"]),)
-        base = as_small if choice.model == small.model and as_small is not job else job  # tokenized once
+        base = as_small  # the small tier's ids: kept if the tier chosen reads them the same (one tokenizer)
         return replace(base, model=choice.model, reply_headers=job.reply_headers + extra)
 
     def cascade(self, job: Any, text: str) -> Any | None:

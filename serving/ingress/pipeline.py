@@ -205,7 +205,11 @@ class Gateway:
         self.block_size = config.block_size
         self.limits = {m.name: config.max_model_len(m.name) for m in config.models}
         self.default_max = {m.name: m.default_max_tokens for m in config.models}
-        self.hf = {m.name: HFTokenizer(m.tokenizer) for m in config.models if m.tokenizer}
+        by_path: dict[str, HFTokenizer] = {}  # models with one tokenizer share it (and its ids)
+        for m in config.models:
+            if m.tokenizer and m.tokenizer not in by_path:
+                by_path[m.tokenizer] = HFTokenizer(m.tokenizer)
+        self.hf = {m.name: by_path[m.tokenizer] for m in config.models if m.tokenizer}
         # one thread: a tokenizer is not safe to share across threads, and its caches are not locked
         self._tokenizing = ThreadPoolExecutor(1, "proxima-tokenize") if self.hf else None
         self._salt_key = config.auth.salt_secret()  # the HMAC key of the tenants' cache salts
@@ -324,6 +328,8 @@ class Gateway:
         """The ids of `job.model`'s own tokenizer and template if it has them (the ids vLLM's own
         server would make), else word ids; nothing to do if the ids are already right."""
         hf, p = self.hf.get(job.model), job.parsed
+        if hf is not None and job.tokens_of is not None and self.hf.get(job.tokens_of) is hf:
+            return replace(job, tokens_of=job.model)  # another model's ids, from the same tokenizer
         if hf is not None and job.tokens_of != job.model:
             limit = self.limits.get(job.model, 0)
             if not p.prompt_token_ids and limit and len(p.prompt) > MAX_CHARS_PER_TOKEN * limit:

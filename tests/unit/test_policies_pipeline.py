@@ -821,3 +821,27 @@ async def test_a_choice_whose_sibling_fails_shows_no_charge_in_metrics_or_steps(
     assert not [x for x in metrics.splitlines() if x.startswith("proxima_budget_charged_tokens_total{")
                 and not x.endswith(" 0.0")]
     assert len(steps) == 2 and [s["budget_charged_tokens"] for s in steps] == [0, 0]
+
+
+async def test_tiers_with_one_tokenizer_tokenize_an_auto_request_once(tiny_tokenizer):  # noqa: F811
+    """Found by a review: an `auto` request that went large was tokenized for the small tier,
+    then again for the large one, on the one tokenizer thread, though both read the same files."""
+    path, _ = tiny_tokenizer
+    models = [{"name": n, "default_max_tokens": 32, "tokenizer": path, "max_model_len": 4096} for n in ("big", "small")]
+    deleg = {"tiers": {"small": {"model": "small", "max_prompt_tokens": 20}, "large": {"model": "big"}}}
+    cfg = load_config(CONFIG | {"models": models, "delegation": deleg})
+    engines = {f"eu-{m}-0": SimEngine(f"eu-{m}-0", "eu", m, profile="llama3-1b-h100") for m in ("big", "small")}
+    router = LocalRouter(Router("latency", seed=0, default_profile="llama3-1b-h100"), LocalEngines(engines))
+    gw = Gateway(cfg, router, router.engines, **gateway_policies(cfg, router))
+    assert gw.hf["big"] is gw.hf["small"]
+    calls, real = [], gw.hf["big"].chat
+    gw.hf["big"].chat = lambda *a: calls.append(1) or real(*a)
+    try:
+        async with client(gw) as c:
+            body = {"model": "auto", "max_tokens": 4, "messages": [{"role": "user", "content": "abcdefghij" * 10}]}
+            r = await c.post("/v1/chat/completions", json=body, headers=auth("euco"))
+        assert r.status_code == 200 and r.headers["x-proxima-tier-reason"] == "long_prompt"
+        assert r.json()["model"] == "big" and len(calls) == 1
+    finally:
+        for e in engines.values():
+            await e.close()
