@@ -84,8 +84,7 @@ async def stream_with_failover(req: RouteRequest, gen: GenerateRequest, route: R
     sent_ids: list[int] = []
     sent_text: list[str] = []
     prompt_tokens = cached = 0
-    prompt_lps_sent = False
-    answered = False  # a first chunk went out: the prompt's ids (return_prompt_ids) went with it
+    answered = False  # a first chunk went out, and with it what describes the prompt (logprobs, ids)
     failed_region: str | None = None
     last_error: ProximaError | None = None
     for attempt in range(1, policy.max_attempts + 1):
@@ -95,10 +94,8 @@ async def stream_with_failover(req: RouteRequest, gen: GenerateRequest, route: R
                        max_tokens=max(1, req.max_tokens - n))
         decision = await _route(route, rreq, failed_region, last_error)
         g = continuation(gen, sent_ids, "".join(sent_text), attempt, seed)
-        if prompt_lps_sent:  # the prompt's logprobs came with the first chunk: not again
-            g = replace(g, prompt_logprobs=None)
-        if answered and g.return_prompt_ids:  # nor its ids (a continuation's prompt is longer)
-            g = replace(g, return_prompt_ids=False)
+        if answered:  # not again: a continuation's prompt is longer (it holds the tokens sent)
+            g = replace(g, prompt_logprobs=None, return_prompt_ids=False)
         got = 0
         try:
             async with aclosing(open_(decision, g)) as it:
@@ -116,12 +113,8 @@ async def stream_with_failover(req: RouteRequest, gen: GenerateRequest, route: R
                         prompt_tokens, cached = chunk.prompt_tokens - n, chunk.cached_tokens
                     sent_ids.extend(chunk.token_ids)
                     sent_text.append(chunk.text)
-                    if chunk.prompt_logprobs is not None:
-                        if prompt_lps_sent:  # a continuation's engine gave them again
-                            chunk = replace(chunk, prompt_logprobs=None)
-                        prompt_lps_sent = True
-                    if answered and chunk.prompt_token_ids is not None:
-                        chunk = replace(chunk, prompt_token_ids=None)
+                    if answered and (chunk.prompt_logprobs is not None or chunk.prompt_token_ids is not None):
+                        chunk = replace(chunk, prompt_logprobs=None, prompt_token_ids=None)  # an engine's again
                     answered = True
                     yield replace(chunk, request_id=gen.request_id, prompt_tokens=prompt_tokens,
                                   cached_tokens=cached, completion_tokens=len(sent_ids))
