@@ -22,6 +22,7 @@ engines); nothing else leaves a handler.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 
@@ -141,3 +142,9 @@ def quoted(value: str, most: int = 128) -> str:
     """A client's value as an error message quotes it: at most `most` characters (a 2 MB model
     name is not sent back whole)."""
     return f"`{value}`" if len(value) <= most else f"`{value[:most]}...` ({len(value)} characters)"
+
+
+def cancelled(e: BaseException | None) -> bool:
+    """Work that ended because its reader went away (the client left, or the request was
+    cancelled), not by an error of its own."""
+    return isinstance(e, (GeneratorExit, asyncio.CancelledError))

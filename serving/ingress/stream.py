@@ -30,7 +30,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from serving.engines.base import Chunk, GenerateRequest
-from serving.errors import EngineError, Timeout
+from serving.errors import EngineError, Timeout, cancelled
 from serving.failover import stream_with_failover
 from serving.failover.dispatch import Trace
 from serving.types import Decision, RouteRequest
@@ -153,7 +153,7 @@ class Stream:
             ok = True
         except BaseException as e:
             self.error = e
-            if self.group is not None and not self.job.parsed.stream and not _left(e):
+            if self.group is not None and not self.job.parsed.stream and not cancelled(e):
                 self.group.failed = True  # a whole answer failed: the request is the client's error
             raise
         finally:
@@ -196,7 +196,7 @@ class Stream:
         A streamed answer cut by an error, or one the client left, is billed what was generated."""
         if self.first is None or (self.group is not None and self.group.failed):
             return 0
-        if not self.job.parsed.stream and self.error is not None and not _left(self.error):
+        if not self.job.parsed.stream and self.error is not None and not cancelled(self.error):
             return 0
         return self.completion_tokens + (self.prompt_tokens if self.job.choice == 0 else 0)
 
@@ -306,9 +306,3 @@ class Choices:
 
     def headers(self) -> dict[str, str]:
         return self.streams[0].headers()
-
-
-def _left(e: BaseException) -> bool:
-    """The stream ended because its reader stopped (the client left, or the request was
-    cancelled), not for an error of its own."""
-    return isinstance(e, (GeneratorExit, asyncio.CancelledError))

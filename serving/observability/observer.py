@@ -12,11 +12,11 @@ LocalTelemetry here (one process), serving.ray.telemetry over an actor. Its
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
+from serving.errors import cancelled
 from serving.ingress.metrics import Family, GatewayMetrics
 from serving.observability.otel import NoTracer
 from serving.observability.steps import STEP_HEADER, StepStore
@@ -161,7 +161,7 @@ class Observer:
         for s, e2e, err in c.closed:
             self._charged(s, e2e, err)
         first = c.streams[0]
-        failed = any(s.error is not None and not isinstance(s.error, (GeneratorExit, asyncio.CancelledError))
+        failed = any(s.error is not None and not cancelled(s.error)
                      for s in c.streams)  # then the others were closed for it, not by the client
         if not failed and any(s.client_left for s in c.streams):
             d = first.decision
@@ -189,7 +189,7 @@ class Observer:
 
 
 def _error_type(e: BaseException | None) -> str:
-    if e is None or isinstance(e, (GeneratorExit, asyncio.CancelledError)):
+    if e is None or cancelled(e):
         return "client_disconnected"
     return getattr(e, "code", None) or getattr(e, "type", None) or type(e).__name__
 
