@@ -710,8 +710,7 @@ class Responder:
             msg["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in tool_calls]
         c = {"index": index, "message": msg, "logprobs": self.logprobs(logprobs, index),
              "finish_reason": finish_reason, "stop_reason": stop_reason}
-        if token_ids is not None:
-            c["token_ids"] = list(token_ids)
+        _token_ids(self.kind, {}, c, token_ids, None)  # the prompt's go beside the choices (`response`)
         return c
 
     def response(self, choices: list[dict[str, Any]], u: dict[str, Any],

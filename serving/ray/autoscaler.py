@@ -63,16 +63,20 @@ def stale_drains(rows: list[dict[str, Any]], targets: dict[tuple, int], busy: se
     return out
 
 
+def deployments_of(details: dict[str, Any], app: str) -> dict[str, dict[str, Any]]:
+    """An application's deployments in get_serve_instance_details ({} where it has none)."""
+    return ((details.get("applications") or {}).get(app) or {}).get("deployments") or {}
+
+
 def serve_stop_order(details: dict[str, Any], app: str, deployment: str) -> list[str]:
     """The replicas (Serve's unique ids) of `deployment` in the order Serve (2.60) stops them on a
     downscale (DeploymentScheduler._get_replicas_to_stop): not yet running first; then by node,
     off the head node first (the controller's node), the node with the fewest running replicas
     of every deployment first; newest first within a node. From get_serve_instance_details."""
-    apps = details.get("applications") or {}
-    replicas = ((((apps.get(app) or {}).get("deployments") or {}).get(deployment) or {}).get("replicas")) or []
+    replicas = (deployments_of(details, app).get(deployment) or {}).get("replicas") or []
     per_node: dict[Any, int] = {}
-    for a in apps.values():
-        for d in (a.get("deployments") or {}).values():
+    for name in details.get("applications") or {}:
+        for d in deployments_of(details, name).values():
             for r in d.get("replicas") or ():
                 if r.get("state") == "RUNNING":
                     per_node[r.get("node_id")] = per_node.get(r.get("node_id"), 0) + 1
@@ -143,7 +147,7 @@ class AutoscalerDeployment:
             log.warning("autoscaler: Serve's targets unreadable (%s); starting from the config's counts",
                         type(e).__name__)
             return dict(start)
-        deployments = ((details.get("applications") or {}).get(self.app) or {}).get("deployments") or {}
+        deployments = deployments_of(details, self.app)
         out = dict(start)
         for p, name in self.names.items():
             n = (deployments.get(name) or {}).get("target_num_replicas")
@@ -227,8 +231,7 @@ class AutoscalerDeployment:
             details = await self.controller.get_serve_instance_details.remote()
         except RayError:
             return []
-        apps = details.get("applications") or {}
-        reps = (((apps.get(self.app) or {}).get("deployments") or {}).get(self.names[p]) or {}).get("replicas") or []
+        reps = (deployments_of(details, self.app).get(self.names[p]) or {}).get("replicas") or []
         return [f"{p[0]}-{r['replica_id']}" for r in reps if r.get("state") == "STOPPING"]
 
     async def _drain_then_set(self, p: tuple, target: int, victims: list[str]) -> None:
